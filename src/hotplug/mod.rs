@@ -1,1 +1,731 @@
-//! placeholder
+//! Attach and detach as transactions.
+//!
+//! An attach is planned against a fresh read of the domain (idempotency by
+//! MAC, PCI capacity, NIC limit, queue bounds), then applied step by step.
+//! Every step that changes something pushes its undo onto a stack that runs
+//! in reverse when a later step fails, so a failed attach leaves neither a
+//! half-attached NIC nor host links behind. After success the live domain is
+//! read again and the report says what libvirt really did.
+//!
+//! All libvirt calls run on tokio's blocking pool; work on one domain is
+//! serialised by [`locks::VmLocks`], different domains run in parallel.
+
+mod error;
+pub mod locks;
+mod report;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use error::HotplugError;
+pub use report::{NicReport, VmReport};
+
+use crate::host::{HostNet, HostPlan, HostUndo};
+use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
+use crate::nic::{Alias, LinkState, MacAddr, NicSpec, QueueCount, Segment, SwitchType};
+use crate::pci::{self, Capacity, PciAddress};
+use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
+use crate::xml::interface::{choose_driver, InterfaceDef};
+
+/// Tunables for hot-plug, from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct HotplugConfig {
+    /// Upper bound for the default virtio queue count (default queues are
+    /// min(vCPUs, cap)).
+    pub queue_cap: u16,
+    /// Per-VM NIC limit; `None` means no limit beyond PCI capacity.
+    pub nic_limit: Option<u32>,
+    /// Whether /dev/vhost-net exists on this host (for `vhost=auto`).
+    pub vhost_net_present: bool,
+    /// Default time to wait for a guest to release a NIC.
+    pub detach_timeout: Duration,
+    /// How often the live XML is polled while waiting for an unplug.
+    pub poll_interval: Duration,
+}
+
+impl Default for HotplugConfig {
+    fn default() -> Self {
+        HotplugConfig {
+            queue_cap: 8,
+            nic_limit: None,
+            vhost_net_present: std::path::Path::new("/dev/vhost-net").exists(),
+            detach_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// What an attach did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachOutcome {
+    /// The NIC as libvirt reports it after the change.
+    pub nic: NicReport,
+    /// True when nothing had to be done (idempotent retry).
+    pub already_present: bool,
+    /// Which definitions were changed by this call.
+    pub applied: Vec<Target>,
+}
+
+/// The final state of a detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetachState {
+    /// The guest released the NIC; it is gone from the live domain.
+    Removed,
+    /// No NIC with that MAC was attached.
+    AlreadyAbsent,
+}
+
+/// A single undo step of the attach transaction.
+enum Undo {
+    Device { target: Target, xml: String },
+    Host(HostUndo),
+}
+
+/// The hot-plug engine: one per agent, shared by all requests.
+pub struct Hotplug {
+    hv: Arc<dyn Hypervisor>,
+    host: Option<Arc<dyn HostNet>>,
+    cfg: HotplugConfig,
+    locks: locks::VmLocks,
+    /// Unplugs sent to a guest and not yet completed, by (domain UUID, MAC).
+    /// A retried detach waits on these instead of sending a second
+    /// device_del, which QEMU would reject or queue twice.
+    pending: Mutex<HashSet<(String, String)>>,
+}
+
+impl Hotplug {
+    /// Builds the engine. `host` is `None` when the agent does not manage
+    /// host networking (the embedded test-driver lab).
+    pub fn new(hv: Arc<dyn Hypervisor>, host: Option<Arc<dyn HostNet>>, cfg: HotplugConfig) -> Self {
+        Hotplug {
+            hv,
+            host,
+            cfg,
+            locks: locks::VmLocks::default(),
+            pending: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The hypervisor this engine drives.
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.hv
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &HotplugConfig {
+        &self.cfg
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, HotplugError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Hypervisor) -> Result<T, crate::hypervisor::HvError> + Send + 'static,
+    {
+        let hv = self.hv.clone();
+        tokio::task::spawn_blocking(move || f(hv.as_ref()))
+            .await
+            .map_err(|e| HotplugError::Internal(format!("blocking task failed: {e}")))?
+            .map_err(HotplugError::from)
+    }
+
+    async fn lookup(&self, vm: &str) -> Result<DomainRef, HotplugError> {
+        let name = vm.to_string();
+        match self.blocking(move |hv| hv.lookup(&name)).await {
+            Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                Err(HotplugError::VmNotFound(vm.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    async fn view(&self, dom: &DomainRef, target: Target) -> Result<DomainView, HotplugError> {
+        let d = dom.clone();
+        let xml = match self.blocking(move |hv| hv.xml(&d, target)).await {
+            Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                return Err(HotplugError::VmNotFound(dom.name.clone()))
+            }
+            other => other?,
+        };
+        tracing::debug!(vm = %dom.name, %target, xml = %xml, "domain xml");
+        Ok(DomainView::parse(&xml)?)
+    }
+
+    /// Views of the definitions that exist: (live, config).
+    async fn views(
+        &self,
+        dom: &DomainRef,
+    ) -> Result<(Option<DomainView>, Option<DomainView>), HotplugError> {
+        let live = if dom.state.is_live() {
+            Some(self.view(dom, Target::Live).await?)
+        } else {
+            None
+        };
+        let config = if dom.persistent {
+            Some(self.view(dom, Target::Config).await?)
+        } else {
+            None
+        };
+        Ok((live, config))
+    }
+
+    /// Lists the domains on this host with their NIC counts.
+    pub async fn list_vms(&self) -> Result<Vec<VmReport>, HotplugError> {
+        let doms = self.blocking(|hv| hv.list()).await?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            let target = if d.state.is_live() {
+                Target::Live
+            } else {
+                Target::Config
+            };
+            let v = match self.view(&d, target).await {
+                Ok(v) => v,
+                Err(HotplugError::VmNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(VmReport::new(&d, &v));
+        }
+        Ok(out)
+    }
+
+    /// Lists the NICs of one domain, marking which definitions hold each.
+    pub async fn list_nics(&self, vm: &str) -> Result<Vec<NicReport>, HotplugError> {
+        let dom = self.lookup(vm).await?;
+        let (live, config) = self.views(&dom).await?;
+        Ok(report::merge(live.as_ref(), config.as_ref()))
+    }
+
+    /// PCI capacity of one domain, with the NIC limit applied.
+    pub async fn capacity(&self, vm: &str) -> Result<(Capacity, u32, u32), HotplugError> {
+        let dom = self.lookup(vm).await?;
+        let target = if dom.state.is_live() {
+            Target::Live
+        } else {
+            Target::Config
+        };
+        let v = self.view(&dom, target).await?;
+        let cap = pci::capacity(&v);
+        let nics = v.interfaces.len() as u32;
+        let attachable = pci::attachable(&cap, nics, self.cfg.nic_limit);
+        Ok((cap, nics, attachable))
+    }
+
+    /// Attaches a NIC, or confirms it is already there with the same spec.
+    pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
+        let first = self.lookup(vm).await?;
+        let _guard = self.locks.lock(&first.uuid).await;
+        // Re-read after waiting for the lock: the state may have changed.
+        let dom = self.lookup(&first.uuid).await?;
+        let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
+            (true, true) => vec![Target::Live, Target::Config],
+            (true, false) => vec![Target::Live],
+            (false, true) => vec![Target::Config],
+            (false, false) => {
+                return Err(HotplugError::Precondition(format!(
+                    "vm {} is {} and has no persistent definition; start it first",
+                    dom.name,
+                    dom.state.as_str()
+                )))
+            }
+        };
+        let (live, config) = self.views(&dom).await?;
+        let primary = live.as_ref().or(config.as_ref()).ok_or_else(|| {
+            HotplugError::Internal("domain has neither live nor config XML".into())
+        })?;
+
+        // Host side first, read-only: where does the NIC's traffic go?
+        let plan = match &self.host {
+            Some(h) => Some(h.resolve(&spec.bridge, spec.switch, &spec.segment).await?),
+            None => None,
+        };
+        let source = source_bridge(spec, plan.as_ref())?;
+        let vlan_tag = match (spec.switch, &spec.segment, &plan) {
+            (_, _, Some(p)) => p.vlan_tag(),
+            (SwitchType::OpenVswitch, Segment::Vlan(v), None) => Some(*v),
+            _ => None,
+        };
+        let mtu = match (&plan, spec.model.is_virtio()) {
+            (Some(p), true) => Some(p.preflight_mtu(spec.mtu)?),
+            _ => spec.mtu,
+        };
+        let queues = self.queues(spec, primary)?;
+
+        // Idempotency by MAC, against the fresh read.
+        let mac = spec.mac.to_string();
+        let existing = primary.interface_by_mac(&mac);
+        if existing.len() > 1 {
+            return Err(HotplugError::Precondition(format!(
+                "vm {} already has {} NICs with MAC {mac}; detach them by alias first",
+                dom.name,
+                existing.len()
+            )));
+        }
+        if let Some(have) = existing.first() {
+            let diff = differences(spec, have, source.as_str(), vlan_tag.map(|v| v.get()), mtu, queues);
+            if !diff.is_empty() {
+                return Err(HotplugError::AlreadyExists {
+                    mac,
+                    vm: dom.name.clone(),
+                    fields: diff.join(", "),
+                });
+            }
+            return self.complete_existing(&dom, live.as_ref(), config.as_ref(), &mac).await;
+        }
+
+        // Capacity, before libvirt is asked: libvirt's own "No more
+        // available PCI slots" must never be the answer an operator sees.
+        let nic_count = primary.interfaces.len() as u32;
+        if let Some(limit) = self.cfg.nic_limit {
+            if nic_count >= limit {
+                return Err(HotplugError::NoCapacity(format!(
+                    "NIC limit reached: vm {} has {nic_count} of {limit} NICs allowed by nic_limit; detach one or raise the limit",
+                    dom.name
+                )));
+            }
+        }
+        let mut pinned: Option<PciAddress> = None;
+        if let Some(lv) = &live {
+            let cap = pci::capacity(lv);
+            if cap.free == 0 {
+                return Err(HotplugError::NoCapacity(no_room_message(&dom.name, &cap)));
+            }
+            if let Some(slot) = spec.pci_slot {
+                if lv.family() == MachineFamily::Q35 {
+                    return Err(HotplugError::Precondition(
+                        "pci_slot pins a slot on bus 0, which q35 cannot hot-plug into; on q35 use acpi_index for a stable guest name".into(),
+                    ));
+                }
+                pinned = Some(pci::check_pinned(lv, slot.get()).map_err(|e| {
+                    HotplugError::Precondition(format!("pci_slot {}: {e}", slot.get()))
+                })?);
+            }
+        } else if let (Some(slot), Some(cv)) = (spec.pci_slot, &config) {
+            pinned = Some(pci::check_pinned(cv, slot.get()).map_err(|e| {
+                HotplugError::Precondition(format!("pci_slot {}: {e}", slot.get()))
+            })?);
+        }
+
+        let alias = spec.alias.clone().unwrap_or_else(Alias::generate);
+        let def = InterfaceDef {
+            mac: spec.mac.clone(),
+            source_bridge: source,
+            ovs: spec.switch == SwitchType::OpenVswitch,
+            interface_id: spec.interface_id.clone(),
+            vlan_tag: if spec.switch == SwitchType::OpenVswitch {
+                vlan_tag
+            } else {
+                None
+            },
+            model: spec.model,
+            driver: spec
+                .model
+                .is_virtio()
+                .then(|| choose_driver(spec.vhost, self.cfg.vhost_net_present)),
+            queues,
+            mtu,
+            link: spec.link,
+            inbound: spec.inbound.clone(),
+            outbound: spec.outbound.clone(),
+            alias,
+            pci: pinned,
+            acpi_index: spec.acpi_index,
+        };
+
+        let mut undo: Vec<Undo> = Vec::new();
+        let result = self
+            .apply(&dom, &def, &targets, plan.as_ref(), config.as_ref(), &mut undo)
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                self.rollback(&dom, undo).await;
+                return Err(e);
+            }
+        }
+        let nic = self.read_back(&dom, &mac).await?;
+        Ok(AttachOutcome {
+            nic,
+            already_present: false,
+            applied: targets,
+        })
+    }
+
+    /// The steps of an attach; each success pushes its undo.
+    async fn apply(
+        &self,
+        dom: &DomainRef,
+        def: &InterfaceDef,
+        targets: &[Target],
+        plan: Option<&HostPlan>,
+        config: Option<&DomainView>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), HotplugError> {
+        if let (Some(host), Some(plan)) = (&self.host, plan) {
+            for step in host.prepare(plan).await? {
+                undo.push(Undo::Host(step));
+            }
+        }
+        let mut def = def.clone();
+        for &target in targets {
+            if target == Target::Config && targets.contains(&Target::Live) {
+                // Give the persistent definition the address the live device
+                // really got, so the NIC keeps its slot (and guest name)
+                // across a reboot. If that slot is taken in the config, let
+                // libvirt pick.
+                let live = self.view(dom, Target::Live).await?;
+                let got = live
+                    .interface_by_mac(&def.mac.to_string())
+                    .first()
+                    .and_then(|i| i.pci);
+                def.pci = got.filter(|a| config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a)));
+            }
+            let xml = def.to_xml();
+            tracing::debug!(vm = %dom.name, %target, xml = %xml, "attach device");
+            let d = dom.clone();
+            let x = xml.clone();
+            match self.blocking(move |hv| hv.attach(&d, &x, target)).await {
+                Ok(()) => undo.push(Undo::Device { target, xml }),
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                    return Err(HotplugError::VmNotFound(dom.name.clone()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let (Some(host), Some(plan)) = (&self.host, plan) {
+            if let Some(step) = host.after_attach(plan, &def).await? {
+                undo.push(Undo::Host(step));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs undo steps in reverse. An undo failure is logged, not returned:
+    /// the caller reports the original error.
+    async fn rollback(&self, dom: &DomainRef, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::Device { target, xml } => {
+                    let d = dom.clone();
+                    if let Err(e) = self.blocking(move |hv| hv.detach(&d, &xml, target)).await {
+                        tracing::warn!(vm = %dom.name, %target, error = %e, "undo: detach failed");
+                    }
+                }
+                Undo::Host(h) => {
+                    if let Some(host) = &self.host {
+                        if let Err(e) = host.undo(h).await {
+                            tracing::warn!(vm = %dom.name, error = %e, "undo: host step failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Same MAC, same spec: nothing to attach, but finish a half-done
+    /// earlier attach (NIC live but missing from the persistent config).
+    async fn complete_existing(
+        &self,
+        dom: &DomainRef,
+        live: Option<&DomainView>,
+        config: Option<&DomainView>,
+        mac: &str,
+    ) -> Result<AttachOutcome, HotplugError> {
+        let mut applied = Vec::new();
+        if let (Some(_), Some(cv)) = (live, config) {
+            if cv.interface_by_mac(mac).is_empty() {
+                tracing::info!(vm = %dom.name, mac, "NIC is live but not in config; completing");
+                let xml = self.blocking({
+                    let d = dom.clone();
+                    move |hv| hv.xml(&d, Target::Live)
+                })
+                .await?;
+                let snippet = report::interface_snippet(&xml, mac).ok_or_else(|| {
+                    HotplugError::Internal("NIC vanished while completing attach".into())
+                })?;
+                let d = dom.clone();
+                self.blocking(move |hv| hv.attach(&d, &snippet, Target::Config))
+                    .await?;
+                applied.push(Target::Config);
+            }
+        }
+        let nic = self.read_back(dom, mac).await?;
+        Ok(AttachOutcome {
+            nic,
+            already_present: applied.is_empty(),
+            applied,
+        })
+    }
+
+    async fn read_back(&self, dom: &DomainRef, mac: &str) -> Result<NicReport, HotplugError> {
+        let (live, config) = self.views(dom).await?;
+        report::merge(live.as_ref(), config.as_ref())
+            .into_iter()
+            .find(|n| n.mac.eq_ignore_ascii_case(mac))
+            .ok_or_else(|| {
+                HotplugError::Internal(format!(
+                    "libvirt accepted NIC {mac} but it is not in the domain"
+                ))
+            })
+    }
+
+    fn queues(&self, spec: &NicSpec, dom: &DomainView) -> Result<Option<QueueCount>, HotplugError> {
+        if !spec.model.is_virtio() {
+            return Ok(None);
+        }
+        let vcpus = dom.vcpus.max(1);
+        if let Some(q) = spec.queues {
+            if u32::from(q.get()) > vcpus {
+                return Err(HotplugError::OutOfRange {
+                    field: "queues",
+                    value: q.get().to_string(),
+                    allowed: format!("1-{vcpus} (vm has {vcpus} vCPUs)"),
+                });
+            }
+            return Ok(Some(q));
+        }
+        let n = vcpus.min(u32::from(self.cfg.queue_cap)).max(1);
+        // One queue pair is virtio's default; writing queues='1' would only
+        // make the XML differ from what libvirt reports back.
+        if n <= 1 {
+            return Ok(None);
+        }
+        Ok(QueueCount::try_from(n).ok())
+    }
+
+    /// Detaches a NIC by MAC (alias disambiguates) and waits until the
+    /// guest has really released it.
+    pub async fn detach(
+        &self,
+        vm: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        timeout: Option<Duration>,
+    ) -> Result<DetachState, HotplugError> {
+        let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
+        let first = self.lookup(vm).await?;
+        let _guard = self.locks.lock(&first.uuid).await;
+        let dom = self.lookup(&first.uuid).await?;
+        let (live, config) = self.views(&dom).await?;
+        let mac_s = mac.to_string();
+        let in_live = match &live {
+            Some(v) => pick(v, &mac_s, alias, &dom.name)?,
+            None => None,
+        };
+        let in_config = match &config {
+            Some(v) => pick(v, &mac_s, alias, &dom.name)?,
+            None => None,
+        };
+        if in_live.is_none() && in_config.is_none() {
+            self.pending_remove(&dom.uuid, &mac_s);
+            return Ok(DetachState::AlreadyAbsent);
+        }
+
+        // CONFIG first: removing the persistent definition is instant and
+        // certain, while the live unplug depends on the guest. If the guest
+        // never acks, the NIC must not come back at the next boot.
+        let mut config_removed: Option<String> = None;
+        if let Some(iface) = &in_config {
+            let xml = report::detach_xml(iface);
+            let d = dom.clone();
+            let x = xml.clone();
+            self.blocking(move |hv| hv.detach(&d, &x, Target::Config))
+                .await
+                .map_err(|e| self.unsupported("detach", e))?;
+            config_removed = report::interface_snippet(
+                &self
+                    .blocking({
+                        let d = dom.clone();
+                        move |hv| hv.xml(&d, Target::Live)
+                    })
+                    .await
+                    .unwrap_or_default(),
+                &mac_s,
+            )
+            .or(Some(xml));
+        }
+
+        let Some(iface) = in_live else {
+            return Ok(DetachState::Removed);
+        };
+        let key = (dom.uuid.clone(), mac_s.clone());
+        let already_pending = self
+            .pending
+            .lock()
+            .map(|p| p.contains(&key))
+            .unwrap_or(false);
+        if !already_pending {
+            let xml = report::detach_xml(&iface);
+            let d = dom.clone();
+            if let Err(e) = self.blocking(move |hv| hv.detach(&d, &xml, Target::Live)).await {
+                // Put the config half back so the VM stays consistent.
+                if let Some(cx) = config_removed {
+                    let d = dom.clone();
+                    if let Err(u) = self.blocking(move |hv| hv.attach(&d, &cx, Target::Config)).await {
+                        tracing::warn!(vm = %dom.name, error = %u, "undo: re-adding config NIC failed");
+                    }
+                }
+                return Err(self.unsupported("detach", e));
+            }
+            if let Ok(mut p) = self.pending.lock() {
+                p.insert(key.clone());
+            }
+        } else {
+            tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting without a second device_del");
+        }
+
+        let start = Instant::now();
+        loop {
+            let v = self.view(&dom, Target::Live).await;
+            let gone = match &v {
+                Ok(v) => v.interface_by_mac(&mac_s).is_empty(),
+                // The domain stopped: its live NICs are gone with it.
+                Err(HotplugError::VmNotFound(_)) => true,
+                Err(_) => false,
+            };
+            if gone {
+                self.pending_remove(&dom.uuid, &mac_s);
+                return Ok(DetachState::Removed);
+            }
+            if start.elapsed() >= timeout {
+                return Err(HotplugError::DetachPending {
+                    mac: mac_s,
+                    vm: dom.name.clone(),
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(self.cfg.poll_interval).await;
+        }
+    }
+
+    fn pending_remove(&self, uuid: &str, mac: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&(uuid.to_string(), mac.to_string()));
+        }
+    }
+
+    fn unsupported(&self, op: &'static str, e: HotplugError) -> HotplugError {
+        match e {
+            HotplugError::Hypervisor(h) if h.kind == HvErrorKind::Unsupported => {
+                HotplugError::Unsupported {
+                    op,
+                    driver: self.hv.driver(),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Finds the NIC to detach in one view; several NICs with the same MAC need
+/// the alias.
+fn pick(
+    v: &DomainView,
+    mac: &str,
+    alias: Option<&Alias>,
+    vm: &str,
+) -> Result<Option<InterfaceView>, HotplugError> {
+    let mut found: Vec<&InterfaceView> = v.interface_by_mac(mac);
+    if let Some(a) = alias {
+        found.retain(|i| i.alias.as_deref() == Some(a.as_str()));
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(Some(found[0].clone())),
+        n => Err(HotplugError::Precondition(format!(
+            "vm {vm} has {n} NICs with MAC {mac}; pass the alias (ua-...) of the one to detach"
+        ))),
+    }
+}
+
+/// The bridge that goes into `<source bridge=...>`.
+fn source_bridge(
+    spec: &NicSpec,
+    plan: Option<&HostPlan>,
+) -> Result<crate::nic::BridgeName, HotplugError> {
+    if let Some(p) = plan {
+        return Ok(p.bridge().clone());
+    }
+    match (&spec.segment, spec.switch) {
+        (Segment::Plain | Segment::Untagged, _) => Ok(spec.bridge.clone()),
+        (Segment::Vlan(_), SwitchType::OpenVswitch) => Ok(spec.bridge.clone()),
+        (seg, _) => Err(HotplugError::Precondition(format!(
+            "{} on a Linux bridge needs host networking, which is off for this agent (test driver lab or --host-network off); attach to the segment's bridge directly",
+            match seg {
+                Segment::Vxlan(v) => format!("vxlan://{}", v.get()),
+                Segment::Vlan(v) => format!("vlan://{}", v.get()),
+                _ => String::new(),
+            }
+        ))),
+    }
+}
+
+/// Compares a request with the NIC already attached; returns the names of
+/// the fields that differ (empty when the request is a faithful retry).
+fn differences(
+    spec: &NicSpec,
+    have: &InterfaceView,
+    source: &str,
+    vlan: Option<u16>,
+    mtu: Option<crate::nic::Mtu>,
+    queues: Option<QueueCount>,
+) -> Vec<&'static str> {
+    let mut d = Vec::new();
+    if have.source.as_deref() != Some(source) {
+        d.push("bridge");
+    }
+    let ovs = have.virtualport.as_deref() == Some("openvswitch");
+    if ovs != (spec.switch == SwitchType::OpenVswitch) {
+        d.push("switch_type");
+    }
+    if have.vlan != vlan.map(u32::from) {
+        d.push("vlan");
+    }
+    if have.model.as_deref().unwrap_or("") != spec.model.as_str() {
+        d.push("model");
+    }
+    if let Some(m) = mtu {
+        if have.mtu.is_some_and(|h| h != m.get()) || (spec.mtu.is_some() && have.mtu.is_none()) {
+            d.push("mtu");
+        }
+    }
+    if spec.queues.is_some() {
+        let want = queues.map(|q| u32::from(q.get())).unwrap_or(1);
+        if have.queues.unwrap_or(1) != want {
+            d.push("queues");
+        }
+    }
+    let down = have.link.as_deref() == Some("down");
+    if down != (spec.link == LinkState::Down) {
+        d.push("link_down");
+    }
+    if let Some(a) = &spec.alias {
+        if have.alias.as_deref() != Some(a.as_str()) {
+            d.push("alias");
+        }
+    }
+    if let Some(b) = &spec.inbound {
+        if have.inbound.as_ref().and_then(|h| h.average) != Some(b.average()) {
+            d.push("inbound");
+        }
+    }
+    if let Some(b) = &spec.outbound {
+        if have.outbound.as_ref().and_then(|h| h.average) != Some(b.average()) {
+            d.push("outbound");
+        }
+    }
+    d
+}
+
+fn no_room_message(vm: &str, cap: &Capacity) -> String {
+    let hint = match cap.family {
+        MachineFamily::Pc => "stop the VM and add a pci-bridge controller to its definition",
+        MachineFamily::Q35 => {
+            "stop the VM and add pcie-root-port controllers (root ports cannot be hot-added)"
+        }
+    };
+    format!(
+        "no free PCI hot-plug slot in vm {vm}: {} of {} used; {hint}",
+        cap.used, cap.total
+    )
+}

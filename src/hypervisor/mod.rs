@@ -1,1 +1,140 @@
-//! placeholder
+//! The hypervisor boundary: a narrow, blocking [`Hypervisor`] trait and its
+//! libvirt implementation ([`libvirt::Libvirt`]).
+//!
+//! Every method blocks (libvirt's C API is synchronous), so callers run them
+//! on tokio's blocking pool; see `hotplug`. The same implementation serves
+//! `qemu:///system` and the `test:///` lab driver: they are two connection
+//! URIs, not two code paths.
+
+pub mod fake;
+pub mod libvirt;
+
+use std::fmt;
+
+/// Where a device change applies. libvirt's AFFECT_LIVE / AFFECT_CONFIG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The running domain only.
+    Live,
+    /// The persistent definition only.
+    Config,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Live => "live",
+            Target::Config => "config",
+        })
+    }
+}
+
+/// Run state of a domain, reduced to what hot-plug cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Running (or blocked): live changes apply.
+    Running,
+    /// Paused: QEMU accepts device_add, but the guest can't ack an unplug.
+    Paused,
+    /// Shut off: only the persistent definition exists.
+    ShutOff,
+    /// Crashed, shutting down, suspended to disk, ...
+    Other,
+}
+
+impl RunState {
+    /// Whether QEMU is up, so LIVE changes are possible.
+    pub fn is_live(self) -> bool {
+        matches!(self, RunState::Running | RunState::Paused)
+    }
+
+    /// Lower-case name for APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::ShutOff => "shut off",
+            RunState::Other => "other",
+        }
+    }
+}
+
+/// A domain as found by lookup: identity and the facts that pick the flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRef {
+    /// Domain name (CloudStack's `i-2-10-VM`).
+    pub name: String,
+    /// Domain UUID, the stable key for locks.
+    pub uuid: String,
+    /// Run state at lookup time.
+    pub state: RunState,
+    /// Whether a persistent definition exists (CloudStack's VMs are transient).
+    pub persistent: bool,
+}
+
+/// What kind of failure a hypervisor call had. Classified from libvirt's
+/// error *number*, never from message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HvErrorKind {
+    /// No such domain.
+    NotFound,
+    /// The driver does not implement the call (the test driver's detach).
+    Unsupported,
+    /// The call is not valid in the domain's current state.
+    InvalidState,
+    /// The connection to libvirtd is down.
+    Unavailable,
+    /// libvirt rejected the device definition.
+    BadDefinition,
+    /// The device to detach is not there.
+    DeviceMissing,
+    /// A libvirt operation timed out.
+    Timeout,
+    /// Anything else.
+    Internal,
+}
+
+/// A failed hypervisor call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct HvError {
+    /// The classification the API maps to a gRPC code.
+    pub kind: HvErrorKind,
+    /// The operation that failed, e.g. "attach (live)".
+    pub op: String,
+    /// libvirt's own message, kept verbatim for operators.
+    pub message: String,
+    /// libvirt's error number when there was one.
+    pub code: Option<i32>,
+}
+
+impl HvError {
+    /// Builds an error that did not come from libvirt itself.
+    pub fn new(kind: HvErrorKind, op: impl Into<String>, message: impl Into<String>) -> Self {
+        HvError {
+            kind,
+            op: op.into(),
+            message: message.into(),
+            code: None,
+        }
+    }
+}
+
+/// The operations nic-agent needs from a hypervisor. All calls block.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// The driver behind the connection, e.g. "QEMU" or "Test".
+    fn driver(&self) -> String;
+    /// Whether the connection is usable right now. Reconnects if it was lost.
+    fn is_alive(&self) -> bool;
+    /// Finds a domain by name or UUID.
+    fn lookup(&self, vm: &str) -> Result<DomainRef, HvError>;
+    /// Every domain, running or defined.
+    fn list(&self) -> Result<Vec<DomainRef>, HvError>;
+    /// The domain's XML: live state, or the persistent definition.
+    fn xml(&self, dom: &DomainRef, target: Target) -> Result<String, HvError>;
+    /// virDomainAttachDeviceFlags with one target.
+    fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError>;
+    /// virDomainDetachDeviceFlags with one target. For LIVE, success only
+    /// means the unplug request was sent to the guest.
+    fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError>;
+}

@@ -1,0 +1,131 @@
+//! Conversions between protobuf messages and the crate's own types. Proto
+//! types go no further than this file.
+
+use super::pb;
+use crate::hotplug::{AttachOutcome, NicReport, VmReport};
+use crate::hypervisor::Target;
+use crate::nic::{RawBandwidth, RawNic};
+use crate::pci::{Capacity, PciAddress};
+
+/// proto `NicSpec` → unvalidated [`RawNic`]; validation happens in
+/// `NicSpec::try_from`.
+pub fn raw_nic(n: &pb::NicSpec) -> RawNic {
+    RawNic {
+        mac: n.mac.clone(),
+        bridge: n.bridge.clone(),
+        ovs: n.switch_type == pb::SwitchType::OpenVswitch as i32,
+        vlan: n.vlan,
+        vni: n.vni,
+        broadcast_uri: n.broadcast_uri.clone(),
+        mtu: n.mtu,
+        queues: n.queues,
+        model: n.model.clone(),
+        link_down: n.link_down,
+        promiscuous: n.promiscuous,
+        alias: n.alias.clone(),
+        inbound: n.inbound.as_ref().map(raw_bw),
+        outbound: n.outbound.as_ref().map(raw_bw),
+        pci_slot: n.pci_slot,
+        acpi_index: n.acpi_index,
+        vhost: n.vhost.clone(),
+        interface_id: n.interface_id.clone(),
+    }
+}
+
+fn raw_bw(b: &pb::Bandwidth) -> RawBandwidth {
+    RawBandwidth {
+        average_kbps: b.average_kbps,
+        peak_kbps: b.peak_kbps,
+        burst_kb: b.burst_kb,
+        rate_mbps: b.rate_mbps,
+    }
+}
+
+/// Checks the switch_type enum value; unknown numbers are bad input.
+pub fn check_switch_type(v: i32) -> Result<(), crate::nic::NicError> {
+    pb::SwitchType::try_from(v)
+        .map(|_| ())
+        .map_err(|_| crate::nic::NicError::Invalid {
+            field: "switch_type",
+            value: v.to_string(),
+            allowed: "0 (unspecified), 1 (LINUX_BRIDGE), 2 (OPEN_VSWITCH)".into(),
+        })
+}
+
+fn pci(a: &PciAddress) -> pb::PciAddress {
+    pb::PciAddress {
+        domain: a.domain.into(),
+        bus: a.bus.into(),
+        slot: a.slot.into(),
+        function: a.function.into(),
+    }
+}
+
+/// A reported NIC → proto.
+pub fn nic(n: &NicReport) -> pb::Nic {
+    pb::Nic {
+        mac: n.mac.clone(),
+        alias: n.alias.clone(),
+        target_dev: n.target.clone(),
+        pci: n.pci.as_ref().map(pci),
+        model: n.model.clone(),
+        queues: n.queues,
+        mtu: n.mtu,
+        bridge: n.bridge.clone(),
+        link_state: n.link_state.clone(),
+        interface_type: n.kind.clone(),
+        vlan: n.vlan,
+        in_live: n.in_live,
+        in_config: n.in_config,
+    }
+}
+
+/// An attach outcome → proto.
+pub fn attach_response(o: &AttachOutcome, request_id: &str) -> pb::AttachNicResponse {
+    let applied = o
+        .applied
+        .iter()
+        .map(|t| match t {
+            Target::Live => "live",
+            Target::Config => "config",
+        })
+        .collect::<Vec<_>>()
+        .join("+");
+    pb::AttachNicResponse {
+        nic: Some(nic(&o.nic)),
+        already_present: o.already_present,
+        applied,
+        request_id: request_id.to_string(),
+    }
+}
+
+/// A VM → proto.
+pub fn vm(v: &VmReport) -> pb::Vm {
+    pb::Vm {
+        name: v.name.clone(),
+        uuid: v.uuid.clone(),
+        state: v.state.clone(),
+        persistent: v.persistent,
+        vcpus: v.vcpus,
+        machine: v.machine.clone(),
+        nic_count: v.nic_count,
+    }
+}
+
+/// Capacity → proto.
+pub fn capacity(c: &Capacity, nic_count: u32, nic_limit: Option<u32>, attachable: u32) -> pb::GetPciCapacityResponse {
+    pb::GetPciCapacityResponse {
+        free_slots: c.free,
+        used_slots: c.used,
+        total_slots: c.total,
+        next: c.next.as_ref().map(pci),
+        machine_family: match c.family {
+            crate::xml::domain::MachineFamily::Pc => "pc".into(),
+            crate::xml::domain::MachineFamily::Q35 => "q35".into(),
+        },
+        nic_limit: nic_limit.unwrap_or(0),
+        nic_count,
+        attachable,
+        notes: c.notes.clone(),
+    }
+}

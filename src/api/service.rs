@@ -1,0 +1,205 @@
+//! The `nicagent.v1.NicAgent` service: request ids, logging spans, and the
+//! hand-off to [`Hotplug`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::{convert, pb, status};
+use crate::hotplug::{DetachState, Hotplug, HotplugError};
+use crate::nic::{Alias, MacAddr, NicError, NicSpec};
+
+/// Longest VM name or UUID accepted (libvirt itself has no small bound;
+/// CloudStack names are short, so anything huge is an error).
+const MAX_VM_LEN: usize = 255;
+
+/// The gRPC service over one [`Hotplug`] engine.
+#[derive(Clone)]
+pub struct NicAgentService {
+    hotplug: Arc<Hotplug>,
+}
+
+impl NicAgentService {
+    /// Wraps the engine.
+    pub fn new(hotplug: Arc<Hotplug>) -> Self {
+        NicAgentService { hotplug }
+    }
+}
+
+/// The request id: the field, else `x-request-id` metadata, else a new one.
+fn request_id<T>(req: &Request<T>, field: &str) -> String {
+    if !field.is_empty() {
+        return field.chars().take(128).collect();
+    }
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.chars().take(128).collect())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn check_vm(vm: &str) -> Result<(), HotplugError> {
+    if vm.is_empty() || vm.len() > MAX_VM_LEN || vm.chars().any(|c| c.is_control()) {
+        return Err(HotplugError::Invalid(NicError::Invalid {
+            field: "vm",
+            value: vm.chars().take(64).collect(),
+            allowed: format!("a domain name or UUID, 1-{MAX_VM_LEN} printable characters"),
+        }));
+    }
+    Ok(())
+}
+
+/// Logs the outcome line and converts the error.
+fn finish<T>(op: &str, start: Instant, r: Result<T, HotplugError>) -> Result<T, Status> {
+    let ms = start.elapsed().as_millis() as u64;
+    match r {
+        Ok(v) => {
+            tracing::info!(op, duration_ms = ms, outcome = "ok", "request done");
+            Ok(v)
+        }
+        Err(e) => {
+            let st = status::to_status(&e);
+            tracing::error!(op, duration_ms = ms, outcome = ?st.code(), error = %e, "request failed");
+            Err(st)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::nic_agent_server::NicAgent for NicAgentService {
+    async fn attach_nic(
+        &self,
+        req: Request<pb::AttachNicRequest>,
+    ) -> Result<Response<pb::AttachNicResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let mac = r.nic.as_ref().map(|n| n.mac.clone()).unwrap_or_default();
+        let span = tracing::info_span!("attach", request_id = %rid, vm = %r.vm, mac = %mac);
+        async move {
+            tracing::info!(bridge = ?r.nic.as_ref().map(|n| &n.bridge), "attach requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                let nic = r.nic.as_ref().ok_or_else(|| {
+                    HotplugError::Invalid(NicError::Invalid {
+                        field: "nic",
+                        value: String::new(),
+                        allowed: "a NicSpec (required)".into(),
+                    })
+                })?;
+                convert::check_switch_type(nic.switch_type)?;
+                let spec = NicSpec::try_from(convert::raw_nic(nic))?;
+                self.hotplug.attach(&r.vm, &spec).await
+            }
+            .await;
+            finish("attach", start, result).map(|o| Response::new(convert::attach_response(&o, &rid)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn detach_nic(
+        &self,
+        req: Request<pb::DetachNicRequest>,
+    ) -> Result<Response<pb::DetachNicResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("detach", request_id = %rid, vm = %r.vm, mac = %r.mac);
+        async move {
+            tracing::info!(timeout_ms = r.timeout_ms, "detach requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                let mac = MacAddr::try_from(r.mac.as_str())?;
+                let alias = if r.alias.is_empty() {
+                    None
+                } else {
+                    Some(Alias::try_from(r.alias.as_str())?)
+                };
+                let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
+                let st = self.hotplug.detach(&r.vm, &mac, alias.as_ref(), timeout).await?;
+                Ok((mac, st))
+            }
+            .await;
+            finish("detach", start, result).map(|(mac, st)| {
+                Response::new(pb::DetachNicResponse {
+                    state: match st {
+                        DetachState::Removed => pb::DetachState::Removed,
+                        DetachState::AlreadyAbsent => pb::DetachState::AlreadyAbsent,
+                    } as i32,
+                    mac: mac.to_string(),
+                    request_id: rid.clone(),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_nics(
+        &self,
+        req: Request<pb::ListNicsRequest>,
+    ) -> Result<Response<pb::ListNicsResponse>, Status> {
+        let rid = request_id(&req, "");
+        let r = req.into_inner();
+        let span = tracing::info_span!("list_nics", request_id = %rid, vm = %r.vm);
+        async move {
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                self.hotplug.list_nics(&r.vm).await
+            }
+            .await;
+            finish("list_nics", start, result).map(|n| {
+                Response::new(pb::ListNicsResponse {
+                    nics: n.iter().map(convert::nic).collect(),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_vms(
+        &self,
+        req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let rid = request_id(&req, "");
+        let span = tracing::info_span!("list_vms", request_id = %rid);
+        async move {
+            let start = Instant::now();
+            let result = self.hotplug.list_vms().await;
+            finish("list_vms", start, result).map(|v| {
+                Response::new(pb::ListVmsResponse {
+                    vms: v.iter().map(convert::vm).collect(),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_pci_capacity(
+        &self,
+        req: Request<pb::GetPciCapacityRequest>,
+    ) -> Result<Response<pb::GetPciCapacityResponse>, Status> {
+        let rid = request_id(&req, "");
+        let r = req.into_inner();
+        let span = tracing::info_span!("capacity", request_id = %rid, vm = %r.vm);
+        async move {
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                self.hotplug.capacity(&r.vm).await
+            }
+            .await;
+            let limit = self.hotplug.config().nic_limit;
+            finish("capacity", start, result).map(|(c, n, a)| Response::new(convert::capacity(&c, n, limit, a)))
+        }
+        .instrument(span)
+        .await
+    }
+}

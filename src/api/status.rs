@@ -1,0 +1,53 @@
+//! The one mapping from the crate's errors to gRPC status codes.
+//!
+//! Classification uses error variants and libvirt error numbers (already
+//! turned into [`HvErrorKind`]), never message text.
+
+use tonic::{Code, Status};
+
+use crate::hotplug::HotplugError;
+use crate::hypervisor::HvErrorKind;
+
+/// Metadata key carrying a detach's final state on DEADLINE_EXCEEDED.
+pub const DETACH_STATE_KEY: &str = "x-detach-state";
+
+/// The gRPC code for an error.
+pub fn code(e: &HotplugError) -> Code {
+    match e {
+        HotplugError::Invalid(_) | HotplugError::OutOfRange { .. } => Code::InvalidArgument,
+        HotplugError::VmNotFound(_) => Code::NotFound,
+        HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
+        HotplugError::NoCapacity(_) => Code::ResourceExhausted,
+        HotplugError::Precondition(_) => Code::FailedPrecondition,
+        HotplugError::DetachPending { .. } => Code::DeadlineExceeded,
+        HotplugError::Unsupported { .. } => Code::Unimplemented,
+        HotplugError::Hypervisor(h) => match h.kind {
+            HvErrorKind::NotFound => Code::NotFound,
+            HvErrorKind::Unsupported => Code::Unimplemented,
+            HvErrorKind::InvalidState => Code::FailedPrecondition,
+            HvErrorKind::Unavailable => Code::Unavailable,
+            HvErrorKind::BadDefinition => Code::InvalidArgument,
+            HvErrorKind::DeviceMissing => Code::NotFound,
+            HvErrorKind::Timeout => Code::DeadlineExceeded,
+            HvErrorKind::Internal => Code::Internal,
+        },
+        HotplugError::Host(h) => match h.kind() {
+            crate::host::HostErrorKind::NotFound => Code::NotFound,
+            crate::host::HostErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            crate::host::HostErrorKind::Internal => Code::Internal,
+        },
+        HotplugError::DomainXml(_) | HotplugError::Internal(_) => Code::Internal,
+    }
+}
+
+/// Turns an error into a status, attaching the detach state where it
+/// applies.
+pub fn to_status(e: &HotplugError) -> Status {
+    let mut s = Status::new(code(e), e.to_string());
+    if matches!(e, HotplugError::DetachPending { .. }) {
+        if let Ok(v) = "PENDING".parse() {
+            s.metadata_mut().insert(DETACH_STATE_KEY, v);
+        }
+    }
+    s
+}

@@ -1,0 +1,73 @@
+//! The hot-plug error: every way an attach or detach can fail, with messages
+//! that tell the operator what to do next. `api::status` maps it to gRPC.
+
+use crate::hypervisor::HvError;
+use crate::nic::NicError;
+use crate::xml::domain::DomainXmlError;
+
+/// Why a hot-plug request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// The request itself is malformed or out of range.
+    #[error(transparent)]
+    Invalid(#[from] NicError),
+    /// A request value is out of the range this particular VM allows.
+    #[error("invalid {field} {value}: allowed {allowed}")]
+    OutOfRange {
+        /// Proto field name.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// The range for this VM.
+        allowed: String,
+    },
+    /// The VM does not exist on this host.
+    #[error("vm {0:?} not found on this host")]
+    VmNotFound(String),
+    /// The MAC is already attached with a different spec.
+    #[error("NIC {mac} is already attached to {vm} with a different {fields}; detach it first or repeat the same spec")]
+    AlreadyExists {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+        /// Comma-separated names of the fields that differ.
+        fields: String,
+    },
+    /// No room for another device.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// The VM's state or the host does not allow the change.
+    #[error("{0}")]
+    Precondition(String),
+    /// The guest did not release the device in time; the unplug is pending.
+    #[error("NIC {mac} is still in {vm} after {waited_ms} ms: the guest has not released it (paused, hung or no hot-plug support); the unplug stays pending, retry DetachNic to wait again")]
+    DetachPending {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// The libvirt driver cannot do this at all.
+    #[error("{op} is not supported by the libvirt {driver} driver")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// libvirt's driver name.
+        driver: String,
+    },
+    /// libvirt failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HvError),
+    /// libvirt returned XML we could not read.
+    #[error("cannot read domain XML: {0}")]
+    DomainXml(#[from] DomainXmlError),
+    /// The host side (bridges, VLAN, VXLAN, OVS) failed.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    /// A bug: a blocking task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,210 @@
+//! An in-memory [`Hypervisor`] for orchestration tests of `hotplug`.
+//!
+//! It records every call and can be scripted to fail or to delay an unplug.
+//! It is never the only proof of a feature: the same paths run against the
+//! libvirt test driver and real QEMU in `tests/`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::{DomainRef, HvError, HvErrorKind, Hypervisor, RunState, Target};
+
+/// How the fake guest answers a live unplug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplug {
+    /// The device leaves at once.
+    Immediate,
+    /// The device leaves after this many live XML reads.
+    AfterReads(u32),
+    /// The guest never acks (paused or hung); the device stays.
+    Never,
+}
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// "attach" or "detach".
+    pub op: &'static str,
+    /// Live or config.
+    pub target: Target,
+    /// The MAC the XML named.
+    pub mac: String,
+}
+
+struct FakeDomain {
+    dom: DomainRef,
+    vcpus: u32,
+    live: Vec<String>,
+    config: Vec<String>,
+    unplug_countdown: HashMap<String, u32>,
+}
+
+/// A scripted fake hypervisor.
+pub struct FakeHypervisor {
+    doms: Mutex<Vec<FakeDomain>>,
+    calls: Mutex<Vec<Call>>,
+    /// How live unplugs behave.
+    pub unplug: Mutex<Unplug>,
+    /// Fail the next call of this (op, target) with this kind.
+    pub fail_next: Mutex<Option<(&'static str, Target, HvErrorKind)>>,
+}
+
+fn mac_of(xml: &str) -> String {
+    let key = "address='";
+    xml.find("<mac ")
+        .and_then(|i| xml[i..].find(key).map(|j| i + j + key.len()))
+        .and_then(|s| xml.get(s..s + 17))
+        .map(|m| m.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+impl Default for FakeHypervisor {
+    fn default() -> Self {
+        FakeHypervisor {
+            doms: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
+            unplug: Mutex::new(Unplug::Immediate),
+            fail_next: Mutex::new(None),
+        }
+    }
+}
+
+impl FakeHypervisor {
+    /// Adds a domain with no NICs.
+    pub fn add(&self, name: &str, state: RunState, persistent: bool, vcpus: u32) {
+        let uuid = format!("00000000-0000-4000-8000-{:012x}", self.doms.lock().map(|d| d.len()).unwrap_or(0) + 1);
+        if let Ok(mut d) = self.doms.lock() {
+            d.push(FakeDomain {
+                dom: DomainRef {
+                    name: name.into(),
+                    uuid,
+                    state,
+                    persistent,
+                },
+                vcpus,
+                live: Vec::new(),
+                config: Vec::new(),
+                unplug_countdown: HashMap::new(),
+            });
+        }
+    }
+
+    /// The fake guest finally releases a device whose unplug was pending
+    /// (e.g. a paused guest was resumed).
+    pub fn guest_release(&self, vm: &str, mac: &str) {
+        let _ = self.with(vm, |d| {
+            d.unplug_countdown.remove(mac);
+            d.live.retain(|x| mac_of(x) != mac);
+            Ok(())
+        });
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn with<T>(&self, uuid: &str, f: impl FnOnce(&mut FakeDomain) -> Result<T, HvError>) -> Result<T, HvError> {
+        let mut doms = self.doms.lock().map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        let d = doms
+            .iter_mut()
+            .find(|d| d.dom.uuid == uuid || d.dom.name == uuid)
+            .ok_or_else(|| HvError::new(HvErrorKind::NotFound, "lookup", "no domain"))?;
+        f(d)
+    }
+
+    fn scripted_failure(&self, op: &'static str, target: Target) -> Result<(), HvError> {
+        let mut f = self.fail_next.lock().map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        if let Some((o, t, kind)) = *f {
+            if o == op && t == target {
+                *f = None;
+                return Err(HvError::new(kind, op, "scripted failure"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn driver(&self) -> String {
+        "Fake".into()
+    }
+    fn is_alive(&self) -> bool {
+        true
+    }
+    fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
+        self.with(vm, |d| Ok(d.dom.clone()))
+    }
+    fn list(&self) -> Result<Vec<DomainRef>, HvError> {
+        Ok(self
+            .doms
+            .lock()
+            .map(|d| d.iter().map(|d| d.dom.clone()).collect())
+            .unwrap_or_default())
+    }
+    fn xml(&self, dom: &DomainRef, target: Target) -> Result<String, HvError> {
+        self.with(&dom.uuid, |d| {
+            if target == Target::Live {
+                // A pending unplug completes after a number of reads.
+                let done: Vec<String> = d
+                    .unplug_countdown
+                    .iter_mut()
+                    .filter_map(|(mac, n)| {
+                        *n = n.saturating_sub(1);
+                        (*n == 0).then(|| mac.clone())
+                    })
+                    .collect();
+                for mac in done {
+                    d.unplug_countdown.remove(&mac);
+                    d.live.retain(|x| mac_of(x) != mac);
+                }
+            }
+            let nics = match target {
+                Target::Live => d.live.join("\n"),
+                Target::Config => d.config.join("\n"),
+            };
+            Ok(format!(
+                "<domain type='qemu'><name>{}</name><uuid>{}</uuid><vcpu>{}</vcpu><os><type arch='x86_64' machine='pc-i440fx-10.0'>hvm</type></os><devices><controller type='pci' index='0' model='pci-root'/>{nics}</devices></domain>",
+                d.dom.name, d.dom.uuid, d.vcpus
+            ))
+        })
+    }
+    fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(Call { op: "attach", target, mac: mac_of(xml) });
+        }
+        self.scripted_failure("attach", target)?;
+        self.with(&dom.uuid, |d| {
+            match target {
+                Target::Live => d.live.push(xml.to_string()),
+                Target::Config => d.config.push(xml.to_string()),
+            }
+            Ok(())
+        })
+    }
+    fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        let mac = mac_of(xml);
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(Call { op: "detach", target, mac: mac.clone() });
+        }
+        self.scripted_failure("detach", target)?;
+        let unplug = self.unplug.lock().map(|u| *u).unwrap_or(Unplug::Immediate);
+        self.with(&dom.uuid, |d| {
+            let list = match target {
+                Target::Live => &mut d.live,
+                Target::Config => &mut d.config,
+            };
+            if !list.iter().any(|x| mac_of(x) == mac) {
+                return Err(HvError::new(HvErrorKind::DeviceMissing, "detach", "device not found"));
+            }
+            match (target, unplug) {
+                (Target::Config, _) | (Target::Live, Unplug::Immediate) => list.retain(|x| mac_of(x) != mac),
+                (Target::Live, Unplug::AfterReads(n)) => {
+                    d.unplug_countdown.insert(mac, n.max(1));
+                }
+                (Target::Live, Unplug::Never) => {}
+            }
+            Ok(())
+        })
+    }
+}

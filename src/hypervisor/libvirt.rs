@@ -1,0 +1,217 @@
+//! [`Hypervisor`] on libvirt through the `virt` crate.
+//!
+//! One shared connection serves every request (libvirt connections are
+//! thread-safe). When libvirtd restarts the connection dies; the next call
+//! notices (`virConnectIsAlive`), drops it and opens a new one, and the
+//! health service reports NOT_SERVING in between.
+
+use std::sync::{Arc, RwLock};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::error::{Error as VirtError, ErrorNumber};
+
+use super::{DomainRef, HvError, HvErrorKind, Hypervisor, RunState, Target};
+
+/// A libvirt connection by URI (`qemu:///system`, `test:///default`, ...).
+pub struct Libvirt {
+    uri: String,
+    conn: RwLock<Option<Arc<Connect>>>,
+}
+
+impl Libvirt {
+    /// Opens the connection now so that a bad URI fails at start-up.
+    pub fn connect(uri: &str) -> Result<Self, HvError> {
+        let conn = Connect::open(Some(uri)).map_err(|e| classify("connect", &e))?;
+        Ok(Libvirt {
+            uri: uri.to_string(),
+            conn: RwLock::new(Some(Arc::new(conn))),
+        })
+    }
+
+    /// The URI this connection was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The current connection, reopening it if it was dropped.
+    fn conn(&self) -> Result<Arc<Connect>, HvError> {
+        if let Some(c) = self.conn.read().ok().and_then(|g| g.clone()) {
+            return Ok(c);
+        }
+        let mut guard = self
+            .conn
+            .write()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "connect", "lock poisoned"))?;
+        if let Some(c) = guard.clone() {
+            return Ok(c);
+        }
+        let c = Arc::new(Connect::open(Some(&self.uri)).map_err(|e| {
+            let mut err = classify("reconnect", &e);
+            err.kind = HvErrorKind::Unavailable;
+            err
+        })?);
+        tracing::info!(uri = %self.uri, "libvirt connection (re)opened");
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Turns a libvirt error into an [`HvError`], and drops the connection
+    /// when it is dead so the next call reconnects. A dead connection is
+    /// detected by asking libvirt, not by reading the message.
+    fn fail(&self, conn: &Connect, op: &str, e: &VirtError) -> HvError {
+        let mut err = classify(op, e);
+        if !conn.is_alive().unwrap_or(false) {
+            err.kind = HvErrorKind::Unavailable;
+            if let Ok(mut g) = self.conn.write() {
+                *g = None;
+            }
+            tracing::warn!(uri = %self.uri, "libvirt connection lost; will reconnect");
+        }
+        err
+    }
+
+    fn domain(&self, conn: &Connect, dom: &DomainRef) -> Result<Domain, HvError> {
+        conn.lookup_domain_by_uuid_string(&dom.uuid).map_err(|e| self.fail(conn, "lookup", &e))
+    }
+
+    fn describe(&self, conn: &Connect, d: &Domain) -> Result<DomainRef, HvError> {
+        let name = d.name().map_err(|e| self.fail(conn, "name", &e))?;
+        let uuid = d.uuid_string().map_err(|e| self.fail(conn, "uuid", &e))?;
+        let (state, _) = d.state().map_err(|e| self.fail(conn, "state", &e))?;
+        let persistent = d
+            .is_persistent()
+            .map_err(|e| self.fail(conn, "persistent", &e))?;
+        let state = match state.unwrap_or(DomainState::NoState) {
+            DomainState::Running | DomainState::Blocked => RunState::Running,
+            DomainState::Paused => RunState::Paused,
+            DomainState::Shutoff => RunState::ShutOff,
+            _ => RunState::Other,
+        };
+        Ok(DomainRef {
+            name,
+            uuid,
+            state,
+            persistent,
+        })
+    }
+}
+
+/// Maps libvirt's error number to our classification.
+fn classify(op: &str, e: &VirtError) -> HvError {
+    let code = e.code();
+    let kind = match code.unwrap_or(ErrorNumber::InternalError) {
+        ErrorNumber::NoDomain => HvErrorKind::NotFound,
+        ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported => HvErrorKind::Unsupported,
+        ErrorNumber::OperationInvalid => HvErrorKind::InvalidState,
+        ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc => {
+            HvErrorKind::Unavailable
+        }
+        ErrorNumber::XmlError
+        | ErrorNumber::XmlDetail
+        | ErrorNumber::ConfigUnsupported
+        | ErrorNumber::InvalidArg => HvErrorKind::BadDefinition,
+        ErrorNumber::DeviceMissing => HvErrorKind::DeviceMissing,
+        ErrorNumber::OperationTimeout | ErrorNumber::AgentUnresponsive => HvErrorKind::Timeout,
+        _ => HvErrorKind::Internal,
+    };
+    HvError {
+        kind,
+        op: op.to_string(),
+        message: e.message().to_string(),
+        code: Some(code.to_raw() as i32),
+    }
+}
+
+fn flags(target: Target) -> u32 {
+    match target {
+        Target::Live => virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+        Target::Config => virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+    }
+}
+
+/// A UUID is 36 characters with hyphens at fixed places; anything else is
+/// looked up as a name.
+fn looks_like_uuid(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok() && s.len() == 36
+}
+
+impl Hypervisor for Libvirt {
+    fn driver(&self) -> String {
+        self.conn()
+            .ok()
+            .and_then(|c| c.driver_type().ok())
+            .unwrap_or_default()
+    }
+
+    fn is_alive(&self) -> bool {
+        match self.conn() {
+            Ok(c) => {
+                if c.is_alive().unwrap_or(false) {
+                    true
+                } else {
+                    if let Ok(mut g) = self.conn.write() {
+                        *g = None;
+                    }
+                    false
+                }
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
+        let conn = self.conn()?;
+        let found = if looks_like_uuid(vm) {
+            conn.lookup_domain_by_uuid_string(vm)
+        } else {
+            conn.lookup_domain_by_name(vm)
+        };
+        let d = found.map_err(|e| self.fail(&conn, "lookup", &e))?;
+        self.describe(&conn, &d)
+    }
+
+    fn list(&self) -> Result<Vec<DomainRef>, HvError> {
+        let conn = self.conn()?;
+        let doms = conn
+            .list_all_domains(0)
+            .map_err(|e| self.fail(&conn, "list", &e))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in &doms {
+            match self.describe(&conn, d) {
+                Ok(r) => out.push(r),
+                // A domain that vanished between list and describe is not an error.
+                Err(e) if e.kind == HvErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn xml(&self, dom: &DomainRef, target: Target) -> Result<String, HvError> {
+        let conn = self.conn()?;
+        let d = self.domain(&conn, dom)?;
+        let f = match target {
+            Target::Live => 0,
+            Target::Config => virt::sys::VIR_DOMAIN_XML_INACTIVE,
+        };
+        d.xml_desc(f).map_err(|e| self.fail(&conn, "dumpxml", &e))
+    }
+
+    fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let d = self.domain(&conn, dom)?;
+        d.attach_device_flags(xml, flags(target))
+            .map(|_| ())
+            .map_err(|e| self.fail(&conn, &format!("attach ({target})"), &e))
+    }
+
+    fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let d = self.domain(&conn, dom)?;
+        d.detach_device_flags(xml, flags(target))
+            .map(|_| ())
+            .map_err(|e| self.fail(&conn, &format!("detach ({target})"), &e))
+    }
+}

@@ -1,0 +1,392 @@
+//! The agent end to end on libvirt's test driver: the real binary, a real
+//! gRPC client, the embedded lab node (fixtures/lab-node.xml).
+
+mod common;
+
+use common::*;
+use nic_agent::api::pb;
+use tonic::Code;
+
+async fn attach(
+    c: &mut pb::nic_agent_client::NicAgentClient<tonic::transport::Channel>,
+    vm: &str,
+    nic: pb::NicSpec,
+) -> Result<pb::AttachNicResponse, tonic::Status> {
+    c.attach_nic(pb::AttachNicRequest {
+        vm: vm.into(),
+        nic: Some(nic),
+        request_id: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn attach_bridge_nic_reports_what_libvirt_holds() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let before = nics(&mut c, "i-2-10-VM").await.len();
+    let mut n = nic("02:00:0A:00:10:01", "cloudbr0");
+    n.mtu = Some(1450);
+    n.queues = Some(2);
+    n.link_down = true;
+    n.inbound = Some(pb::Bandwidth { rate_mbps: 100, ..Default::default() });
+    let r = attach(&mut c, "i-2-10-VM", n).await.expect("attach");
+    assert!(!r.already_present);
+    assert_eq!(r.applied, "live+config");
+    assert!(!r.request_id.is_empty());
+    let got = r.nic.expect("nic");
+    assert_eq!(got.mac, "02:00:0a:00:10:01");
+    assert_eq!(got.bridge, "cloudbr0");
+    assert_eq!(got.mtu, 1450);
+    assert_eq!(got.queues, 2);
+    assert_eq!(got.model, "virtio");
+    assert_eq!(got.link_state, "down");
+    assert!(got.alias.starts_with("ua-"), "generated alias: {}", got.alias);
+    assert!(got.in_live && got.in_config);
+    let after = nics(&mut c, "i-2-10-VM").await;
+    assert_eq!(after.len(), before + 1);
+}
+
+#[tokio::test]
+async fn attach_ovs_vlan_nic_carries_the_tag() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0a:00:10:02", "br-ovs0");
+    n.switch_type = pb::SwitchType::OpenVswitch as i32;
+    n.broadcast_uri = "vlan://200".into();
+    let r = attach(&mut c, "i-3-20-VM", n).await.expect("attach");
+    let got = r.nic.expect("nic");
+    assert_eq!(got.vlan, 200);
+    assert_eq!(got.bridge, "br-ovs0");
+    // 4 vCPUs and the default cap of 8: four queue pairs.
+    assert_eq!(got.queues, 4);
+}
+
+#[tokio::test]
+async fn attach_is_idempotent_for_same_mac() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0a:00:10:03", "cloudbr0");
+    n.alias = "ua-web-1".into();
+    n.mtu = Some(1500);
+    let first = attach(&mut c, "i-2-10-VM", n.clone()).await.expect("first");
+    let count = nics(&mut c, "i-2-10-VM").await.len();
+    let again = attach(&mut c, "i-2-10-VM", n).await.expect("retry");
+    assert!(again.already_present);
+    assert_eq!(again.nic, first.nic);
+    assert_eq!(nics(&mut c, "i-2-10-VM").await.len(), count);
+}
+
+#[tokio::test]
+async fn same_mac_with_different_spec_is_already_exists_naming_the_field() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0a:00:10:04", "cloudbr0");
+    n.mtu = Some(1500);
+    attach(&mut c, "i-2-10-VM", n.clone()).await.expect("first");
+    let before = nics(&mut c, "i-2-10-VM").await;
+    n.mtu = Some(9000);
+    let e = attach(&mut c, "i-2-10-VM", n).await.expect_err("conflict");
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().contains("mtu"), "{}", e.message());
+    assert_eq!(nics(&mut c, "i-2-10-VM").await, before);
+}
+
+#[tokio::test]
+async fn unknown_vm_is_not_found() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let e = attach(&mut c, "i-9-999-VM", nic("02:00:0a:00:10:05", "cloudbr0"))
+        .await
+        .expect_err("unknown vm");
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("i-9-999-VM"));
+    let e = c
+        .list_nics(pb::ListNicsRequest { vm: "6a1e3a6c-0000-4b6e-9a0e-2f3c4d5e6f10".into() })
+        .await
+        .expect_err("unknown uuid");
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn every_class_of_bad_input_is_invalid_argument_and_changes_nothing() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let vm = "i-2-10-VM";
+    let base = || nic("02:00:0a:00:10:06", "cloudbr0");
+    let mut cases: Vec<(&str, pb::NicSpec)> = Vec::new();
+    let mut n = base();
+    n.mac = "01:00:5e:00:00:01".into();
+    cases.push(("mac", n));
+    let mut n = base();
+    n.mac = "00:00:00:00:00:00".into();
+    cases.push(("mac", n));
+    let mut n = base();
+    n.mac = "zz".into();
+    cases.push(("mac", n));
+    let mut n = base();
+    n.bridge = "a-very-long-bridge".into();
+    cases.push(("bridge", n));
+    let mut n = base();
+    n.bridge = "br/0".into();
+    cases.push(("bridge", n));
+    let mut n = base();
+    n.bridge = "br0'/><x".into();
+    cases.push(("bridge", n));
+    for v in [0u32, 4095, 4096] {
+        let mut n = base();
+        n.vlan = Some(v);
+        n.switch_type = pb::SwitchType::OpenVswitch as i32;
+        cases.push(("vlan", n));
+    }
+    for v in [0u32, 16_777_216] {
+        let mut n = base();
+        n.vni = Some(v);
+        cases.push(("vni", n));
+    }
+    for m in [0u32, 67, 65_536] {
+        let mut n = base();
+        n.mtu = Some(m);
+        cases.push(("mtu", n));
+    }
+    for q in [0u32, 257] {
+        let mut n = base();
+        n.queues = Some(q);
+        cases.push(("queues", n));
+    }
+    let mut n = base();
+    n.queues = Some(3); // the VM has 2 vCPUs
+    cases.push(("queues", n));
+    let mut n = base();
+    n.model = "e1000".into();
+    n.queues = Some(2);
+    cases.push(("queues", n));
+    let mut n = base();
+    n.alias = "web-1".into();
+    cases.push(("alias", n));
+    let mut n = base();
+    n.broadcast_uri = "pvlan://100-i200".into();
+    cases.push(("broadcast_uri", n));
+    let mut n = base();
+    n.switch_type = 7;
+    cases.push(("switch_type", n));
+    let before = nics(&mut c, vm).await;
+    for (field, spec) in cases {
+        let e = attach(&mut c, vm, spec.clone())
+            .await
+            .expect_err(&format!("{field}: {spec:?} must be rejected"));
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {}", e.message());
+        assert!(
+            e.message().contains(field),
+            "message must name {field}: {}",
+            e.message()
+        );
+    }
+    assert_eq!(nics(&mut c, vm).await, before, "rejected requests changed the domain");
+}
+
+#[tokio::test]
+async fn full_vm_is_resource_exhausted_before_libvirt_is_asked() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let cap = c
+        .get_pci_capacity(pb::GetPciCapacityRequest { vm: "i-2-99-VM".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(cap.free_slots, 0);
+    assert_eq!(cap.machine_family, "pc");
+    let before = nics(&mut c, "i-2-99-VM").await;
+    let e = attach(&mut c, "i-2-99-VM", nic("02:00:0a:00:10:07", "cloudbr0"))
+        .await
+        .expect_err("full");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("31 of 31"), "{}", e.message());
+    assert_eq!(nics(&mut c, "i-2-99-VM").await, before);
+    let ok = c
+        .get_pci_capacity(pb::GetPciCapacityRequest { vm: "i-2-10-VM".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert!(ok.free_slots > 0);
+}
+
+#[tokio::test]
+async fn nic_limit_is_resource_exhausted() {
+    let a = start_agent(&lab_uri(), &["--nic-limit", "2"]);
+    let mut c = client(&a).await;
+    // r-4-VM already has 2 NICs.
+    let e = attach(&mut c, "r-4-VM", nic("02:00:0a:00:10:08", "cloudbr0"))
+        .await
+        .expect_err("limit");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("nic_limit"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn stopped_persistent_vm_gets_config_only_and_transient_gets_live_only() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let r = attach(&mut c, "i-2-11-VM", nic("02:00:0a:00:10:09", "cloudbr0"))
+        .await
+        .expect("stopped");
+    assert_eq!(r.applied, "config");
+    let n = r.nic.expect("nic");
+    assert!(n.in_config && !n.in_live);
+    // 1 vCPU: a single queue pair.
+    assert_eq!(n.queues, 1);
+    let r = attach(&mut c, "i-2-12-VM", nic("02:00:0a:00:10:0a", "cloudbr0"))
+        .await
+        .expect("transient");
+    assert_eq!(r.applied, "live");
+    let n = r.nic.expect("nic");
+    assert!(n.in_live && !n.in_config);
+}
+
+#[tokio::test]
+async fn detach_on_test_driver_is_unimplemented_and_changes_nothing() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let before = nics(&mut c, "i-2-10-VM").await;
+    let e = c
+        .detach_nic(pb::DetachNicRequest {
+            vm: "i-2-10-VM".into(),
+            mac: "02:00:0a:00:00:01".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("test driver cannot detach");
+    assert_eq!(e.code(), Code::Unimplemented);
+    assert!(e.message().to_lowercase().contains("test"), "{}", e.message());
+    assert_eq!(nics(&mut c, "i-2-10-VM").await, before);
+    // An absent MAC needs no libvirt call at all.
+    let r = c
+        .detach_nic(pb::DetachNicRequest {
+            vm: "i-2-10-VM".into(),
+            mac: "02:00:0a:00:ff:ff".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("absent")
+        .into_inner();
+    assert_eq!(r.state, pb::DetachState::AlreadyAbsent as i32);
+}
+
+#[tokio::test]
+async fn list_vms_shows_the_lab() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let vms = c.list_vms(pb::ListVmsRequest {}).await.expect("vms").into_inner().vms;
+    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    for want in ["i-2-10-VM", "i-2-11-VM", "i-2-12-VM", "r-4-VM"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let stopped = vms.iter().find(|v| v.name == "i-2-11-VM").expect("i-2-11-VM");
+    assert_eq!(stopped.state, "shut off");
+    let transient = vms.iter().find(|v| v.name == "i-2-12-VM").expect("i-2-12-VM");
+    assert!(!transient.persistent);
+    assert_eq!(transient.vcpus, 4);
+}
+
+#[tokio::test]
+async fn health_is_serving_and_reflection_lists_the_service() {
+    let a = start_agent(&lab_uri(), &[]);
+    let ch = tonic::transport::Endpoint::try_from(format!("http://{}", a.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let mut serving = false;
+    for _ in 0..50 {
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest { service: "nicagent.v1.NicAgent".into() })
+            .await;
+        if let Ok(r) = r {
+            if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                serving = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(serving, "health never became SERVING");
+
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let mut r = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream.message().await.expect("msg").expect("some");
+    let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"nicagent.v1.NicAgent".to_string()), "{names:?}");
+}
+
+#[tokio::test]
+async fn concurrent_attaches_across_vms_all_land() {
+    let a = start_agent(&lab_uri(), &[]);
+    let vms = ["i-2-10-VM", "i-3-20-VM", "r-4-VM", "i-2-12-VM"];
+    let mut before = Vec::new();
+    for vm in vms {
+        let mut c = client(&a).await;
+        before.push(nics(&mut c, vm).await.len());
+    }
+    let mut tasks = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        for j in 0..5 {
+            let addr = a.addr.clone();
+            let vm = vm.to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut c = pb::nic_agent_client::NicAgentClient::connect(format!("http://{addr}"))
+                    .await
+                    .expect("connect");
+                let mac = format!("02:00:0c:00:{i:02x}:{j:02x}");
+                attach(&mut c, &vm, nic(&mac, "cloudbr0")).await
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("join").expect("attach");
+    }
+    for (k, vm) in vms.iter().enumerate() {
+        let mut c = client(&a).await;
+        assert_eq!(nics(&mut c, vm).await.len(), before[k] + 5, "{vm}");
+    }
+}
+
+#[tokio::test]
+async fn request_id_comes_from_field_or_metadata() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let r = c
+        .attach_nic(pb::AttachNicRequest {
+            vm: "i-2-10-VM".into(),
+            nic: Some(nic("02:00:0a:00:10:0b", "cloudbr0")),
+            request_id: "job-42".into(),
+        })
+        .await
+        .expect("attach")
+        .into_inner();
+    assert_eq!(r.request_id, "job-42");
+    let mut req = tonic::Request::new(pb::AttachNicRequest {
+        vm: "i-2-10-VM".into(),
+        nic: Some(nic("02:00:0a:00:10:0c", "cloudbr0")),
+        request_id: String::new(),
+    });
+    req.metadata_mut().insert("x-request-id", "job-43".parse().expect("meta"));
+    let r = c.attach_nic(req).await.expect("attach").into_inner();
+    assert_eq!(r.request_id, "job-43");
+}
