@@ -36,7 +36,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         HostNetwork::Auto => !a.connect.starts_with("test:"),
     };
     let host = if manage_host {
-        Some(nic_agent::host::default_host().await?)
+        let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig::default())?;
+        Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
     } else {
         None
     };

@@ -18,7 +18,7 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::VmNotFound(_) => Code::NotFound,
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
         HotplugError::NoCapacity(_) => Code::ResourceExhausted,
-        HotplugError::Precondition(_) => Code::FailedPrecondition,
+        HotplugError::Precondition(_) | HotplugError::Mtu(_) => Code::FailedPrecondition,
         HotplugError::DetachPending { .. } => Code::DeadlineExceeded,
         HotplugError::Unsupported { .. } => Code::Unimplemented,
         HotplugError::Hypervisor(h) => match h.kind {

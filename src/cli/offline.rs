@@ -58,7 +58,7 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
         }),
         acpi_index: spec.acpi_index,
     };
-    Ok(def.to_xml())
+    def.to_xml().map_err(|e| e.to_string())
 }
 
 #[derive(Serialize)]

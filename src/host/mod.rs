@@ -1,1 +1,331 @@
-//! placeholder
+//! Host-side networking for a NIC attach: which bridge a NIC plugs into,
+//! and the host links (VLAN/VXLAN devices, bridges, MTU, promiscuous mode,
+//! OVS mirrors) that must exist first.
+//!
+//! The work is split the way the hot-plug transaction needs it:
+//! [`HostNet::resolve`] only reads and returns a [`HostPlan`];
+//! [`HostNet::prepare`] makes the plan true and returns one [`HostUndo`] per
+//! change, so the transaction can roll back in reverse order. Naming follows
+//! CloudStack's KVM scripts (`brvx-<vni>`, `br<pif>-<vlan>`) so bridges are
+//! shared with hosts that CloudStack itself prepared.
+//!
+//! Submodules: [`naming`] (kernel-safe names), [`mtu`] (pure preflight),
+//! `netlink` ([`NetlinkHost`], all link work through rtnetlink), `ovs`
+//! (ovs-vsctl with argument vectors), `promisc` (saved bridge state).
+
+mod error;
+pub mod mtu;
+pub mod naming;
+mod netlink;
+mod ovs;
+mod promisc;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
+
+pub use error::{HostError, HostErrorKind};
+pub use mtu::{mtu_preflight, MtuError};
+pub use netlink::NetlinkHost;
+pub use promisc::PromiscState;
+
+/// IFLA_IFALIAS written on every link the agent creates.
+///
+/// Why an alias: it lives on the link itself, so it survives an agent
+/// restart, disappears with the link (no stale bookkeeping), shows in
+/// `ip link` for the operator, and tells our `brvx-5000` apart from one that
+/// CloudStack's own scripts or an operator created with the same name —
+/// names alone cannot, because we deliberately use the same names.
+pub const AGENT_ALIAS: &str = "nic-agent";
+
+/// VXLAN UDP destination port (IANA). Linux defaults to 8472 without it.
+pub const VXLAN_PORT: u16 = 4789;
+/// TTL of VXLAN multicast packets on the underlay.
+pub const VXLAN_TTL: u8 = 10;
+
+/// Settings of the host backend.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Where promiscuous-mode originals are saved (survives agent restarts).
+    pub state_dir: PathBuf,
+    /// When a NIC's MTU exceeds its bridge's, plan an undoable bridge MTU
+    /// raise instead of refusing.
+    pub raise_bridge_mtu: bool,
+    /// The ovs-vsctl binary.
+    pub ovs_vsctl: PathBuf,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/run/nic-agent"),
+            raise_bridge_mtu: false,
+            ovs_vsctl: PathBuf::from("ovs-vsctl"),
+        }
+    }
+}
+
+/// Parameters of a VXLAN device, CloudStack style (multicast group from the VNI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// Device name (`vxlan<vni>`).
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: Vni,
+    /// Multicast group 239.(vni>>16).(vni>>8).(vni) (low bytes).
+    pub group: Ipv4Addr,
+    /// Multicast TTL.
+    pub ttl: u8,
+    /// UDP destination port.
+    pub dstport: u16,
+    /// Underlay link (`dev`), the label bridge.
+    pub underlay: String,
+    /// FDB learning.
+    pub learning: bool,
+}
+
+impl VxlanSpec {
+    /// The CloudStack-style spec for `vni` over `underlay`.
+    pub fn for_vni(vni: Vni, underlay: &str) -> Self {
+        let n = vni.get();
+        Self {
+            name: naming::vxlan_device(n),
+            vni,
+            group: Ipv4Addr::new(
+                239,
+                (n >> 16 & 255) as u8,
+                (n >> 8 & 255) as u8,
+                (n & 255) as u8,
+            ),
+            ttl: VXLAN_TTL,
+            dstport: VXLAN_PORT,
+            underlay: underlay.to_string(),
+            learning: true,
+        }
+    }
+}
+
+/// The segment device that carries a VLAN/VXLAN into its bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentDevice {
+    /// An 802.1Q sub-interface `<parent>.<id>`.
+    Vlan {
+        /// Device name.
+        name: String,
+        /// Physical parent.
+        parent: String,
+        /// VLAN id.
+        id: VlanId,
+    },
+    /// A VXLAN device.
+    Vxlan(VxlanSpec),
+}
+
+impl SegmentDevice {
+    /// The device's link name.
+    pub fn name(&self) -> &str {
+        match self {
+            SegmentDevice::Vlan { name, .. } => name,
+            SegmentDevice::Vxlan(v) => &v.name,
+        }
+    }
+}
+
+/// One change [`HostNet::prepare`] will make (as seen by resolve).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlannedChange {
+    /// Create the segment device.
+    CreateSegmentDevice(String),
+    /// Create the bridge.
+    CreateBridge(String),
+    /// Enslave a device to a bridge.
+    Enslave {
+        /// The port.
+        port: String,
+        /// The bridge.
+        bridge: String,
+    },
+    /// Raise a link's MTU (bridge, and its agent segment device).
+    RaiseMtu {
+        /// The link.
+        link: String,
+        /// Current MTU.
+        from: u32,
+        /// New MTU.
+        to: u32,
+    },
+}
+
+/// What the host must look like for a NIC, and what is missing. Read-only
+/// result of [`HostNet::resolve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPlan {
+    /// Switch type.
+    pub switch: SwitchType,
+    /// The traffic label's bridge.
+    pub label: BridgeName,
+    /// The bridge that goes into `<source bridge=...>`.
+    pub bridge: BridgeName,
+    /// VLAN/VXLAN device to enslave into `bridge`, if the segment needs one.
+    pub segment_device: Option<SegmentDevice>,
+    /// Changes prepare will make, in order (empty when the host is ready).
+    pub changes: Vec<PlannedChange>,
+    /// `<vlan><tag id=.../></vlan>` for OVS; `None` on Linux bridges.
+    pub ovs_vlan_tag: Option<VlanId>,
+    /// VXLAN underlay link.
+    pub underlay: Option<String>,
+    /// Encapsulation bytes the underlay must carry on top of the guest MTU.
+    pub overhead: u32,
+    /// MTU the bridge has (or will have once created).
+    pub bridge_mtu: u32,
+    /// Underlay MTU (VXLAN only).
+    pub underlay_mtu: Option<u32>,
+}
+
+impl HostPlan {
+    /// Check the NIC's MTU against this plan and return the `<mtu>` to write.
+    ///
+    /// With `raise_bridge_mtu` a too-small bridge (whose underlay, if any, can
+    /// carry the NIC) is not an error: a [`PlannedChange::RaiseMtu`] is added
+    /// for the bridge (and its segment device) and prepare performs it.
+    pub fn plan_mtu(
+        &mut self,
+        guest: Option<Mtu>,
+        raise_bridge_mtu: bool,
+    ) -> Result<Mtu, MtuError> {
+        let ctx = mtu::MtuContext {
+            bridge: self.bridge.as_str(),
+            underlay: self.underlay.as_deref().unwrap_or(""),
+            vni: match &self.segment_device {
+                Some(SegmentDevice::Vxlan(v)) => v.vni.get(),
+                _ => 0,
+            },
+        };
+        match mtu::mtu_preflight_in(
+            guest,
+            self.bridge_mtu,
+            self.underlay_mtu,
+            self.overhead,
+            &ctx,
+        ) {
+            Ok(m) => Ok(m),
+            Err(MtuError::AboveBridge { guest: want, .. })
+                if raise_bridge_mtu && self.switch == SwitchType::LinuxBridge =>
+            {
+                mtu::check_underlay(want, self.underlay_mtu, self.overhead, &ctx)?;
+                let m = Mtu::try_from(want).map_err(|_| MtuError::Invalid(want))?;
+                self.changes
+                    .retain(|c| !matches!(c, PlannedChange::RaiseMtu { .. }));
+                if let Some(dev) = &self.segment_device {
+                    self.changes.push(PlannedChange::RaiseMtu {
+                        link: dev.name().to_string(),
+                        from: self.bridge_mtu,
+                        to: want,
+                    });
+                }
+                self.changes.push(PlannedChange::RaiseMtu {
+                    link: self.bridge.as_str().to_string(),
+                    from: self.bridge_mtu,
+                    to: want,
+                });
+                Ok(m)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One undoable change made on the host. Run [`HostNet::undo`] on these in
+/// reverse order to roll back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostUndo {
+    /// Delete a link the agent created (only if it still carries
+    /// [`AGENT_ALIAS`], so a foreign link of the same name is never removed).
+    DeleteLink {
+        /// Link name.
+        name: String,
+    },
+    /// Detach a port from its bridge.
+    Release {
+        /// Port name.
+        port: String,
+    },
+    /// Put a link's MTU back.
+    SetMtu {
+        /// Link name.
+        link: String,
+        /// MTU to restore.
+        mtu: u32,
+    },
+    /// Restore a bridge's promiscuous flag and ageing time.
+    RestorePromisc {
+        /// Bridge name.
+        bridge: String,
+        /// State before the agent changed it.
+        original: PromiscState,
+    },
+    /// Remove an OVS IDS mirror.
+    OvsMirrorRemove {
+        /// OVS bridge.
+        bridge: String,
+        /// Mirror name.
+        mirror: String,
+    },
+}
+
+/// Host networking as the hot-plug transaction sees it.
+#[async_trait]
+pub trait HostNet: Send + Sync {
+    /// Work out where a NIC on `label`/`segment` plugs in. Reads only.
+    async fn resolve(
+        &self,
+        label: &BridgeName,
+        switch: SwitchType,
+        segment: &Segment,
+    ) -> Result<HostPlan, HostError>;
+
+    /// Make `plan` true on the host. Returns one undo per change, in the
+    /// order made. On failure, undoes its own changes before returning.
+    async fn prepare(&self, plan: &HostPlan) -> Result<Vec<HostUndo>, HostError>;
+
+    /// Undo one change.
+    async fn undo(&self, step: HostUndo) -> Result<(), HostError>;
+
+    /// Current promiscuous flag and ageing time of a Linux bridge.
+    async fn promisc_state(&self, bridge: &BridgeName) -> Result<PromiscState, HostError>;
+
+    /// Make a Linux bridge flood every frame to every port (IDS). `None`
+    /// when it already does (nothing to undo).
+    async fn promisc_enable(&self, bridge: &BridgeName) -> Result<Option<HostUndo>, HostError>;
+
+    /// Put a bridge's promiscuous flag and ageing time back.
+    async fn promisc_restore(
+        &self,
+        bridge: &BridgeName,
+        original: PromiscState,
+    ) -> Result<(), HostError>;
+
+    /// The original state saved by an earlier [`HostNet::promisc_enable`]
+    /// (also by a previous agent process), if any.
+    async fn saved_promisc_state(
+        &self,
+        bridge: &BridgeName,
+    ) -> Result<Option<PromiscState>, HostError>;
+
+    /// Mirror all traffic of an OVS bridge to `port` (IDS).
+    async fn ovs_mirror_add(&self, bridge: &BridgeName, port: &str) -> Result<HostUndo, HostError>;
+
+    /// Remove a mirror made by [`HostNet::ovs_mirror_add`]. Missing is fine.
+    async fn ovs_mirror_remove(&self, bridge: &BridgeName, mirror: &str) -> Result<(), HostError>;
+
+    /// Remove an agent-created VLAN/VXLAN bridge and its segment device when
+    /// no other port is left, unless its name is in `keep`. `true` if removed.
+    async fn remove_bridge_if_unused(
+        &self,
+        bridge: &BridgeName,
+        keep: &[String],
+    ) -> Result<bool, HostError>;
+}

@@ -67,6 +67,9 @@ pub enum HotplugError {
     /// The host side (bridges, VLAN, VXLAN, OVS) failed.
     #[error(transparent)]
     Host(#[from] crate::host::HostError),
+    /// The NIC's MTU does not fit the bridge or the VXLAN underlay.
+    #[error(transparent)]
+    Mtu(#[from] crate::host::MtuError),
     /// A bug: a blocking task panicked or was cancelled.
     #[error("internal error: {0}")]
     Internal(String),

@@ -42,6 +42,10 @@ pub struct HotplugConfig {
     pub detach_timeout: Duration,
     /// How often the live XML is polled while waiting for an unplug.
     pub poll_interval: Duration,
+    /// Raise a bridge's MTU (undoably) instead of refusing a larger NIC MTU.
+    pub raise_bridge_mtu: bool,
+    /// Bridges never removed on detach, like CloudStack's persistent networks.
+    pub keep_bridges: Vec<String>,
 }
 
 impl Default for HotplugConfig {
@@ -52,6 +56,8 @@ impl Default for HotplugConfig {
             vhost_net_present: std::path::Path::new("/dev/vhost-net").exists(),
             detach_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
+            raise_bridge_mtu: false,
+            keep_bridges: Vec::new(),
         }
     }
 }
@@ -235,18 +241,22 @@ impl Hotplug {
         })?;
 
         // Host side first, read-only: where does the NIC's traffic go?
-        let plan = match &self.host {
+        let mut plan = match &self.host {
             Some(h) => Some(h.resolve(&spec.bridge, spec.switch, &spec.segment).await?),
             None => None,
         };
         let source = source_bridge(spec, plan.as_ref())?;
         let vlan_tag = match (spec.switch, &spec.segment, &plan) {
-            (_, _, Some(p)) => p.vlan_tag(),
+            (_, _, Some(p)) => p.ovs_vlan_tag,
             (SwitchType::OpenVswitch, Segment::Vlan(v), None) => Some(*v),
             _ => None,
         };
-        let mtu = match (&plan, spec.model.is_virtio()) {
-            (Some(p), true) => Some(p.preflight_mtu(spec.mtu)?),
+        // MTU preflight: the guest MTU must fit the bridge (and, for VXLAN,
+        // the underlay plus encapsulation). A request without an MTU gets
+        // the bridge's, because a NIC without <mtu> on a 1450 bridge makes
+        // the guest use 1500 silently.
+        let mtu = match (&mut plan, spec.model.is_virtio()) {
+            (Some(p), true) => Some(p.plan_mtu(spec.mtu, self.cfg.raise_bridge_mtu)?),
             _ => spec.mtu,
         };
         let queues = self.queues(spec, primary)?;
@@ -334,7 +344,15 @@ impl Hotplug {
 
         let mut undo: Vec<Undo> = Vec::new();
         let result = self
-            .apply(&dom, &def, &targets, plan.as_ref(), config.as_ref(), &mut undo)
+            .apply(
+                &dom,
+                &def,
+                &targets,
+                plan.as_ref(),
+                config.as_ref(),
+                spec.promiscuous && dom.state.is_live(),
+                &mut undo,
+            )
             .await;
         match result {
             Ok(()) => {}
@@ -359,6 +377,7 @@ impl Hotplug {
         targets: &[Target],
         plan: Option<&HostPlan>,
         config: Option<&DomainView>,
+        promiscuous: bool,
         undo: &mut Vec<Undo>,
     ) -> Result<(), HotplugError> {
         if let (Some(host), Some(plan)) = (&self.host, plan) {
@@ -380,7 +399,9 @@ impl Hotplug {
                     .and_then(|i| i.pci);
                 def.pci = got.filter(|a| config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a)));
             }
-            let xml = def.to_xml();
+            let xml = def
+                .to_xml()
+                .map_err(|e| HotplugError::Internal(format!("rendering interface XML: {e}")))?;
             tracing::debug!(vm = %dom.name, %target, xml = %xml, "attach device");
             let d = dom.clone();
             let x = xml.clone();
@@ -392,9 +413,24 @@ impl Hotplug {
                 Err(e) => return Err(e),
             }
         }
-        if let (Some(host), Some(plan)) = (&self.host, plan) {
-            if let Some(step) = host.after_attach(plan, &def).await? {
-                undo.push(Undo::Host(step));
+        if let (Some(host), Some(plan), true) = (&self.host, plan, promiscuous) {
+            match plan.switch {
+                SwitchType::LinuxBridge => {
+                    if let Some(step) = host.promisc_enable(&plan.bridge).await? {
+                        undo.push(Undo::Host(step));
+                    }
+                }
+                SwitchType::OpenVswitch => {
+                    let live = self.view(dom, Target::Live).await?;
+                    let tap = live
+                        .interface_by_mac(&def.mac.to_string())
+                        .first()
+                        .and_then(|i| i.target.clone())
+                        .ok_or_else(|| {
+                            HotplugError::Internal("IDS NIC has no tap to mirror to".into())
+                        })?;
+                    undo.push(Undo::Host(host.ovs_mirror_add(&plan.bridge, &tap).await?));
+                }
             }
         }
         Ok(())
@@ -644,7 +680,7 @@ fn source_bridge(
     plan: Option<&HostPlan>,
 ) -> Result<crate::nic::BridgeName, HotplugError> {
     if let Some(p) = plan {
-        return Ok(p.bridge().clone());
+        return Ok(p.bridge.clone());
     }
     match (&spec.segment, spec.switch) {
         (Segment::Plain | Segment::Untagged, _) => Ok(spec.bridge.clone()),
@@ -729,3 +765,6 @@ fn no_room_message(vm: &str, cap: &Capacity) -> String {
         cap.used, cap.total
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -169,16 +169,15 @@ pub fn interface_snippet(domain_xml: &str, mac: &str) -> Option<String> {
     loop {
         let before = r.buffer_position() as usize;
         match r.read_event() {
-            Ok(Event::Start(e)) if e.name().as_ref() == b"interface" && depth_in_iface == 0 => {
+            Ok(Event::Start(e)) if e.name().0 == "interface" && depth_in_iface == 0 => {
                 depth_in_iface = 1;
                 start_pos = before;
                 matched = false;
             }
             Ok(Event::Start(_)) if depth_in_iface > 0 => depth_in_iface += 1,
-            Ok(Event::Empty(e)) if depth_in_iface == 1 && e.name().as_ref() == b"mac" => {
+            Ok(Event::Empty(e)) if depth_in_iface == 1 && e.name().0 == "mac" => {
                 matched = e.attributes().flatten().any(|a| {
-                    a.key.as_ref() == b"address"
-                        && String::from_utf8_lossy(&a.value).eq_ignore_ascii_case(mac)
+                    a.key.0 == "address" && a.value.eq_ignore_ascii_case(mac)
                 });
             }
             Ok(Event::End(_)) if depth_in_iface > 0 => {

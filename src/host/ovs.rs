@@ -1,0 +1,137 @@
+//! Open vSwitch through `ovs-vsctl`, always with an argument vector (never a
+//! shell string), and a timeout so a dead ovsdb-server cannot hang a request.
+
+use std::path::Path;
+
+use tokio::process::Command;
+
+use super::HostError;
+
+/// Output of one ovs-vsctl run.
+pub(crate) struct OvsOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `ovs-vsctl --timeout=10 <args>`.
+pub(crate) async fn vsctl(bin: &Path, args: &[&str]) -> Result<OvsOutput, HostError> {
+    let out = Command::new(bin)
+        .arg("--timeout=10")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                HostError::Unsupported(format!(
+                    "{} not found: Open vSwitch is not installed on this host",
+                    bin.display()
+                ))
+            } else {
+                HostError::Io {
+                    op: format!("run {}", bin.display()),
+                    source: e,
+                }
+            }
+        })?;
+    Ok(OvsOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+/// Run and require exit 0.
+pub(crate) async fn vsctl_ok(bin: &Path, args: &[&str]) -> Result<String, HostError> {
+    let out = vsctl(bin, args).await?;
+    if out.code == Some(0) {
+        Ok(out.stdout)
+    } else {
+        Err(HostError::Ovs {
+            args: args.join(" "),
+            detail: format!("exit {:?}: {}", out.code, out.stderr),
+        })
+    }
+}
+
+/// Whether an OVS bridge exists (`br-exists`: 0 yes, 2 no).
+pub(crate) async fn bridge_exists(bin: &Path, bridge: &str) -> Result<bool, HostError> {
+    let out = vsctl(bin, &["br-exists", bridge]).await?;
+    match out.code {
+        Some(0) => Ok(true),
+        Some(2) => Ok(false),
+        other => Err(HostError::Ovs {
+            args: format!("br-exists {bridge}"),
+            detail: format!("exit {other:?}: {}", out.stderr),
+        }),
+    }
+}
+
+/// MTU of the bridge's internal interface, if ovsdb knows it.
+pub(crate) async fn bridge_mtu(bin: &Path, bridge: &str) -> Option<u32> {
+    let out = vsctl(bin, &["--if-exists", "get", "Interface", bridge, "mtu"])
+        .await
+        .ok()?;
+    out.stdout.parse().ok()
+}
+
+/// Name of the IDS mirror for `port`: deterministic, so removal and
+/// restart clean-up find it without state.
+pub(crate) fn mirror_name(port: &str) -> String {
+    format!("nic-agent-ids-{port}")
+}
+
+/// Create a select-all mirror on `bridge` with `port` as output.
+pub(crate) async fn mirror_add(bin: &Path, bridge: &str, port: &str) -> Result<String, HostError> {
+    let name = mirror_name(port);
+    // Idempotent: an existing mirror of the same name is replaced, so a
+    // retried attach does not stack mirrors.
+    mirror_remove(bin, bridge, &name).await?;
+    let name_arg = format!("name={name}");
+    vsctl_ok(
+        bin,
+        &[
+            "--",
+            "--id=@p",
+            "get",
+            "Port",
+            port,
+            "--",
+            "--id=@m",
+            "create",
+            "Mirror",
+            &name_arg,
+            "select-all=true",
+            "output-port=@p",
+            "--",
+            "add",
+            "Bridge",
+            bridge,
+            "mirrors",
+            "@m",
+        ],
+    )
+    .await?;
+    Ok(name)
+}
+
+/// Remove mirror `name` from `bridge`; the unreferenced row is garbage
+/// collected by ovsdb. A missing mirror is not an error.
+pub(crate) async fn mirror_remove(bin: &Path, bridge: &str, name: &str) -> Result<(), HostError> {
+    let uuid = vsctl_ok(
+        bin,
+        &[
+            "--bare",
+            "--columns=_uuid",
+            "find",
+            "Mirror",
+            &format!("name={name}"),
+        ],
+    )
+    .await?;
+    for id in uuid.split_whitespace() {
+        vsctl_ok(bin, &["remove", "Bridge", bridge, "mirrors", id]).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Promiscuous (IDS) mode of a Linux bridge, and where its original state is kept.
+//!
+//! Decision: IFF_PROMISC plus `ageing_time 0` on the bridge, not `tc mirred`.
+//! With ageing 0 the bridge forgets every MAC at once and floods every frame
+//! to every port, so any number of IDS guests on the bridge see all traffic.
+//! It is one bridge-level setting: nothing per tap, nothing that dies with a
+//! tap and must be re-created when libvirt re-creates it on restart or
+//! migration. `tc mirred` would need an ingress qdisc and a filter per
+//! monitored tap, kept in step with every tap coming and going. PROMISC on
+//! the bridge device itself makes the host stack (and a sensor on the bridge)
+//! see frames not addressed to it.
+//!
+//! The original flag and ageing time are saved to `<state_dir>/promisc-<bridge>.json`
+//! before the change, so a restarted agent can still restore them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::HostError;
+
+/// A bridge's promiscuous flag and FDB ageing time (centiseconds, as netlink
+/// reports `IFLA_BR_AGEING_TIME`; 30000 = 300 s is the kernel default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromiscState {
+    /// IFF_PROMISC set by user space.
+    pub promisc: bool,
+    /// FDB ageing time in centiseconds.
+    pub ageing_time: u32,
+}
+
+impl PromiscState {
+    /// True when the bridge floods every frame (the IDS state).
+    pub fn is_flooding(&self) -> bool {
+        self.promisc && self.ageing_time == 0
+    }
+}
+
+fn state_file(dir: &Path, bridge: &str) -> PathBuf {
+    dir.join(format!("promisc-{bridge}.json"))
+}
+
+fn io(op: String) -> impl FnOnce(std::io::Error) -> HostError {
+    move |source| HostError::Io { op, source }
+}
+
+/// Save `state` as the original of `bridge` unless one is saved already (the
+/// first save is the true original; a second enable must not overwrite it
+/// with the already-flooding state).
+pub(crate) async fn save_original(
+    dir: &Path,
+    bridge: &str,
+    state: PromiscState,
+) -> Result<PromiscState, HostError> {
+    if let Some(prev) = load(dir, bridge).await? {
+        return Ok(prev);
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(io(format!("create state dir {}", dir.display())))?;
+    let path = state_file(dir, bridge);
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec(&state).map_err(|e| HostError::Internal(e.to_string()))?;
+    tokio::fs::write(&tmp, body)
+        .await
+        .map_err(io(format!("write {}", tmp.display())))?;
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .map_err(io(format!("rename {}", path.display())))?;
+    Ok(state)
+}
+
+/// The saved original of `bridge`, if any. A corrupt file is an error, not
+/// silently ignored: restoring the wrong state would be worse.
+pub(crate) async fn load(dir: &Path, bridge: &str) -> Result<Option<PromiscState>, HostError> {
+    let path = state_file(dir, bridge);
+    match tokio::fs::read(&path).await {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            HostError::Internal(format!("corrupt state file {}: {e}", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(HostError::Io {
+            op: format!("read {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Forget the saved original of `bridge`.
+pub(crate) async fn forget(dir: &Path, bridge: &str) -> Result<(), HostError> {
+    let path = state_file(dir, bridge);
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HostError::Io {
+            op: format!("remove {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_saved_original_wins_and_forget_removes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let orig = PromiscState {
+            promisc: false,
+            ageing_time: 30000,
+        };
+        let flooding = PromiscState {
+            promisc: true,
+            ageing_time: 0,
+        };
+        assert_eq!(load(dir.path(), "br0").await.expect("load"), None);
+        save_original(dir.path(), "br0", orig).await.expect("save");
+        let kept = save_original(dir.path(), "br0", flooding)
+            .await
+            .expect("save again");
+        assert_eq!(kept, orig);
+        assert_eq!(load(dir.path(), "br0").await.expect("load"), Some(orig));
+        forget(dir.path(), "br0").await.expect("forget");
+        assert_eq!(load(dir.path(), "br0").await.expect("load"), None);
+        forget(dir.path(), "br0")
+            .await
+            .expect("forget twice is fine");
+    }
+
+    #[tokio::test]
+    async fn corrupt_state_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("promisc-br0.json"), b"{nope").expect("write");
+        assert!(load(dir.path(), "br0").await.is_err());
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's second command, and what .ci/run calls: installs what is
+# missing, starts the services the tests need, runs every tier, and cleans
+# up what it started (also on failure).
+#
+# Tiers: 1) lint + unit + test-driver integration (cargo test), 2) the
+# Python grpcio client, 3) host networking in private network namespaces
+# and a real ovs-vswitchd, 4) the real QEMU lab (tests/lab).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+bash tests/lab/install-deps.sh
+cleanup() {
+  bash tests/lab/teardown.sh lab- >/dev/null 2>&1 || true
+  bash tests/lab/stop-services.sh || true
+}
+trap cleanup EXIT
+bash tests/lab/start-libvirtd.sh
+bash tests/lab/start-ovs.sh
+
+echo "== tier 1: format, lints, unit and test-driver tests"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo build --quiet --all-targets
+cargo test --quiet --no-fail-fast 2>&1 | tee /tmp/nic-agent-cargo-test.log
+grep -q "test result: FAILED" /tmp/nic-agent-cargo-test.log && exit 1
+
+echo "== tier 2: Python grpcio client"
+python3 tests/python/test_grpc_client.py "$ROOT/target/debug/nic-agent"
+
+echo "== tier 4: real QEMU lab"
+bash tests/lab/run-lab.sh
