@@ -1,0 +1,73 @@
+//! The one error type of the request model.
+
+/// Why a NIC request was rejected. Every variant names the proto field the
+/// caller has to change, so the gRPC layer can map it to
+/// `INVALID_ARGUMENT` with a message an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NicError {
+    /// `{field}`: {value:?} is not valid; allowed: {allowed}
+    #[error("invalid {field} {value:?}: allowed {allowed}")]
+    Invalid {
+        /// Proto field name, e.g. `vlan` or `inbound.peak_kbps`.
+        field: &'static str,
+        /// The offending value as the caller gave it.
+        value: String,
+        /// What would have been accepted, e.g. `1-4094`.
+        allowed: String,
+    },
+    /// A cross-field conflict, e.g. mtu with model e1000.
+    #[error("{field}: {reason}")]
+    Conflict {
+        /// Proto field name the caller should change.
+        field: &'static str,
+        /// Why the combination is refused.
+        reason: String,
+    },
+}
+
+impl NicError {
+    /// The proto field name this error is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            NicError::Invalid { field, .. } | NicError::Conflict { field, .. } => field,
+        }
+    }
+
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        allowed: impl Into<String>,
+    ) -> Self {
+        NicError::Invalid {
+            field,
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+
+    pub(crate) fn conflict(field: &'static str, reason: impl Into<String>) -> Self {
+        NicError::Conflict {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_message_names_field_value_and_range() {
+        let e = NicError::invalid("vlan", 4096, "1-4094");
+        assert_eq!(e.to_string(), "invalid vlan \"4096\": allowed 1-4094");
+        assert_eq!(e.field(), "vlan");
+    }
+
+    #[test]
+    fn conflict_message_names_field_and_reason() {
+        let e = NicError::conflict("mtu", "virtio only");
+        assert_eq!(e.to_string(), "mtu: virtio only");
+        assert_eq!(e.field(), "mtu");
+    }
+}
