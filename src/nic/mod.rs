@@ -31,3 +31,71 @@ pub use kinds::{LinkState, NicModel, Segment, SwitchType, VhostMode};
 pub use mac::MacAddr;
 pub use ranged::{AcpiIndex, Mtu, PciSlot, QueueCount, VlanId, Vni};
 pub use spec::{NicSpec, RawBandwidth, RawNic};
+
+#[cfg(test)]
+mod never_panics {
+    //! Arbitrary input into every constructor: an `Err` is fine, a panic
+    //! is not.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn string_constructors_never_panic(s in any::<String>(), t in "[0-9a-fA-F:.\\-ua]{0,20}") {
+            for s in [s.as_str(), t.as_str()] {
+                let _ = MacAddr::try_from(s);
+                let _ = BridgeName::try_from(s);
+                let _ = Alias::try_from(s);
+                let _ = InterfaceId::try_from(s);
+                let _ = s.parse::<LinkState>();
+                let _ = s.parse::<NicModel>();
+                let _ = s.parse::<VhostMode>();
+            }
+        }
+
+        #[test]
+        fn integer_constructors_never_panic(v in any::<u32>(), w in any::<u64>(), x in any::<u64>(), y in any::<u64>()) {
+            let _ = VlanId::try_from(v);
+            let _ = Vni::try_from(v);
+            let _ = Mtu::try_from(v);
+            let _ = QueueCount::try_from(v);
+            let _ = PciSlot::try_from(v);
+            let _ = AcpiIndex::try_from(v);
+            let _ = Bandwidth::new("inbound", w, Some(x), Some(y));
+            let _ = Bandwidth::from_mbps("outbound", v);
+        }
+
+        #[test]
+        fn raw_nic_never_panics(
+            mac in prop_oneof![Just("52:54:00:12:34:56".to_string()), any::<String>()],
+            bridge in prop_oneof![Just("cloudbr0".to_string()), any::<String>()],
+            ovs in any::<bool>(),
+            vlan in proptest::option::of(any::<u32>()),
+            vni in proptest::option::of(any::<u32>()),
+            uri in prop_oneof![Just(String::new()), "(vlan|vxlan|pvlan)://[0-9a-z+]{0,12}", any::<String>()],
+            mtu in proptest::option::of(any::<u32>()),
+            queues in proptest::option::of(any::<u32>()),
+            model in prop_oneof![Just(String::new()), Just("e1000".to_string()), any::<String>()],
+            alias in any::<String>(),
+            bw in (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()),
+            slots in (proptest::option::of(any::<u32>()), proptest::option::of(any::<u32>())),
+            vhost in prop_oneof![Just("on".to_string()), any::<String>()],
+            iid in any::<String>(),
+        ) {
+            let raw = RawNic {
+                mac, bridge, ovs, vlan, vni, broadcast_uri: uri, mtu, queues, model,
+                link_down: false, promiscuous: false, alias,
+                inbound: Some(RawBandwidth { average_kbps: bw.0, peak_kbps: bw.1, burst_kb: bw.2, rate_mbps: bw.3 }),
+                outbound: None,
+                pci_slot: slots.0, acpi_index: slots.1, vhost, interface_id: iid,
+            };
+            if let Err(e) = NicSpec::try_from(raw) {
+                // Every rejection names a field and renders a message.
+                prop_assert!(!e.field().is_empty());
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+}

@@ -149,8 +149,8 @@ impl InterfaceDef {
 
     /// Renders the element libvirt's `virDomainAttachDeviceFlags` takes:
     /// one `<interface>` element, no XML declaration, indented with two
-    /// spaces, children in a fixed order modelled on `virsh dumpxml` (mac,
-    /// source, virtualport, vlan, model, driver, mtu, link, bandwidth,
+    /// spaces, children in the order libvirt's `virsh dumpxml` prints them
+    /// (mac, source, vlan, virtualport, bandwidth, model, driver, link, mtu,
     /// alias, acpi, address), so equal definitions give equal text.
     pub fn to_xml(&self) -> Result<String, XmlWriteError> {
         let doc = self.document()?;
@@ -250,6 +250,10 @@ fn pci_address(a: PciAddress) -> Result<XAddress, XmlWriteError> {
 }
 
 // ---- serde mirror of the element; field order is output order ----
+//
+// The order is the one libvirt 11.3's `virsh dumpxml` prints for a bridge
+// interface (checked by attaching this writer's output on the test driver),
+// so a rendered element and libvirt's read-back line up when diffed.
 
 #[derive(Serialize)]
 struct XInterface<'a> {
@@ -258,17 +262,17 @@ struct XInterface<'a> {
     mac: XMac,
     source: XSource<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    vlan: Option<XVlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     virtualport: Option<XVirtualPort>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    vlan: Option<XVlan>,
+    bandwidth: Option<XBandwidth>,
     model: XModel,
     #[serde(skip_serializing_if = "Option::is_none")]
     driver: Option<XDriver>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mtu: Option<XMtu>,
     link: XLink,
     #[serde(skip_serializing_if = "Option::is_none")]
-    bandwidth: Option<XBandwidth>,
+    mtu: Option<XMtu>,
     alias: XAlias<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acpi: Option<XAcpi>,
@@ -461,20 +465,20 @@ mod tests {
         let expected = r#"<interface type="bridge">
   <mac address="52:54:00:12:34:56"/>
   <source bridge="cloudbr0"/>
-  <virtualport type="openvswitch">
-    <parameters interfaceid="09b11c53-8b5c-4eeb-8f00-d84eaa0aaa4f"/>
-  </virtualport>
   <vlan>
     <tag id="100"/>
   </vlan>
-  <model type="virtio"/>
-  <driver name="qemu" queues="4"/>
-  <mtu size="1450"/>
-  <link state="down"/>
+  <virtualport type="openvswitch">
+    <parameters interfaceid="09b11c53-8b5c-4eeb-8f00-d84eaa0aaa4f"/>
+  </virtualport>
   <bandwidth>
     <inbound average="1000" peak="2000" burst="512"/>
     <outbound average="125"/>
   </bandwidth>
+  <model type="virtio"/>
+  <driver name="qemu" queues="4"/>
+  <link state="down"/>
+  <mtu size="1450"/>
   <alias name="ua-net1"/>
   <acpi index="3"/>
   <address type="pci" domain="0x0000" bus="0x00" slot="0x05" function="0x0"/>
