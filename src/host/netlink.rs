@@ -691,6 +691,7 @@ impl HostNet for NetlinkHost {
             return Ok(None);
         }
         let dir = &self.config.state_dir;
+        let saved_before = promisc::load(dir, bridge.as_str()).await?.is_some();
         let original = promisc::save_original(dir, bridge.as_str(), now).await?;
         let flood = PromiscState {
             promisc: true,
@@ -699,6 +700,10 @@ impl HostNet for NetlinkHost {
         if let Err(e) = self.apply_promisc(&b, flood).await {
             if let Err(u) = self.apply_promisc(&b, now).await {
                 warn!(bridge = %bridge, error = %u, "could not put promiscuous state back");
+            } else if !saved_before {
+                // Nothing changed after all: do not leave a saved original
+                // that a later restore would wrongly apply.
+                promisc::forget(dir, bridge.as_str()).await?;
             }
             return Err(e);
         }
