@@ -1,3 +1,4 @@
+//! The `nic-agent` binary entry point.
 //! The `nic-agent` binary: parses flags, starts logging, hands over to the
 //! library.
 
