@@ -1,4 +1,3 @@
-//! The `nic-agent` binary entry point.
 //! The `nic-agent` binary: parses flags, starts logging, hands over to the
 //! library.
 
@@ -74,7 +73,10 @@ fn main() -> ExitCode {
     };
     let out: Result<String, String> = rt.block_on(async {
         match cli.command {
-            Command::Serve(a) => serve(a).await.map(|_| String::new()).map_err(|e| format!("{e:#}")),
+            Command::Serve(a) => serve(a)
+                .await
+                .map(|_| String::new())
+                .map_err(|e| format!("{e:#}")),
             Command::Render(a) => offline::render(&a).map(|s| s + "\n"),
             Command::Inspect(a) => offline::inspect(&a),
             Command::Vms(a) => client::vms(&a).await.map_err(|e| e.to_string()),

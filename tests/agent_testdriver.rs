@@ -30,7 +30,10 @@ async fn attach_bridge_nic_reports_what_libvirt_holds() {
     n.mtu = Some(1450);
     n.queues = Some(2);
     n.link_down = true;
-    n.inbound = Some(pb::Bandwidth { rate_mbps: 100, ..Default::default() });
+    n.inbound = Some(pb::Bandwidth {
+        rate_mbps: 100,
+        ..Default::default()
+    });
     let r = attach(&mut c, "i-2-10-VM", n).await.expect("attach");
     assert!(!r.already_present);
     assert_eq!(r.applied, "live+config");
@@ -42,7 +45,11 @@ async fn attach_bridge_nic_reports_what_libvirt_holds() {
     assert_eq!(got.queues, 2);
     assert_eq!(got.model, "virtio");
     assert_eq!(got.link_state, "down");
-    assert!(got.alias.starts_with("ua-"), "generated alias: {}", got.alias);
+    assert!(
+        got.alias.starts_with("ua-"),
+        "generated alias: {}",
+        got.alias
+    );
     assert!(got.in_live && got.in_config);
     let after = nics(&mut c, "i-2-10-VM").await;
     assert_eq!(after.len(), before + 1);
@@ -103,7 +110,9 @@ async fn unknown_vm_is_not_found() {
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("i-9-999-VM"));
     let e = c
-        .list_nics(pb::ListNicsRequest { vm: "6a1e3a6c-0000-4b6e-9a0e-2f3c4d5e6f10".into() })
+        .list_nics(pb::ListNicsRequest {
+            vm: "6a1e3a6c-0000-4b6e-9a0e-2f3c4d5e6f10".into(),
+        })
         .await
         .expect_err("unknown uuid");
     assert_eq!(e.code(), Code::NotFound);
@@ -183,7 +192,11 @@ async fn every_class_of_bad_input_is_invalid_argument_and_changes_nothing() {
             e.message()
         );
     }
-    assert_eq!(nics(&mut c, vm).await, before, "rejected requests changed the domain");
+    assert_eq!(
+        nics(&mut c, vm).await,
+        before,
+        "rejected requests changed the domain"
+    );
 }
 
 #[tokio::test]
@@ -191,7 +204,9 @@ async fn full_vm_is_resource_exhausted_before_libvirt_is_asked() {
     let a = start_agent(&lab_uri(), &[]);
     let mut c = client(&a).await;
     let cap = c
-        .get_pci_capacity(pb::GetPciCapacityRequest { vm: "i-2-99-VM".into() })
+        .get_pci_capacity(pb::GetPciCapacityRequest {
+            vm: "i-2-99-VM".into(),
+        })
         .await
         .expect("capacity")
         .into_inner();
@@ -205,7 +220,9 @@ async fn full_vm_is_resource_exhausted_before_libvirt_is_asked() {
     assert!(e.message().contains("31 of 31"), "{}", e.message());
     assert_eq!(nics(&mut c, "i-2-99-VM").await, before);
     let ok = c
-        .get_pci_capacity(pb::GetPciCapacityRequest { vm: "i-2-10-VM".into() })
+        .get_pci_capacity(pb::GetPciCapacityRequest {
+            vm: "i-2-10-VM".into(),
+        })
         .await
         .expect("capacity")
         .into_inner();
@@ -258,7 +275,11 @@ async fn detach_on_test_driver_is_unimplemented_and_changes_nothing() {
         .await
         .expect_err("test driver cannot detach");
     assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().to_lowercase().contains("test"), "{}", e.message());
+    assert!(
+        e.message().to_lowercase().contains("test"),
+        "{}",
+        e.message()
+    );
     assert_eq!(nics(&mut c, "i-2-10-VM").await, before);
     // An absent MAC needs no libvirt call at all.
     let r = c
@@ -277,14 +298,25 @@ async fn detach_on_test_driver_is_unimplemented_and_changes_nothing() {
 async fn list_vms_shows_the_lab() {
     let a = start_agent(&lab_uri(), &[]);
     let mut c = client(&a).await;
-    let vms = c.list_vms(pb::ListVmsRequest {}).await.expect("vms").into_inner().vms;
+    let vms = c
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .expect("vms")
+        .into_inner()
+        .vms;
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     for want in ["i-2-10-VM", "i-2-11-VM", "i-2-12-VM", "r-4-VM"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
-    let stopped = vms.iter().find(|v| v.name == "i-2-11-VM").expect("i-2-11-VM");
+    let stopped = vms
+        .iter()
+        .find(|v| v.name == "i-2-11-VM")
+        .expect("i-2-11-VM");
     assert_eq!(stopped.state, "shut off");
-    let transient = vms.iter().find(|v| v.name == "i-2-12-VM").expect("i-2-12-VM");
+    let transient = vms
+        .iter()
+        .find(|v| v.name == "i-2-12-VM")
+        .expect("i-2-12-VM");
     assert!(!transient.persistent);
     assert_eq!(transient.vcpus, 4);
 }
@@ -301,10 +333,14 @@ async fn health_is_serving_and_reflection_lists_the_service() {
     let mut serving = false;
     for _ in 0..50 {
         let r = h
-            .check(tonic_health::pb::HealthCheckRequest { service: "nicagent.v1.NicAgent".into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "nicagent.v1.NicAgent".into(),
+            })
             .await;
         if let Ok(r) = r {
-            if r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            if r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
                 serving = true;
                 break;
             }
@@ -314,8 +350,9 @@ async fn health_is_serving_and_reflection_lists_the_service() {
     assert!(serving, "health never became SERVING");
 
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut r = ServerReflectionClient::new(ch);
     let req = ServerReflectionRequest {
@@ -332,7 +369,10 @@ async fn health_is_serving_and_reflection_lists_the_service() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"nicagent.v1.NicAgent".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"nicagent.v1.NicAgent".to_string()),
+        "{names:?}"
+    );
 }
 
 #[tokio::test]
@@ -386,7 +426,8 @@ async fn request_id_comes_from_field_or_metadata() {
         nic: Some(nic("02:00:0a:00:10:0c", "cloudbr0")),
         request_id: String::new(),
     });
-    req.metadata_mut().insert("x-request-id", "job-43".parse().expect("meta"));
+    req.metadata_mut()
+        .insert("x-request-id", "job-43".parse().expect("meta"));
     let r = c.attach_nic(req).await.expect("attach").into_inner();
     assert_eq!(r.request_id, "job-43");
 }

@@ -113,7 +113,12 @@ pub fn vm(v: &VmReport) -> pb::Vm {
 }
 
 /// Capacity → proto.
-pub fn capacity(c: &Capacity, nic_count: u32, nic_limit: Option<u32>, attachable: u32) -> pb::GetPciCapacityResponse {
+pub fn capacity(
+    c: &Capacity,
+    nic_count: u32,
+    nic_limit: Option<u32>,
+    attachable: u32,
+) -> pb::GetPciCapacityResponse {
     pb::GetPciCapacityResponse {
         free_slots: c.free,
         used_slots: c.used,

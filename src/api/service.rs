@@ -95,7 +95,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 self.hotplug.attach(&r.vm, &spec).await
             }
             .await;
-            finish("attach", start, result).map(|o| Response::new(convert::attach_response(&o, &rid)))
+            finish("attach", start, result)
+                .map(|o| Response::new(convert::attach_response(&o, &rid)))
         }
         .instrument(span)
         .await
@@ -119,8 +120,12 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 } else {
                     Some(Alias::try_from(r.alias.as_str())?)
                 };
-                let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
-                let st = self.hotplug.detach(&r.vm, &mac, alias.as_ref(), timeout).await?;
+                let timeout =
+                    (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
+                let st = self
+                    .hotplug
+                    .detach(&r.vm, &mac, alias.as_ref(), timeout)
+                    .await?;
                 Ok((mac, st))
             }
             .await;
@@ -197,7 +202,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
             }
             .await;
             let limit = self.hotplug.config().nic_limit;
-            finish("capacity", start, result).map(|(c, n, a)| Response::new(convert::capacity(&c, n, limit, a)))
+            finish("capacity", start, result)
+                .map(|(c, n, a)| Response::new(convert::capacity(&c, n, limit, a)))
         }
         .instrument(span)
         .await

@@ -97,7 +97,12 @@ pub async fn connect(server: &str) -> Result<NicAgentClient<Channel>, ClientErro
 
 fn pci_str(p: &Option<pb::PciAddress>) -> String {
     p.as_ref()
-        .map(|a| format!("{:04x}:{:02x}:{:02x}.{:x}", a.domain, a.bus, a.slot, a.function))
+        .map(|a| {
+            format!(
+                "{:04x}:{:02x}:{:02x}.{:x}",
+                a.domain, a.bus, a.slot, a.function
+            )
+        })
         .unwrap_or_else(|| "-".into())
 }
 
@@ -125,7 +130,11 @@ fn nic_table(nics: &[pb::Nic]) -> String {
             "{:<19} {:<42} {:<10} {:<14} {:<8} {:>6} {:>5} {:<5} {:<13} {}\n",
             n.mac,
             n.alias,
-            if n.target_dev.is_empty() { "-" } else { &n.target_dev },
+            if n.target_dev.is_empty() {
+                "-"
+            } else {
+                &n.target_dev
+            },
             n.bridge,
             n.model,
             n.queues,
@@ -258,12 +267,22 @@ pub async fn detach(a: &DetachArgs) -> Result<String, ClientError> {
         .await?
         .into_inner();
     let state = pb::DetachState::try_from(r.state)
-        .map(|s| s.as_str_name().trim_start_matches("DETACH_STATE_").to_string())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("DETACH_STATE_")
+                .to_string()
+        })
         .unwrap_or_else(|_| r.state.to_string());
     if a.target.client.json {
-        return Ok(serde_json::to_string_pretty(&json!({"state": state, "mac": r.mac, "request_id": r.request_id})).unwrap_or_default());
+        return Ok(serde_json::to_string_pretty(
+            &json!({"state": state, "mac": r.mac, "request_id": r.request_id}),
+        )
+        .unwrap_or_default());
     }
-    Ok(format!("{} {} from {}: request {}\n", state, r.mac, a.target.vm, r.request_id))
+    Ok(format!(
+        "{} {} from {}: request {}\n",
+        state, r.mac, a.target.vm, r.request_id
+    ))
 }
 
 /// `capacity`

@@ -215,17 +215,22 @@ pub struct DetachArgs {
 impl NicArgs {
     /// Turns the flags into the unvalidated request model.
     pub fn to_raw(&self) -> Result<crate::nic::RawNic, crate::nic::NicError> {
-        let bw = |field: &'static str, v: &Option<String>| -> Result<Option<crate::nic::RawBandwidth>, crate::nic::NicError> {
+        let bw = |field: &'static str,
+                  v: &Option<String>|
+         -> Result<Option<crate::nic::RawBandwidth>, crate::nic::NicError> {
             let Some(s) = v else { return Ok(None) };
             let parts: Vec<&str> = s.split(',').collect();
             let num = |i: usize| -> Result<u64, crate::nic::NicError> {
                 match parts.get(i) {
                     None => Ok(0),
-                    Some(p) => p.trim().parse::<u64>().map_err(|_| crate::nic::NicError::Invalid {
-                        field,
-                        value: s.clone(),
-                        allowed: "AVG[,PEAK[,BURST]] as whole numbers (KB/s, KB/s, KB)".into(),
-                    }),
+                    Some(p) => p
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| crate::nic::NicError::Invalid {
+                            field,
+                            value: s.clone(),
+                            allowed: "AVG[,PEAK[,BURST]] as whole numbers (KB/s, KB/s, KB)".into(),
+                        }),
                 }
             };
             if parts.len() > 3 {

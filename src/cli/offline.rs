@@ -34,10 +34,10 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
     };
     let vhost_present = std::path::Path::new("/dev/vhost-net").exists();
     let def = InterfaceDef {
-        mac: spec.mac.clone(),
+        mac: spec.mac,
         source_bridge: spec.bridge.clone(),
         ovs: spec.switch == SwitchType::OpenVswitch,
-        interface_id: spec.interface_id.clone(),
+        interface_id: spec.interface_id,
         vlan_tag,
         model: spec.model,
         driver: spec
@@ -47,8 +47,8 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
         queues: spec.queues,
         mtu: spec.mtu,
         link: spec.link,
-        inbound: spec.inbound.clone(),
-        outbound: spec.outbound.clone(),
+        inbound: spec.inbound,
+        outbound: spec.outbound,
         alias: spec.alias.clone().unwrap_or_else(Alias::generate),
         pci: spec.pci_slot.map(|s| crate::pci::PciAddress {
             domain: 0,
@@ -142,7 +142,9 @@ pub fn inspect(args: &InspectArgs) -> Result<String, String> {
             n.target.as_deref().unwrap_or("-"),
             n.alias.as_deref().unwrap_or("-"),
             n.model.as_deref().unwrap_or("-"),
-            n.queues.map(|q| q.to_string()).unwrap_or_else(|| "-".into()),
+            n.queues
+                .map(|q| q.to_string())
+                .unwrap_or_else(|| "-".into()),
             n.mtu.map(|q| q.to_string()).unwrap_or_else(|| "-".into()),
             n.pci.as_deref().unwrap_or("-"),
         ));

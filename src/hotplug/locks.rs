@@ -42,7 +42,10 @@ mod tests {
         let l2 = locks.clone();
         let waiter = tokio::spawn(async move { l2.lock("a").await });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished(), "second lock of the same VM must wait");
+        assert!(
+            !waiter.is_finished(),
+            "second lock of the same VM must wait"
+        );
         drop(g);
         let got = tokio::time::timeout(Duration::from_secs(2), waiter).await;
         assert!(got.is_ok(), "lock must be granted once released");

@@ -82,6 +82,17 @@ pub enum DetachState {
     AlreadyAbsent,
 }
 
+/// Everything the apply phase of an attach needs, decided beforehand.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    dom: &'a DomainRef,
+    def: &'a InterfaceDef,
+    targets: &'a [Target],
+    plan: Option<&'a HostPlan>,
+    config: Option<&'a DomainView>,
+    promiscuous: bool,
+}
+
 /// A single undo step of the attach transaction.
 enum Undo {
     Device { target: Target, xml: String },
@@ -103,7 +114,11 @@ pub struct Hotplug {
 impl Hotplug {
     /// Builds the engine. `host` is `None` when the agent does not manage
     /// host networking (the embedded test-driver lab).
-    pub fn new(hv: Arc<dyn Hypervisor>, host: Option<Arc<dyn HostNet>>, cfg: HotplugConfig) -> Self {
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        host: Option<Arc<dyn HostNet>>,
+        cfg: HotplugConfig,
+    ) -> Self {
         Hotplug {
             hv,
             host,
@@ -272,7 +287,14 @@ impl Hotplug {
             )));
         }
         if let Some(have) = existing.first() {
-            let diff = differences(spec, have, source.as_str(), vlan_tag.map(|v| v.get()), mtu, queues);
+            let diff = differences(
+                spec,
+                have,
+                source.as_str(),
+                vlan_tag.map(|v| v.get()),
+                mtu,
+                queues,
+            );
             if !diff.is_empty() {
                 return Err(HotplugError::AlreadyExists {
                     mac,
@@ -280,7 +302,9 @@ impl Hotplug {
                     fields: diff.join(", "),
                 });
             }
-            return self.complete_existing(&dom, live.as_ref(), config.as_ref(), &mac).await;
+            return self
+                .complete_existing(&dom, live.as_ref(), config.as_ref(), &mac)
+                .await;
         }
 
         // Capacity, before libvirt is asked: libvirt's own "No more
@@ -318,10 +342,10 @@ impl Hotplug {
 
         let alias = spec.alias.clone().unwrap_or_else(Alias::generate);
         let def = InterfaceDef {
-            mac: spec.mac.clone(),
+            mac: spec.mac,
             source_bridge: source,
             ovs: spec.switch == SwitchType::OpenVswitch,
-            interface_id: spec.interface_id.clone(),
+            interface_id: spec.interface_id,
             vlan_tag: if spec.switch == SwitchType::OpenVswitch {
                 vlan_tag
             } else {
@@ -335,8 +359,8 @@ impl Hotplug {
             queues,
             mtu,
             link: spec.link,
-            inbound: spec.inbound.clone(),
-            outbound: spec.outbound.clone(),
+            inbound: spec.inbound,
+            outbound: spec.outbound,
             alias,
             pci: pinned,
             acpi_index: spec.acpi_index,
@@ -345,12 +369,14 @@ impl Hotplug {
         let mut undo: Vec<Undo> = Vec::new();
         let result = self
             .apply(
-                &dom,
-                &def,
-                &targets,
-                plan.as_ref(),
-                config.as_ref(),
-                spec.promiscuous && dom.state.is_live(),
+                &Step {
+                    dom: &dom,
+                    def: &def,
+                    targets: &targets,
+                    plan: plan.as_ref(),
+                    config: config.as_ref(),
+                    promiscuous: spec.promiscuous && dom.state.is_live(),
+                },
                 &mut undo,
             )
             .await;
@@ -370,16 +396,15 @@ impl Hotplug {
     }
 
     /// The steps of an attach; each success pushes its undo.
-    async fn apply(
-        &self,
-        dom: &DomainRef,
-        def: &InterfaceDef,
-        targets: &[Target],
-        plan: Option<&HostPlan>,
-        config: Option<&DomainView>,
-        promiscuous: bool,
-        undo: &mut Vec<Undo>,
-    ) -> Result<(), HotplugError> {
+    async fn apply(&self, step: &Step<'_>, undo: &mut Vec<Undo>) -> Result<(), HotplugError> {
+        let Step {
+            dom,
+            def,
+            targets,
+            plan,
+            config,
+            promiscuous,
+        } = *step;
         if let (Some(host), Some(plan)) = (&self.host, plan) {
             for step in host.prepare(plan).await? {
                 undo.push(Undo::Host(step));
@@ -397,7 +422,9 @@ impl Hotplug {
                     .interface_by_mac(&def.mac.to_string())
                     .first()
                     .and_then(|i| i.pci);
-                def.pci = got.filter(|a| config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a)));
+                def.pci = got.filter(|a| {
+                    config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a))
+                });
             }
             let xml = def
                 .to_xml()
@@ -471,11 +498,12 @@ impl Hotplug {
         if let (Some(_), Some(cv)) = (live, config) {
             if cv.interface_by_mac(mac).is_empty() {
                 tracing::info!(vm = %dom.name, mac, "NIC is live but not in config; completing");
-                let xml = self.blocking({
-                    let d = dom.clone();
-                    move |hv| hv.xml(&d, Target::Live)
-                })
-                .await?;
+                let xml = self
+                    .blocking({
+                        let d = dom.clone();
+                        move |hv| hv.xml(&d, Target::Live)
+                    })
+                    .await?;
                 let snippet = report::interface_snippet(&xml, mac).ok_or_else(|| {
                     HotplugError::Internal("NIC vanished while completing attach".into())
                 })?;
@@ -593,11 +621,17 @@ impl Hotplug {
         if !already_pending {
             let xml = report::detach_xml(&iface);
             let d = dom.clone();
-            if let Err(e) = self.blocking(move |hv| hv.detach(&d, &xml, Target::Live)).await {
+            if let Err(e) = self
+                .blocking(move |hv| hv.detach(&d, &xml, Target::Live))
+                .await
+            {
                 // Put the config half back so the VM stays consistent.
                 if let Some(cx) = config_removed {
                     let d = dom.clone();
-                    if let Err(u) = self.blocking(move |hv| hv.attach(&d, &cx, Target::Config)).await {
+                    if let Err(u) = self
+                        .blocking(move |hv| hv.attach(&d, &cx, Target::Config))
+                        .await
+                    {
                         tracing::warn!(vm = %dom.name, error = %u, "undo: re-adding config NIC failed");
                     }
                 }

@@ -74,10 +74,12 @@ pub fn merge(live: Option<&DomainView>, config: Option<&DomainView>) -> Vec<NicR
     if let Some(c) = config {
         for i in &c.interfaces {
             let mac = i.mac.clone().unwrap_or_default();
-            if let Some(r) = out
-                .iter_mut()
-                .find(|r| r.mac == mac && !r.in_config && (r.alias == i.alias.clone().unwrap_or_default() || !r.alias.starts_with("ua-")))
-            {
+            if let Some(r) = out.iter_mut().find(|r| {
+                r.mac == mac
+                    && !r.in_config
+                    && (r.alias == i.alias.clone().unwrap_or_default()
+                        || !r.alias.starts_with("ua-"))
+            }) {
                 r.in_config = true;
             } else {
                 let mut r = NicReport::from_view(i);
@@ -128,7 +130,11 @@ impl VmReport {
 /// (they disambiguate NICs that share a MAC).
 pub fn detach_xml(i: &InterfaceView) -> String {
     let mut w = Writer::new(Vec::new());
-    let kind = if i.kind.is_empty() { "bridge" } else { i.kind.as_str() };
+    let kind = if i.kind.is_empty() {
+        "bridge"
+    } else {
+        i.kind.as_str()
+    };
     let mut start = BytesStart::new("interface");
     start.push_attribute(("type", kind));
     let _ = w.write_event(Event::Start(start));
@@ -176,9 +182,10 @@ pub fn interface_snippet(domain_xml: &str, mac: &str) -> Option<String> {
             }
             Ok(Event::Start(_)) if depth_in_iface > 0 => depth_in_iface += 1,
             Ok(Event::Empty(e)) if depth_in_iface == 1 && e.name().0 == "mac" => {
-                matched = e.attributes().flatten().any(|a| {
-                    a.key.0 == "address" && a.value.eq_ignore_ascii_case(mac)
-                });
+                matched = e
+                    .attributes()
+                    .flatten()
+                    .any(|a| a.key.0 == "address" && a.value.eq_ignore_ascii_case(mac));
             }
             Ok(Event::End(_)) if depth_in_iface > 0 => {
                 depth_in_iface -= 1;
@@ -215,7 +222,10 @@ mod tests {
     fn detach_xml_keeps_user_alias_only() {
         let v = DomainView::parse(DOM).expect("parse");
         let a = detach_xml(&v.interfaces[0]);
-        assert!(a.contains("52:54:00:00:00:01") && !a.contains("net0"), "{a}");
+        assert!(
+            a.contains("52:54:00:00:00:01") && !a.contains("net0"),
+            "{a}"
+        );
         let b = detach_xml(&v.interfaces[1]);
         assert!(b.contains("ua-x"), "{b}");
     }

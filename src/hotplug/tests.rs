@@ -38,11 +38,17 @@ async fn running_persistent_vm_gets_live_then_config() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, true, 2);
     let hp = engine(fake.clone());
-    let out = hp.attach("vm1", &spec("52:54:00:00:00:01")).await.expect("attach");
+    let out = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect("attach");
     assert_eq!(out.applied, vec![Target::Live, Target::Config]);
     assert!(out.nic.in_live && out.nic.in_config);
     let ops: Vec<(&str, Target)> = fake.calls().iter().map(|c| (c.op, c.target)).collect();
-    assert_eq!(ops, vec![("attach", Target::Live), ("attach", Target::Config)]);
+    assert_eq!(
+        ops,
+        vec![("attach", Target::Live), ("attach", Target::Config)]
+    );
 }
 
 #[tokio::test]
@@ -51,15 +57,25 @@ async fn config_failure_undoes_the_live_half() {
     fake.add("vm1", RunState::Running, true, 2);
     *fake.fail_next.lock().expect("lock") = Some(("attach", Target::Config, HvErrorKind::Internal));
     let hp = engine(fake.clone());
-    let err = hp.attach("vm1", &spec("52:54:00:00:00:02")).await.expect_err("must fail");
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:02"))
+        .await
+        .expect_err("must fail");
     assert!(matches!(err, HotplugError::Hypervisor(_)), "{err:?}");
     let calls = fake.calls();
     assert_eq!(
         calls.last(),
-        Some(&Call { op: "detach", target: Target::Live, mac: "52:54:00:00:00:02".into() }),
+        Some(&Call {
+            op: "detach",
+            target: Target::Live,
+            mac: "52:54:00:00:00:02".into()
+        }),
         "live half must be undone: {calls:?}"
     );
-    assert!(hp.list_nics("vm1").await.expect("list").is_empty(), "no half-attached NIC");
+    assert!(
+        hp.list_nics("vm1").await.expect("list").is_empty(),
+        "no half-attached NIC"
+    );
 }
 
 #[tokio::test]
@@ -67,11 +83,21 @@ async fn detach_removes_config_before_live_and_waits_for_the_guest() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, true, 2);
     let hp = engine(fake.clone());
-    hp.attach("vm1", &spec("52:54:00:00:00:03")).await.expect("attach");
+    hp.attach("vm1", &spec("52:54:00:00:00:03"))
+        .await
+        .expect("attach");
     *fake.unplug.lock().expect("lock") = Unplug::AfterReads(3);
-    let st = hp.detach("vm1", &mac("52:54:00:00:00:03"), None, None).await.expect("detach");
+    let st = hp
+        .detach("vm1", &mac("52:54:00:00:00:03"), None, None)
+        .await
+        .expect("detach");
     assert_eq!(st, DetachState::Removed);
-    let detaches: Vec<Target> = fake.calls().iter().filter(|c| c.op == "detach").map(|c| c.target).collect();
+    let detaches: Vec<Target> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.op == "detach")
+        .map(|c| c.target)
+        .collect();
     assert_eq!(detaches, vec![Target::Config, Target::Live]);
     assert!(hp.list_nics("vm1").await.expect("list").is_empty());
 }
@@ -81,18 +107,32 @@ async fn hung_guest_gives_pending_and_a_retry_sends_no_second_device_del() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Paused, false, 1);
     let hp = engine(fake.clone());
-    hp.attach("vm1", &spec("52:54:00:00:00:04")).await.expect("attach");
+    hp.attach("vm1", &spec("52:54:00:00:00:04"))
+        .await
+        .expect("attach");
     *fake.unplug.lock().expect("lock") = Unplug::Never;
     let err = hp
-        .detach("vm1", &mac("52:54:00:00:00:04"), None, Some(Duration::from_millis(100)))
+        .detach(
+            "vm1",
+            &mac("52:54:00:00:00:04"),
+            None,
+            Some(Duration::from_millis(100)),
+        )
         .await
         .expect_err("pending");
     assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
     // The guest is resumed and acks; a retry waits without a new device_del.
     fake.guest_release("vm1", "52:54:00:00:00:04");
-    let st = hp.detach("vm1", &mac("52:54:00:00:00:04"), None, None).await.expect("retry");
+    let st = hp
+        .detach("vm1", &mac("52:54:00:00:00:04"), None, None)
+        .await
+        .expect("retry");
     assert_eq!(st, DetachState::AlreadyAbsent);
-    let live_detaches = fake.calls().iter().filter(|c| c.op == "detach" && c.target == Target::Live).count();
+    let live_detaches = fake
+        .calls()
+        .iter()
+        .filter(|c| c.op == "detach" && c.target == Target::Live)
+        .count();
     assert_eq!(live_detaches, 1, "exactly one device_del");
 }
 
@@ -101,22 +141,39 @@ async fn retry_while_still_pending_waits_on_the_first_request() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, false, 1);
     let hp = engine(fake.clone());
-    hp.attach("vm1", &spec("52:54:00:00:00:05")).await.expect("attach");
+    hp.attach("vm1", &spec("52:54:00:00:00:05"))
+        .await
+        .expect("attach");
     *fake.unplug.lock().expect("lock") = Unplug::Never;
     let _ = hp
-        .detach("vm1", &mac("52:54:00:00:00:05"), None, Some(Duration::from_millis(50)))
+        .detach(
+            "vm1",
+            &mac("52:54:00:00:00:05"),
+            None,
+            Some(Duration::from_millis(50)),
+        )
         .await
         .expect_err("pending");
     let hp = Arc::new(hp);
     let h2 = hp.clone();
     let waiter = tokio::spawn(async move {
-        h2.detach("vm1", &mac("52:54:00:00:00:05"), None, Some(Duration::from_secs(5))).await
+        h2.detach(
+            "vm1",
+            &mac("52:54:00:00:00:05"),
+            None,
+            Some(Duration::from_secs(5)),
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     fake.guest_release("vm1", "52:54:00:00:00:05");
     let st = waiter.await.expect("join").expect("detach");
     assert_eq!(st, DetachState::Removed);
-    let live_detaches = fake.calls().iter().filter(|c| c.op == "detach" && c.target == Target::Live).count();
+    let live_detaches = fake
+        .calls()
+        .iter()
+        .filter(|c| c.op == "detach" && c.target == Target::Live)
+        .count();
     assert_eq!(live_detaches, 1);
 }
 
@@ -125,7 +182,10 @@ async fn absent_mac_is_already_absent_without_libvirt_calls() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, true, 1);
     let hp = engine(fake.clone());
-    let st = hp.detach("vm1", &mac("52:54:00:00:00:06"), None, None).await.expect("detach");
+    let st = hp
+        .detach("vm1", &mac("52:54:00:00:00:06"), None, None)
+        .await
+        .expect("detach");
     assert_eq!(st, DetachState::AlreadyAbsent);
     assert!(fake.calls().is_empty());
 }
@@ -135,12 +195,20 @@ async fn live_detach_failure_puts_the_config_nic_back() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, true, 2);
     let hp = engine(fake.clone());
-    hp.attach("vm1", &spec("52:54:00:00:00:07")).await.expect("attach");
+    hp.attach("vm1", &spec("52:54:00:00:00:07"))
+        .await
+        .expect("attach");
     *fake.fail_next.lock().expect("lock") = Some(("detach", Target::Live, HvErrorKind::Internal));
-    let _ = hp.detach("vm1", &mac("52:54:00:00:00:07"), None, None).await.expect_err("fails");
+    let _ = hp
+        .detach("vm1", &mac("52:54:00:00:00:07"), None, None)
+        .await
+        .expect_err("fails");
     let nics = hp.list_nics("vm1").await.expect("list");
     assert_eq!(nics.len(), 1);
-    assert!(nics[0].in_live && nics[0].in_config, "config half restored: {nics:?}");
+    assert!(
+        nics[0].in_live && nics[0].in_config,
+        "config half restored: {nics:?}"
+    );
 }
 
 #[tokio::test]
@@ -148,7 +216,10 @@ async fn stopped_transient_vm_is_a_precondition_failure() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("gone", RunState::ShutOff, false, 1);
     let hp = engine(fake.clone());
-    let e = hp.attach("gone", &spec("52:54:00:00:00:08")).await.expect_err("nothing to attach to");
+    let e = hp
+        .attach("gone", &spec("52:54:00:00:00:08"))
+        .await
+        .expect_err("nothing to attach to");
     assert!(matches!(e, HotplugError::Precondition(_)), "{e:?}");
     assert!(fake.calls().is_empty());
 }

@@ -72,7 +72,10 @@ impl Default for FakeHypervisor {
 impl FakeHypervisor {
     /// Adds a domain with no NICs.
     pub fn add(&self, name: &str, state: RunState, persistent: bool, vcpus: u32) {
-        let uuid = format!("00000000-0000-4000-8000-{:012x}", self.doms.lock().map(|d| d.len()).unwrap_or(0) + 1);
+        let uuid = format!(
+            "00000000-0000-4000-8000-{:012x}",
+            self.doms.lock().map(|d| d.len()).unwrap_or(0) + 1
+        );
         if let Ok(mut d) = self.doms.lock() {
             d.push(FakeDomain {
                 dom: DomainRef {
@@ -104,8 +107,15 @@ impl FakeHypervisor {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    fn with<T>(&self, uuid: &str, f: impl FnOnce(&mut FakeDomain) -> Result<T, HvError>) -> Result<T, HvError> {
-        let mut doms = self.doms.lock().map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+    fn with<T>(
+        &self,
+        uuid: &str,
+        f: impl FnOnce(&mut FakeDomain) -> Result<T, HvError>,
+    ) -> Result<T, HvError> {
+        let mut doms = self
+            .doms
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
         let d = doms
             .iter_mut()
             .find(|d| d.dom.uuid == uuid || d.dom.name == uuid)
@@ -114,7 +124,10 @@ impl FakeHypervisor {
     }
 
     fn scripted_failure(&self, op: &'static str, target: Target) -> Result<(), HvError> {
-        let mut f = self.fail_next.lock().map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        let mut f = self
+            .fail_next
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
         if let Some((o, t, kind)) = *f {
             if o == op && t == target {
                 *f = None;
@@ -171,7 +184,11 @@ impl Hypervisor for FakeHypervisor {
     }
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         if let Ok(mut c) = self.calls.lock() {
-            c.push(Call { op: "attach", target, mac: mac_of(xml) });
+            c.push(Call {
+                op: "attach",
+                target,
+                mac: mac_of(xml),
+            });
         }
         self.scripted_failure("attach", target)?;
         self.with(&dom.uuid, |d| {
@@ -185,7 +202,11 @@ impl Hypervisor for FakeHypervisor {
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
         if let Ok(mut c) = self.calls.lock() {
-            c.push(Call { op: "detach", target, mac: mac.clone() });
+            c.push(Call {
+                op: "detach",
+                target,
+                mac: mac.clone(),
+            });
         }
         self.scripted_failure("detach", target)?;
         let unplug = self.unplug.lock().map(|u| *u).unwrap_or(Unplug::Immediate);
@@ -195,10 +216,16 @@ impl Hypervisor for FakeHypervisor {
                 Target::Config => &mut d.config,
             };
             if !list.iter().any(|x| mac_of(x) == mac) {
-                return Err(HvError::new(HvErrorKind::DeviceMissing, "detach", "device not found"));
+                return Err(HvError::new(
+                    HvErrorKind::DeviceMissing,
+                    "detach",
+                    "device not found",
+                ));
             }
             match (target, unplug) {
-                (Target::Config, _) | (Target::Live, Unplug::Immediate) => list.retain(|x| mac_of(x) != mac),
+                (Target::Config, _) | (Target::Live, Unplug::Immediate) => {
+                    list.retain(|x| mac_of(x) != mac)
+                }
                 (Target::Live, Unplug::AfterReads(n)) => {
                     d.unplug_countdown.insert(mac, n.max(1));
                 }

@@ -72,7 +72,8 @@ impl Libvirt {
     }
 
     fn domain(&self, conn: &Connect, dom: &DomainRef) -> Result<Domain, HvError> {
-        conn.lookup_domain_by_uuid_string(&dom.uuid).map_err(|e| self.fail(conn, "lookup", &e))
+        conn.lookup_domain_by_uuid_string(&dom.uuid)
+            .map_err(|e| self.fail(conn, "lookup", &e))
     }
 
     fn describe(&self, conn: &Connect, d: &Domain) -> Result<DomainRef, HvError> {

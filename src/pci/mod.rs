@@ -31,14 +31,34 @@ impl fmt::Display for PciAddress {
 // STUB until capacity lands.
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Capacity { pub family: crate::xml::domain::MachineFamily, pub free: u32, pub used: u32, pub total: u32, pub next: Option<PciAddress>, pub notes: Vec<String> }
+pub struct Capacity {
+    pub family: crate::xml::domain::MachineFamily,
+    pub free: u32,
+    pub used: u32,
+    pub total: u32,
+    pub next: Option<PciAddress>,
+    pub notes: Vec<String>,
+}
 #[allow(missing_docs)]
-pub fn capacity(_d: &crate::xml::domain::DomainView) -> Capacity { Capacity { family: crate::xml::domain::MachineFamily::Pc, free: 0, used: 0, total: 0, next: None, notes: vec![] } }
+pub fn capacity(_d: &crate::xml::domain::DomainView) -> Capacity {
+    Capacity {
+        family: crate::xml::domain::MachineFamily::Pc,
+        free: 0,
+        used: 0,
+        total: 0,
+        next: None,
+        notes: vec![],
+    }
+}
 #[allow(missing_docs)]
-pub fn attachable(c: &Capacity, _n: u32, _l: Option<u32>) -> u32 { c.free }
+pub fn attachable(c: &Capacity, _n: u32, _l: Option<u32>) -> u32 {
+    c.free
+}
 #[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 #[error("pci")]
 pub struct PciError;
 #[allow(missing_docs)]
-pub fn check_pinned(_d: &crate::xml::domain::DomainView, _s: u8) -> Result<PciAddress, PciError> { Err(PciError) }
+pub fn check_pinned(_d: &crate::xml::domain::DomainView, _s: u8) -> Result<PciAddress, PciError> {
+    Err(PciError)
+}
