@@ -36,7 +36,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         HostNetwork::Auto => !a.connect.starts_with("test:"),
     };
     let host = if manage_host {
-        let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig::default())?;
+        let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
+            state_dir: a.state_dir.clone(),
+            raise_bridge_mtu: a.raise_bridge_mtu,
+            ..nic_agent::host::HostConfig::default()
+        })?;
         Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
     } else {
         None
@@ -46,6 +50,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         queue_cap: a.queue_cap,
         nic_limit: a.nic_limit,
         detach_timeout: Duration::from_millis(a.detach_timeout_ms),
+        raise_bridge_mtu: a.raise_bridge_mtu,
+        keep_bridges: a.keep_bridges.clone(),
+        forbid_promisc: a.forbid_promisc.clone(),
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));

@@ -81,6 +81,21 @@ pub struct ServeArgs {
     /// Host networking management.
     #[arg(long, value_enum, default_value_t = HostNetwork::Auto)]
     pub host_network: HostNetwork,
+    /// Where the agent keeps state that must survive its restart (bridge
+    /// flags saved before IDS promiscuous mode).
+    #[arg(long, default_value = "/run/nic-agent")]
+    pub state_dir: std::path::PathBuf,
+    /// Raise a bridge's MTU (undoably) when a NIC asks for more, instead of
+    /// refusing with FAILED_PRECONDITION.
+    #[arg(long)]
+    pub raise_bridge_mtu: bool,
+    /// A bridge never removed on detach (repeatable), like CloudStack's
+    /// persistent networks.
+    #[arg(long = "keep-bridge")]
+    pub keep_bridges: Vec<String>,
+    /// A bridge on which promiscuous (IDS) NICs are refused (repeatable).
+    #[arg(long = "forbid-promisc")]
+    pub forbid_promisc: Vec<String>,
 }
 
 /// NIC flags shared by `render` and `attach`.

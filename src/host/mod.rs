@@ -30,6 +30,7 @@ use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
 pub use error::{HostError, HostErrorKind};
 pub use mtu::{mtu_preflight, MtuError};
 pub use netlink::NetlinkHost;
+pub use ovs::mirror_name;
 pub use promisc::PromiscState;
 
 /// IFLA_IFALIAS written on every link the agent creates.

@@ -78,7 +78,7 @@ pub(crate) async fn bridge_mtu(bin: &Path, bridge: &str) -> Option<u32> {
 
 /// Name of the IDS mirror for `port`: deterministic, so removal and
 /// restart clean-up find it without state.
-pub(crate) fn mirror_name(port: &str) -> String {
+pub fn mirror_name(port: &str) -> String {
     format!("nic-agent-ids-{port}")
 }
 

@@ -46,6 +46,8 @@ pub struct HotplugConfig {
     pub raise_bridge_mtu: bool,
     /// Bridges never removed on detach, like CloudStack's persistent networks.
     pub keep_bridges: Vec<String>,
+    /// Bridges on which promiscuous (IDS) NICs are refused.
+    pub forbid_promisc: Vec<String>,
 }
 
 impl Default for HotplugConfig {
@@ -58,6 +60,7 @@ impl Default for HotplugConfig {
             poll_interval: Duration::from_millis(50),
             raise_bridge_mtu: false,
             keep_bridges: Vec::new(),
+            forbid_promisc: Vec::new(),
         }
     }
 }
@@ -340,7 +343,18 @@ impl Hotplug {
             })?);
         }
 
-        let alias = spec.alias.clone().unwrap_or_else(Alias::generate);
+        let alias = ids_alias(spec)?;
+        if spec.promiscuous
+            && self
+                .cfg
+                .forbid_promisc
+                .iter()
+                .any(|b| b == def_bridge(&source))
+        {
+            return Err(HotplugError::Precondition(format!(
+                "promiscuous (IDS) NICs are forbidden on bridge {source} by configuration"
+            )));
+        }
         let def = InterfaceDef {
             mac: spec.mac,
             source_bridge: source,
@@ -612,6 +626,7 @@ impl Hotplug {
         let Some(iface) = in_live else {
             return Ok(DetachState::Removed);
         };
+        let removed = iface.clone();
         let key = (dom.uuid.clone(), mac_s.clone());
         let already_pending = self
             .pending
@@ -655,6 +670,7 @@ impl Hotplug {
             };
             if gone {
                 self.pending_remove(&dom.uuid, &mac_s);
+                self.host_after_detach(&removed).await;
                 return Ok(DetachState::Removed);
             }
             if start.elapsed() >= timeout {
@@ -666,6 +682,92 @@ impl Hotplug {
             }
             tokio::time::sleep(self.cfg.poll_interval).await;
         }
+    }
+
+    /// Host clean-up once a NIC has really left: restore the bridge's flags
+    /// when the last IDS NIC on it is gone, and remove an agent-created
+    /// VLAN/VXLAN bridge with no ports left. Failures are logged: the NIC is
+    /// gone, which is what the operator asked for.
+    async fn host_after_detach(&self, nic: &InterfaceView) {
+        let Some(host) = &self.host else { return };
+        let Some(bridge) = nic
+            .source
+            .as_deref()
+            .and_then(|b| crate::nic::BridgeName::try_from(b).ok())
+        else {
+            return;
+        };
+        let ovs = nic.virtualport.as_deref() == Some("openvswitch");
+        if nic
+            .alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(IDS_ALIAS_PREFIX))
+        {
+            if ovs {
+                if let Some(tap) = &nic.target {
+                    if let Err(e) = host
+                        .ovs_mirror_remove(&bridge, &crate::host::mirror_name(tap))
+                        .await
+                    {
+                        tracing::warn!(%bridge, error = %e, "removing IDS mirror failed");
+                    }
+                }
+            } else {
+                match self.ids_count(bridge.as_str()).await {
+                    Ok(0) => match host.saved_promisc_state(&bridge).await {
+                        Ok(Some(orig)) => {
+                            if let Err(e) = host.promisc_restore(&bridge, orig).await {
+                                tracing::warn!(%bridge, error = %e, "restoring bridge flags failed");
+                            } else {
+                                tracing::info!(%bridge, "last IDS NIC left; bridge flags restored");
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(%bridge, error = %e, "reading saved bridge flags failed")
+                        }
+                    },
+                    Ok(n) => tracing::info!(%bridge, ids_nics = n, "bridge stays promiscuous"),
+                    Err(e) => tracing::warn!(%bridge, error = %e, "counting IDS NICs failed"),
+                }
+            }
+        }
+        if !ovs {
+            match host
+                .remove_bridge_if_unused(&bridge, &self.cfg.keep_bridges)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(%bridge, "removed agent-created bridge with no ports left")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%bridge, error = %e, "bridge clean-up failed"),
+            }
+        }
+    }
+
+    /// IDS NICs on a bridge across every running domain, read from libvirt.
+    pub async fn ids_count(&self, bridge: &str) -> Result<usize, HotplugError> {
+        let doms = self.blocking(|hv| hv.list()).await?;
+        let mut n = 0;
+        for d in doms.into_iter().filter(|d| d.state.is_live()) {
+            let v = match self.view(&d, Target::Live).await {
+                Ok(v) => v,
+                Err(HotplugError::VmNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            n += v
+                .interfaces
+                .iter()
+                .filter(|i| {
+                    i.source.as_deref() == Some(bridge)
+                        && i.alias
+                            .as_deref()
+                            .is_some_and(|a| a.starts_with(IDS_ALIAS_PREFIX))
+                })
+                .count();
+        }
+        Ok(n)
     }
 
     fn pending_remove(&self, uuid: &str, mac: &str) {
@@ -683,6 +785,44 @@ impl Hotplug {
                 }
             }
             other => other,
+        }
+    }
+}
+
+fn def_bridge(b: &crate::nic::BridgeName) -> &str {
+    b.as_str()
+}
+
+/// Alias prefix that marks an IDS (promiscuous) NIC. The mark lives in the
+/// domain XML itself, so the per-bridge IDS count is recomputed from
+/// libvirt's live state after an agent restart, never from memory.
+pub const IDS_ALIAS_PREFIX: &str = "ua-ids-";
+
+/// The alias to write: the requested one, or a generated one; IDS NICs
+/// carry [`IDS_ALIAS_PREFIX`] and nothing else may.
+fn ids_alias(spec: &NicSpec) -> Result<Alias, HotplugError> {
+    let bad = |v: &str, allowed: &str| {
+        HotplugError::Invalid(crate::nic::NicError::Invalid {
+            field: "alias",
+            value: v.to_string(),
+            allowed: allowed.to_string(),
+        })
+    };
+    match (&spec.alias, spec.promiscuous) {
+        (Some(a), true) if !a.as_str().starts_with(IDS_ALIAS_PREFIX) => {
+            Err(bad(a.as_str(), "ua-ids-... for a promiscuous (IDS) NIC"))
+        }
+        (Some(a), false) if a.as_str().starts_with(IDS_ALIAS_PREFIX) => Err(bad(
+            a.as_str(),
+            "ua-... not starting with ua-ids- (reserved for promiscuous NICs)",
+        )),
+        (Some(a), _) => Ok(a.clone()),
+        (None, false) => Ok(Alias::generate()),
+        (None, true) => {
+            let id = Alias::generate();
+            let rest = id.as_str().trim_start_matches("ua-");
+            Alias::try_from(format!("{IDS_ALIAS_PREFIX}{rest}").as_str())
+                .map_err(|e| HotplugError::Internal(e.to_string()))
         }
     }
 }
