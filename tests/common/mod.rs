@@ -55,7 +55,44 @@ pub fn start_agent(uri: &str, extra: &[&str]) -> Agent {
     Agent { child, addr }
 }
 
+/// Starts the agent inside a network namespace (`ip netns exec`), serving
+/// on a unix socket: a path-based socket is reachable from any netns.
+pub fn start_agent_in_netns(ns: &str, uri: &str, sock: &str, extra: &[&str]) -> Agent {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nic-agent")])
+        .args([
+            "serve",
+            "--connect",
+            uri,
+            "--listen",
+            &format!("unix:{sock}"),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn nic-agent in netns");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("nic-agent listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("agent did not report its listen address");
+    Agent { child, addr }
+}
+
 pub async fn client(agent: &Agent) -> NicAgentClient<Channel> {
+    if agent.addr.starts_with("unix:") {
+        return nic_agent::cli::client::connect(&agent.addr)
+            .await
+            .expect("connect unix");
+    }
     NicAgentClient::connect(format!("http://{}", agent.addr))
         .await
         .expect("connect")
