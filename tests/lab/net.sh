@@ -56,11 +56,13 @@ net_up() {
     return 0
   fi
   rm -f "$PIDFILE"
+  # --no-ping: by default dnsmasq pings a new address before offering it and
+  # holds the offer ~3 s; on our own fresh bridge nobody else can own it.
   # --user/--group root: the default 'dnsmasq' user may not exist, and the
   # lease file lives in our root-owned state dir.
   dnsmasq --conf-file=/dev/null --no-hosts --pid-file="$PIDFILE" \
     --bind-interfaces --interface="$NAME" --except-interface=lo \
-    --dhcp-range="$net.50,$net.150,255.255.255.0,12h" --dhcp-authoritative \
+    --dhcp-range="$net.50,$net.150,255.255.255.0,12h" --dhcp-authoritative --no-ping \
     --port=0 --no-resolv --dhcp-leasefile="$ST/leases" \
     --user=root --group=root --log-dhcp --log-facility="$ST/dnsmasq.log" 9>&-
   lab_wait 10 lab_pidfile_live "$PIDFILE" dnsmasq || lab_die "dnsmasq did not start (see $ST/dnsmasq.log)"
