@@ -48,7 +48,7 @@ newest_kernel() {
   k=$(apt-cache pkgnames linux-image-6.1.0- 2>/dev/null |
         grep -E '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' | sort -V | tail -1 || true)
   if [ -z "$k" ]; then
-    k=$(ls "$LAB_WORK/debs" 2>/dev/null | grep -E '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' | sort -V | tail -1 || true)
+    k=$(for d in "$LAB_WORK"/debs/linux-image-6.1.0-*-cloud-amd64; do if [ -d "$d" ]; then echo "${d##*/}"; fi; done | sort -V | tail -1)
   fi
   [ -n "$k" ] || lab_die "no linux-image-6.1.0-*-cloud-amd64 in apt-cache (run apt-get update?)"
   echo "$k"

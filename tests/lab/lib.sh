@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the nic-agent lab scripts. Sourced, never run.
 #
 # Why a shared file: every lab script needs the same state directory, the same
