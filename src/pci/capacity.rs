@@ -69,7 +69,7 @@ fn rule_for(family: MachineFamily, acpi: bool, c: &PciController) -> BusRule {
             slots: ALL_SLOTS,
             slot_rule: "slot must be <= 0x1f",
             auto: false,
-            libvirt_refuses: Some("pcie-root takes no hot-plug; use an empty pcie-root-port"),
+            libvirt_refuses: Some("use an empty pcie-root-port instead"),
             qemu_refuses: None,
         },
         "pci-bridge" | "pcie-to-pci-bridge" => BusRule {
