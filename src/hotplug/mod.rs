@@ -241,10 +241,17 @@ impl Hotplug {
         let _guard = self.locks.lock(&first.uuid).await;
         // Re-read after waiting for the lock: the state may have changed.
         let dom = self.lookup(&first.uuid).await?;
+        let config = dom.persistent && self.hv.edits_config();
         let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
-            (true, true) => vec![Target::Live, Target::Config],
-            (true, false) => vec![Target::Live],
-            (false, true) => vec![Target::Config],
+            (true, true) if config => vec![Target::Live, Target::Config],
+            (true, _) => vec![Target::Live],
+            (false, true) if config => vec![Target::Config],
+            (false, true) => {
+                return Err(HotplugError::Unsupported {
+                    op: "attaching to a stopped VM's persistent definition",
+                    driver: self.hv.driver(),
+                })
+            }
             (false, false) => {
                 return Err(HotplugError::Precondition(format!(
                     "vm {} is {} and has no persistent definition; start it first",
@@ -509,7 +516,7 @@ impl Hotplug {
         mac: &str,
     ) -> Result<AttachOutcome, HotplugError> {
         let mut applied = Vec::new();
-        if let (Some(_), Some(cv)) = (live, config) {
+        if let (Some(_), Some(cv), true) = (live, config, self.hv.edits_config()) {
             if cv.interface_by_mac(mac).is_empty() {
                 tracing::info!(vm = %dom.name, mac, "NIC is live but not in config; completing");
                 let xml = self

@@ -50,9 +50,10 @@ pub struct FakeHypervisor {
 }
 
 fn mac_of(xml: &str) -> String {
-    let key = "address='";
+    // Either quote style: the writer uses double quotes, libvirt single.
+    let key = "address=";
     xml.find("<mac ")
-        .and_then(|i| xml[i..].find(key).map(|j| i + j + key.len()))
+        .and_then(|i| xml[i..].find(key).map(|j| i + j + key.len() + 1))
         .and_then(|s| xml.get(s..s + 17))
         .map(|m| m.to_ascii_lowercase())
         .unwrap_or_default()
@@ -177,7 +178,7 @@ impl Hypervisor for FakeHypervisor {
                 Target::Config => d.config.join("\n"),
             };
             Ok(format!(
-                "<domain type='qemu'><name>{}</name><uuid>{}</uuid><vcpu>{}</vcpu><os><type arch='x86_64' machine='pc-i440fx-10.0'>hvm</type></os><devices><controller type='pci' index='0' model='pci-root'/>{nics}</devices></domain>",
+                "<domain type='qemu'><name>{}</name><uuid>{}</uuid><vcpu>{}</vcpu><os><type arch='x86_64' machine='pc-i440fx-10.0'>hvm</type></os><features><acpi/></features><devices><controller type='pci' index='0' model='pci-root'/>{nics}</devices></domain>",
                 d.dom.name, d.dom.uuid, d.vcpus
             ))
         })

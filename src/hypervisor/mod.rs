@@ -126,6 +126,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn driver(&self) -> String;
     /// Whether the connection is usable right now. Reconnects if it was lost.
     fn is_alive(&self) -> bool;
+    /// Whether device changes can target a persistent definition
+    /// (AFFECT_CONFIG). True for real hypervisors; libvirt's test driver
+    /// rejects the flag outright.
+    fn edits_config(&self) -> bool {
+        true
+    }
     /// Finds a domain by name or UUID.
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError>;
     /// Every domain, running or defined.
