@@ -141,6 +141,13 @@ class HotplugE2E(unittest.TestCase):
     def macs(self, vm):
         return [n.mac.lower() for n in self.nics(vm)]
 
+    def vm(self, name):
+        """The ListVms entry for name (AssertionError when absent)."""
+        vms = [v for v in self.stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT).vms
+               if v.name == name]
+        self.assertEqual(len(vms), 1, f"ListVms has {len(vms)} entries named {name}")
+        return vms[0]
+
     def capacity(self, vm):
         return self.stub.GetPciCapacity(pb.GetPciCapacityRequest(vm=vm), timeout=RPC_TIMEOUT)
 
@@ -383,6 +390,9 @@ class HotplugE2E(unittest.TestCase):
         try:
             g.define("--no-start")
             self.assertEqual(g.state(), "shut off")
+            v = self.vm(g.name)
+            self.assertTrue(v.persistent)
+            self.assertEqual(v.nic_count, 0)
             m = mac(5, 1)
             r = self.attach(g.name, m, mtu=1400, queues=2)
             self.assertEqual(r.applied, "config")
@@ -391,6 +401,7 @@ class HotplugE2E(unittest.TestCase):
             self.assertFalse(r.nic.in_live)
             self.assertEqual(r.nic.target_dev, "")
             self.assertIn(m, g.iflist(inactive=True))
+            self.assertEqual(self.vm(g.name).nic_count, 1)
 
             t0 = time.monotonic()
             lk.virsh("start", g.name)
@@ -415,6 +426,7 @@ class HotplugE2E(unittest.TestCase):
         try:
             g.define("--transient")
             self.assertRegex(lk.virsh("dominfo", g.name).stdout, r"Persistent:\s+no")
+            self.assertFalse(self.vm(g.name).persistent)
             m = mac(6, 1)
             mark = g.console.mark()
             r = self.attach(g.name, m, mtu=1400, queues=2)
