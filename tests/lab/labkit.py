@@ -1,0 +1,219 @@
+"""labkit: small shared helpers for the lab end-to-end tests (tests/lab/test_e2e_*.py).
+
+Why a module: every end-to-end suite needs the same few things -- gRPC stubs
+generated from proto/ at test time, the real agent started against
+qemu:///system with its stderr kept for post-mortems, the lab scripts run with
+bounded timeouts, and a guest console log that can be polled for `LAB: ...`
+lines -- and getting bounded waits and PID-only process handling subtly
+different per suite is how labs hang or leak processes.
+
+Nothing here sleeps to "let things settle": every wait polls a condition and
+gives up after a deadline.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(LAB_DIR))
+WORK = os.environ.get("LAB_WORK", os.path.join(LAB_DIR, "work"))
+LAB_STATE = os.environ.get("LAB_STATE", "/run/nic-agent-lab")
+BIN = os.environ.get("NIC_AGENT_BIN", os.path.join(ROOT, "target", "debug", "nic-agent"))
+URI = "qemu:///system"
+
+_stubs = None
+
+
+def stubs():
+    """Generates the Python gRPC stubs from proto/ (once) and returns (grpc, pb, rpc)."""
+    global _stubs
+    if _stubs is None:
+        from grpc_tools import protoc
+
+        out = tempfile.mkdtemp(prefix="nicagent-lab-py-")
+        rc = protoc.main([
+            "protoc", f"-I{ROOT}/proto", f"--python_out={out}", f"--grpc_python_out={out}",
+            f"{ROOT}/proto/nicagent/v1/nicagent.proto",
+        ])
+        if rc != 0:
+            raise RuntimeError(f"protoc failed: {rc}")
+        sys.path.insert(0, out)
+        import grpc
+        from nicagent.v1 import nicagent_pb2 as pb
+        from nicagent.v1 import nicagent_pb2_grpc as rpc
+
+        _stubs = (grpc, pb, rpc)
+    return _stubs
+
+
+def log(msg):
+    print(f"[lab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, timeout=120, check=True, env=None):
+    """Runs cmd (a list), returns CompletedProcess with text stdout/stderr.
+    Raises RuntimeError with both streams when check and the exit code is not 0."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if check and p.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def script(name, *args, timeout=180, check=True):
+    """Runs tests/lab/NAME with bash."""
+    return run(["bash", os.path.join(LAB_DIR, name), *args], timeout=timeout, check=check)
+
+
+def virsh(*args, check=True, timeout=60):
+    return run(["virsh", "-q", "-c", URI, *args], timeout=timeout, check=check)
+
+
+def wait_until(pred, timeout, interval=0.1, what="condition"):
+    """Polls pred() until it returns a truthy value (returned) or timeout (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Console:
+    """A guest's file serial console (ttyS0), read as lines."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def lines(self):
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        return data.decode("utf-8", "replace").replace("\r", "").split("\n")
+
+    def mark(self):
+        """Current number of complete lines; pass to wait()/find() as `after`."""
+        return max(len(self.lines()) - 1, 0)
+
+    def find(self, regex, after=0):
+        """All matches of regex (re.Match) among lines after `after`."""
+        r = re.compile(regex)
+        return [m for m in (r.search(l) for l in self.lines()[after:]) if m]
+
+    def wait(self, regex, timeout=20, after=0, count=1):
+        """Waits until at least `count` lines after `after` match; returns the last match."""
+        found = wait_until(lambda: (lambda ms: ms if len(ms) >= count else None)(
+            self.find(regex, after)), timeout, what=f"{regex!r} x{count} in {self.path}")
+        return found[-1]
+
+    def text(self):
+        return "\n".join(self.lines())
+
+
+class Guest:
+    """A lab guest made by define-guest.sh; removed by remove()."""
+
+    def __init__(self, name, machine, outdir):
+        self.name, self.machine, self.outdir = name, machine, outdir
+        self.console = Console(os.path.join(outdir, f"{name}.console.log"))
+        self.sock = os.path.join(outdir, f"{name}.cmd.sock")
+
+    def define(self, *flags, timeout=150):
+        t0 = time.monotonic()
+        script("define-guest.sh", self.name, self.machine, self.outdir, *flags, timeout=timeout)
+        return time.monotonic() - t0
+
+    def exec(self, cmd, timeout=30):
+        """Runs cmd in the guest via the command channel; returns (rc, output)."""
+        p = run(["bash", os.path.join(LAB_DIR, "guest-exec.sh"), "--timeout", str(timeout),
+                 self.sock, cmd], timeout=timeout + 20, check=False)
+        return p.returncode, p.stdout + p.stderr
+
+    def state(self):
+        return virsh("domstate", self.name, check=False).stdout.strip()
+
+    def iflist(self, inactive=False):
+        """`virsh domiflist` output, lower-cased (MACs are compared lower-case)."""
+        args = ["domiflist", self.name] + (["--inactive"] if inactive else [])
+        return virsh(*args).stdout.lower()
+
+    def remove(self):
+        virsh("destroy", self.name, check=False)
+        virsh("undefine", self.name, check=False)
+
+
+def nic_xml(mac, bridge, queues=None, mtu=None):
+    """A plain virtio bridge NIC, for driving libvirt directly (bypassing the agent)."""
+    q = f"<driver name='qemu' queues='{queues}'/>" if queues else ""
+    m = f"<mtu size='{mtu}'/>" if mtu else ""
+    return (f"<interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/>"
+            f"<model type='virtio'/>{q}{m}</interface>")
+
+
+class Agent:
+    """The real nic-agent serving on 127.0.0.1:<random port>; stderr goes to a file."""
+
+    def __init__(self, stderr_path, *extra, uri=URI):
+        grpc, _, rpc = stubs()
+        self.stderr_path = stderr_path
+        self._err = open(stderr_path, "w")
+        cmd = [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", *extra]
+        log("starting " + " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")})
+        self.addr = None
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                if line.startswith("nic-agent listening on "):
+                    self.addr = line.strip().split()[-1]
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(60):
+            self.stop()
+            raise RuntimeError(f"agent did not start; stderr:\n{self.stderr()}")
+        # No proxy: the agent is on loopback, and grpc honours http_proxy.
+        self.channel = grpc.insecure_channel(self.addr, options=[("grpc.enable_http_proxy", 0)])
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+        self.stub = rpc.NicAgentStub(self.channel)
+
+    def stderr(self):
+        try:
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """SIGTERM by PID (graceful shutdown), SIGKILL after 10 s."""
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def rpc_error_metadata(err):
+    """Trailing metadata of a grpc.RpcError as a dict."""
+    md = err.trailing_metadata() or ()
+    return {k: v for k, v in md}
