@@ -113,11 +113,16 @@ def ageing_time_cs(name):
 
 
 def pid_is(pid, comm):
+    """True when PID is a live (not zombie) COMM process."""
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == comm
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return False
+    # "PID (COMM) STATE ...": COMM may hold spaces, so split at the last ')'.
+    name = stat[stat.find("(") + 1:stat.rfind(")")]
+    state = stat[stat.rfind(")") + 2:].split(" ", 1)[0]
+    return name == comm and state not in ("Z", "X")
 
 
 def kill_pid(pid, comm):
@@ -397,6 +402,20 @@ class NetworkE2E(unittest.TestCase):
         ip = self.guest_lease(G1, ifname, mac, OVS_SUBNET)
         TIMINGS.append(f"  ovs: attach->lease {time.monotonic() - t0:.2f}s ({ip})")
         self.guest_ping(G1, ifname, OVS_SUBNET)
+
+        # Negative: the same bridge, another VLAN: tagged 200, and no lease,
+        # because our DHCP server lives on VLAN 100 only.
+        mac200 = "02:b0:00:01:00:02"
+        r200 = self.attach(G2, mac=mac200, bridge=OVS_BR,
+                           switch_type=pb.SWITCH_TYPE_OPEN_VSWITCH, broadcast_uri="vlan://200")
+        self.assertEqual(r200.nic.vlan, 200)
+        self.assertEqual(sh("ovs-vsctl", "get", "port", r200.nic.target_dev, "tag").strip(), "200")
+        if200, _, _ = self.guest_nic(G2, mac200)
+        m = wait_line(G2, rf"LAB: (dhcp|dhcp-fail) name={if200} mac={mac200}\b")
+        self.assertEqual(m.group(1), "dhcp-fail", f"a NIC on VLAN 200 got a lease: {m.group(0)}")
+        self.detach(G2, mac200)
+        self.guest_removed(G2, if200, mac200)
+
         self.detach(G1, mac)
         self.guest_removed(G1, ifname, mac)
         self.assertNotIn(mac, self.macs(G1))
