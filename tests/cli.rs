@@ -1,0 +1,257 @@
+//! The command-line contracts outside checks rely on: `render`, `inspect`,
+//! and the client subcommands' exit codes.
+
+mod common;
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nic-agent"))
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().args(args).output().expect("run nic-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn render_prints_exactly_the_interface_element() {
+    let (ok, out, err) = run(&[
+        "render",
+        "--mac",
+        "52:54:00:AB:CD:EF",
+        "--bridge",
+        "cloudbr0",
+        "--mtu",
+        "1450",
+        "--queues",
+        "4",
+        "--vhost",
+        "off",
+        "--link",
+        "down",
+        "--inbound",
+        "1000,2000,512",
+        "--alias",
+        "ua-web-1",
+    ]);
+    assert!(ok, "{err}");
+    let x = out.trim();
+    assert!(
+        x.starts_with("<interface type=\"bridge\">") || x.starts_with("<interface type='bridge'>"),
+        "{x}"
+    );
+    assert!(x.ends_with("</interface>"), "{x}");
+    for want in [
+        "52:54:00:ab:cd:ef",
+        "cloudbr0",
+        "virtio",
+        "1450",
+        "queues=",
+        "\"4\"",
+        "down",
+        "ua-web-1",
+        "1000",
+        "2000",
+        "512",
+    ] {
+        assert!(x.contains(want), "missing {want} in {x}");
+    }
+    assert!(
+        x.contains("name=\"qemu\"") || x.contains("name='qemu'"),
+        "{x}"
+    );
+    assert!(!x.contains("<vlan"), "no <vlan> on a Linux bridge: {x}");
+}
+
+#[test]
+fn render_ovs_vlan_has_virtualport_and_tag() {
+    let (ok, out, err) = run(&[
+        "render",
+        "--mac",
+        "52:54:00:00:00:01",
+        "--bridge",
+        "br-ovs0",
+        "--ovs",
+        "--vlan",
+        "100",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("openvswitch"), "{out}");
+    assert!(
+        out.contains("<tag id=\"100\"/>") || out.contains("<tag id='100'/>"),
+        "{out}"
+    );
+}
+
+#[test]
+fn render_rejects_bad_input_naming_the_field() {
+    for (args, field) in [
+        (vec!["--mac", "ff:ff:ff:ff:ff:ff", "--bridge", "br0"], "mac"),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "this-name-is-too-long",
+            ],
+            "bridge",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--mtu",
+                "67",
+            ],
+            "mtu",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--queues",
+                "257",
+            ],
+            "queues",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--ovs",
+                "--vlan",
+                "4095",
+            ],
+            "vlan",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--alias",
+                "net0",
+            ],
+            "alias",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--link",
+                "sideways",
+            ],
+            "link",
+        ),
+        (
+            vec![
+                "--mac",
+                "52:54:00:00:00:01",
+                "--bridge",
+                "br0",
+                "--model",
+                "e1000",
+                "--mtu",
+                "1400",
+            ],
+            "mtu",
+        ),
+    ] {
+        let mut a = vec!["render"];
+        a.extend(args.iter());
+        let (ok, out, err) = run(&a);
+        assert!(!ok, "{a:?} must fail, printed {out}");
+        assert!(out.is_empty(), "nothing on stdout for a bad request: {out}");
+        assert!(
+            err.contains(field),
+            "{a:?}: stderr must name {field}: {err}"
+        );
+    }
+}
+
+#[test]
+fn inspect_json_has_the_contract_fields() {
+    let f = common::fixture("domains/pc-partial-10.xml");
+    let (ok, out, err) = run(&["inspect", "--domain-xml", &f, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    for k in ["name", "machine", "vcpus", "nics", "free_pci_slots"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    let nics = v["nics"].as_array().expect("array");
+    assert_eq!(nics.len(), 10);
+    for n in nics {
+        for k in ["mac", "source", "target", "alias", "pci"] {
+            assert!(n.get(k).is_some(), "nic missing {k}: {n}");
+        }
+    }
+    assert_eq!(v["free_pci_slots"], 20);
+    let (ok, table, _) = run(&["inspect", "--domain-xml", &f]);
+    assert!(ok);
+    assert!(table.contains("20 free"), "{table}");
+}
+
+#[test]
+fn inspect_missing_file_names_the_flag() {
+    let (ok, _, err) = run(&["inspect", "--domain-xml", "/nonexistent/dom.xml"]);
+    assert!(!ok);
+    assert!(err.contains("domain_xml"), "{err}");
+}
+
+#[test]
+fn client_errors_exit_non_zero_with_the_grpc_code() {
+    let a = common::start_agent(&common::lab_uri(), &[]);
+    let (ok, out, err) = run(&[
+        "attach",
+        "--server",
+        &a.addr,
+        "--vm",
+        "i-2-10-VM",
+        "--mac",
+        "02:00:0a:00:77:01",
+        "--bridge",
+        "cloudbr0",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("02:00:0a:00:77:01"), "{out}");
+    let (ok, out, _) = run(&["list", "--server", &a.addr, "--vm", "i-2-10-VM", "--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(v
+        .as_array()
+        .expect("array")
+        .iter()
+        .any(|n| n["mac"] == "02:00:0a:00:77:01"));
+    let (ok, _, err) = run(&[
+        "attach",
+        "--server",
+        &a.addr,
+        "--vm",
+        "nope",
+        "--mac",
+        "02:00:0a:00:77:02",
+        "--bridge",
+        "cloudbr0",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let (ok, _, err) = run(&["capacity", "--server", &a.addr, "--vm", "i-2-99-VM"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["vms", "--server", "127.0.0.1:1"]);
+    assert!(!ok);
+    assert!(err.contains("UNAVAILABLE"), "{err}");
+}
