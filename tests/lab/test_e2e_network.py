@@ -16,6 +16,8 @@ Three scenarios, each on host links this file creates itself (prefix lab-b):
    the same bridge keeps carrying traffic.
 
 Run as root: python3 tests/lab/test_e2e_network.py [path/to/nic-agent]
+Env: NIC_AGENT_BIN, LAB_AGENT_ARGS (extra `serve` flags), LAB_KEEP_WORKDIR=1
+(keep the agent's stderr and state dir).
 Last line: `lab-network: N passed, M failed`.
 """
 import functools
@@ -188,7 +190,9 @@ class Agent:
         self.proc = subprocess.Popen(
             [BIN, "serve", "--connect", "qemu:///system", "--listen", "127.0.0.1:0",
              "--host-network", "on", "--state-dir", self.state_dir,
-             "--detach-timeout-ms", str(DETACH_MS)],
+             "--detach-timeout-ms", str(DETACH_MS),
+             # Extra flags, e.g. to check that the suite can fail.
+             *os.environ.get("LAB_AGENT_ARGS", "").split()],
             stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         self.addr = None
         done = threading.Event()
@@ -316,7 +320,10 @@ class NetworkE2E(unittest.TestCase):
         if cls.agent:
             cls.agent.stop()
         cls.cleanup_host()
-        shutil.rmtree(getattr(cls, "workdir", ""), ignore_errors=True)
+        if os.environ.get("LAB_KEEP_WORKDIR"):
+            print(f"kept {getattr(cls, 'workdir', '')} (agent.stderr, dnsmasq log)", file=sys.stderr)
+        else:
+            shutil.rmtree(getattr(cls, "workdir", ""), ignore_errors=True)
 
     # -- small RPC helpers
 
