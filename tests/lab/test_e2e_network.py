@@ -1,0 +1,549 @@
+"""End-to-end host networking through the real agent, checked from the host
+and from inside real QEMU guests.
+
+The agent runs as `nic-agent serve --connect qemu:///system --host-network on`
+and is driven over gRPC (Python stubs generated from proto/ at test time).
+Three scenarios, each on host links this file creates itself (prefix lab-b):
+
+1. OVS VLAN: an OVS bridge (userspace datapath) with an internal port tagged
+   100 and a dnsmasq on it; a NIC attached with vlan://100 lands on a port
+   tagged 100 and gets a lease in 10.77.100.0/24.
+2. VXLAN: a too-large MTU is refused before anything is created; a fitting
+   one builds vxlan5101 inside brvx-5101; a request without an MTU gets the
+   bridge's; the agent removes both links once the last NIC has left.
+3. IDS: promiscuous NICs make the bridge flood (PROMISC, ageing 0) until the
+   last one leaves, then the original state comes back, while a normal NIC on
+   the same bridge keeps carrying traffic.
+
+Run as root: python3 tests/lab/test_e2e_network.py [path/to/nic-agent]
+Env: NIC_AGENT_BIN, LAB_AGENT_ARGS (extra `serve` flags), LAB_KEEP_WORKDIR=1
+(keep the agent's stderr and state dir).
+Last line: `lab-network: N passed, M failed`.
+"""
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+LAB = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(LAB))
+BIN = os.environ.get("NIC_AGENT_BIN", os.path.join(ROOT, "target", "debug", "nic-agent"))
+WORK = os.environ.get("LAB_WORK", os.path.join(LAB, "work"))
+GUEST_DIR = os.path.join(WORK, "guest")
+LAB_STATE = os.environ.get("LAB_STATE", "/run/nic-agent-lab")
+
+PREFIX = "lab-b"
+G1, G2 = "lab-b-g1", "lab-b-g2"  # pc and q35
+OVS_BR, OVS_PORT, OVS_SUBNET, OVS_VLAN = "lab-bovs", "lab-bv100", 100, 100
+VX_LABEL, VX_SUBNET, VNI = "lab-bbr1", 22, 5101
+IDS_BR, IDS_SUBNET = "lab-bbr2", 23
+VX_BR, VX_DEV = f"brvx-{VNI}", f"vxlan{VNI}"
+WAIT = 30  # seconds to wait for a guest console line
+DETACH_MS = 20000
+
+
+def generate_stubs():
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="nicagent-lab-b-")
+    rc = protoc.main([
+        "protoc", f"-I{ROOT}/proto", f"--python_out={out}", f"--grpc_python_out={out}",
+        f"{ROOT}/proto/nicagent/v1/nicagent.proto",
+    ])
+    if rc != 0:
+        raise RuntimeError(f"protoc failed: {rc}")
+    sys.path.insert(0, out)
+    return out
+
+
+STUBS = generate_stubs()
+import grpc  # noqa: E402
+from nicagent.v1 import nicagent_pb2 as pb  # noqa: E402
+from nicagent.v1 import nicagent_pb2_grpc as rpc  # noqa: E402
+
+
+# ---------------------------------------------------------------- helpers
+
+def sh(*cmd, check=True, timeout=120):
+    """Runs a command (argument vector), returns stdout; raises with stderr on failure."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> rc {p.returncode}\n{p.stdout}{p.stderr}")
+    return p.stdout
+
+
+def lab(script, *args, check=True, timeout=180):
+    return sh("bash", os.path.join(LAB, script), *args, check=check, timeout=timeout)
+
+
+def link_exists(name):
+    return subprocess.run(["ip", "link", "show", "dev", name],
+                          capture_output=True).returncode == 0
+
+
+def link_detail(name):
+    """`ip -d link show NAME` as text."""
+    return sh("ip", "-d", "link", "show", "dev", name)
+
+
+def link_flags(name):
+    m = re.search(r"<([^>]*)>", link_detail(name))
+    return set(m.group(1).split(",")) if m else set()
+
+
+def link_alias(name):
+    m = re.search(r"^\s+alias (.+)$", link_detail(name), re.M)
+    return m.group(1).strip() if m else None
+
+
+def ageing_time_cs(name):
+    """Bridge FDB ageing time in centiseconds. iproute2 6.1 prints the raw
+    centiseconds (`ageing_time 30000`); newer ones print seconds with two
+    decimals (`ageing_time 300.00`)."""
+    m = re.search(r"\bageing_time (\d+(?:\.\d+)?)\b", link_detail(name))
+    if not m:
+        raise AssertionError(f"no ageing_time in ip -d link show {name}")
+    v = m.group(1)
+    return round(float(v) * 100) if "." in v else int(v)
+
+
+def pid_is(pid, comm):
+    """True when PID is a live (not zombie) COMM process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "PID (COMM) STATE ...": COMM may hold spaces, so split at the last ')'.
+    name = stat[stat.find("(") + 1:stat.rfind(")")]
+    state = stat[stat.rfind(")") + 2:].split(" ", 1)[0]
+    return name == comm and state not in ("Z", "X")
+
+
+def kill_pid(pid, comm):
+    """Kills PID only if it is still COMM (no recycled PIDs)."""
+    if pid and pid_is(pid, comm):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not pid_is(pid, comm):
+                return
+            time.sleep(0.1)
+        if pid_is(pid, comm):
+            os.kill(pid, signal.SIGKILL)
+
+
+def console(dom):
+    return os.path.join(GUEST_DIR, f"{dom}.console.log")
+
+
+def cmd_sock(dom):
+    return os.path.join(GUEST_DIR, f"{dom}.cmd.sock")
+
+
+def wait_line(dom, regex, timeout=WAIT):
+    """Waits for a console line of DOM matching REGEX; returns the match."""
+    pat = re.compile(regex)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(console(dom), "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        found = [m for m in (pat.search(line) for line in text.splitlines()) if m]
+        if found:
+            return found[-1]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{dom}: no console line matching {regex!r} within {timeout}s")
+        time.sleep(0.1)
+
+
+def wait_until(pred, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def guest_exec(dom, cmd, timeout=15):
+    p = subprocess.run(["bash", os.path.join(LAB, "guest-exec.sh"), "--timeout", str(timeout),
+                        cmd_sock(dom), cmd], capture_output=True, text=True, timeout=timeout + 20)
+    return p.returncode, p.stdout + p.stderr
+
+
+class Agent:
+    """The real agent on qemu:///system with host networking on."""
+
+    def __init__(self, workdir):
+        self.state_dir = os.path.join(workdir, "state")
+        self.stderr_path = os.path.join(workdir, "agent.stderr")
+        self.stderr = open(self.stderr_path, "w")
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--connect", "qemu:///system", "--listen", "127.0.0.1:0",
+             "--host-network", "on", "--state-dir", self.state_dir,
+             "--detach-timeout-ms", str(DETACH_MS),
+             # Extra flags, e.g. to check that the suite can fail.
+             *os.environ.get("LAB_AGENT_ARGS", "").split()],
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        self.addr = None
+        done = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                if line.startswith("nic-agent listening on "):
+                    self.addr = line.strip().split()[-1]
+                    done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not done.wait(30):
+            self.stop()
+            raise RuntimeError("agent did not start:\n" + self.log_tail())
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = rpc.NicAgentStub(self.channel)
+
+    def log_tail(self, n=200):
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.stderr.close()
+
+
+TIMINGS = []
+
+
+def dump_on_failure(fn):
+    """On a failing test, prints the guest consoles and the agent's stderr."""
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        t0 = time.monotonic()
+        try:
+            return fn(self, *a, **kw)
+        except BaseException:
+            cls = type(self)
+            for dom in (G1, G2):
+                try:
+                    with open(console(dom), errors="replace") as f:
+                        tail = "".join(f.readlines()[-60:])
+                    sys.stderr.write(f"===== {dom} console (tail) =====\n{tail}\n")
+                except OSError:
+                    pass
+            if getattr(cls, "agent", None):
+                sys.stderr.write(f"===== agent stderr (tail) =====\n{cls.agent.log_tail()}\n")
+            for log in cls.extra_logs:
+                if os.path.exists(log):
+                    with open(log, errors="replace") as f:
+                        sys.stderr.write(f"===== {log} =====\n{f.read()[-4000:]}\n")
+            raise
+        finally:
+            TIMINGS.append(f"{fn.__name__}: {time.monotonic() - t0:.2f}s total")
+    return wrapper
+
+
+# ---------------------------------------------------------------- tests
+
+class NetworkE2E(unittest.TestCase):
+    agent = None
+    extra_logs = []
+
+    @classmethod
+    def setUpClass(cls):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root")
+        cls.workdir = tempfile.mkdtemp(prefix="lab-b-net-")
+        cls.ovs_dnsmasq_pid = None
+        cls.extra_logs = [os.path.join(LAB_STATE, "net", b, "dnsmasq.log")
+                          for b in (VX_LABEL, IDS_BR)]
+        cls.extra_logs.append(os.path.join(cls.workdir, "ovs-dnsmasq.log"))
+        try:
+            lab("start-libvirtd.sh")
+            lab("start-ovs.sh")
+            lab("build-guest.sh", GUEST_DIR)
+            cls.cleanup_host()
+            t0 = time.monotonic()
+            # Boot both guests at once; each waits for "LAB: boot ok".
+            boots = [
+                subprocess.Popen(["bash", os.path.join(LAB, "define-guest.sh"), G1, "pc",
+                                  GUEST_DIR], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True),
+                subprocess.Popen(["bash", os.path.join(LAB, "define-guest.sh"), G2, "q35",
+                                  GUEST_DIR, "--root-ports", "6", "--timeout", "120"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+            ]
+            for p in boots:
+                out, _ = p.communicate(timeout=180)
+                if p.returncode != 0:
+                    raise RuntimeError(f"define-guest failed:\n{out}")
+            TIMINGS.append(f"boot pc+q35 in parallel: {time.monotonic() - t0:.2f}s")
+            cls.agent = Agent(cls.workdir)
+            cls.stub = cls.agent.stub
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def cleanup_host(cls):
+        """Removes everything this file may have made (also by an interrupted run)."""
+        lab("teardown.sh", PREFIX, check=False)
+        for br in (VX_LABEL, IDS_BR):
+            lab("net.sh", "down", br, check=False)
+        kill_pid(cls.ovs_dnsmasq_pid, "dnsmasq")
+        pidfile = os.path.join(LAB_STATE, "lab-b-ovs-dnsmasq.pid")
+        try:
+            with open(pidfile) as f:
+                kill_pid(int(f.read().strip() or 0), "dnsmasq")
+        except (OSError, ValueError):
+            pass
+        sh("ovs-vsctl", "--if-exists", "del-br", OVS_BR, check=False)
+        # The agent's links for our VNI, only when they carry its mark.
+        for name in (VX_DEV, VX_BR):
+            if link_exists(name) and link_alias(name) == "nic-agent":
+                sh("ip", "link", "del", "dev", name, check=False)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.agent:
+            cls.agent.stop()
+        cls.cleanup_host()
+        if os.environ.get("LAB_KEEP_WORKDIR"):
+            print(f"kept {getattr(cls, 'workdir', '')} (agent.stderr, dnsmasq log)", file=sys.stderr)
+        else:
+            shutil.rmtree(getattr(cls, "workdir", ""), ignore_errors=True)
+
+    # -- small RPC helpers
+
+    def attach(self, vm, **nic):
+        t0 = time.monotonic()
+        r = self.stub.AttachNic(pb.AttachNicRequest(vm=vm, nic=pb.NicSpec(**nic)), timeout=60)
+        TIMINGS.append(f"  AttachNic {vm} {nic.get('mac')}: {time.monotonic() - t0:.3f}s")
+        return r
+
+    def detach(self, vm, mac):
+        t0 = time.monotonic()
+        r = self.stub.DetachNic(pb.DetachNicRequest(vm=vm, mac=mac, timeout_ms=DETACH_MS),
+                                timeout=60)
+        TIMINGS.append(f"  DetachNic {vm} {mac}: {time.monotonic() - t0:.3f}s")
+        self.assertEqual(r.state, pb.DETACH_STATE_REMOVED, f"detach {vm} {mac}: {r}")
+        return r
+
+    def macs(self, vm):
+        return [n.mac for n in self.stub.ListNics(pb.ListNicsRequest(vm=vm)).nics]
+
+    def guest_nic(self, vm, mac):
+        """The guest's nic-add line for MAC: (ifname, mtu, queues)."""
+        m = wait_line(vm, rf"LAB: nic-add name=(\S+) mac={mac} mtu=(\d+) queues=(\d+)")
+        return m.group(1), int(m.group(2)), int(m.group(3))
+
+    def guest_lease(self, vm, ifname, mac, subnet):
+        m = wait_line(vm, rf"LAB: (dhcp|dhcp-fail) name={ifname} mac={mac}\b(?: ip=(\S+))?")
+        self.assertEqual(m.group(1), "dhcp", f"{vm}: DHCP failed on {ifname}: {m.group(0)}")
+        ip = m.group(2).split("/")[0]
+        self.assertTrue(ip.startswith(f"10.77.{subnet}."), f"{vm}: lease {ip} not in 10.77.{subnet}.0/24")
+        return ip
+
+    def guest_ping(self, vm, ifname, subnet):
+        rc, out = guest_exec(vm, f"ping -c 2 -W 3 -I {ifname} 10.77.{subnet}.1", timeout=20)
+        self.assertEqual(rc, 0, f"{vm}: ping 10.77.{subnet}.1 via {ifname} failed: {out}")
+
+    def guest_removed(self, vm, ifname, mac):
+        wait_line(vm, rf"LAB: nic-remove name={ifname} mac={mac}\b")
+
+    # -- 1. OVS VLAN
+
+    def make_ovs(self):
+        sh("ovs-vsctl", "--may-exist", "add-br", OVS_BR, "--", "set", "bridge", OVS_BR,
+           "datapath_type=netdev")
+        # add-br without netdev prints an error but exits 0: check for real.
+        self.assertEqual(sh("ovs-vsctl", "get", "bridge", OVS_BR, "datapath_type").strip(),
+                         "netdev")
+        sh("ovs-vsctl", "--may-exist", "add-port", OVS_BR, OVS_PORT, f"tag={OVS_VLAN}", "--",
+           "set", "interface", OVS_PORT, "type=internal")
+        wait_until(lambda: link_exists(OVS_PORT), 10, f"{OVS_PORT} to appear")
+        sh("ip", "addr", "replace", f"10.77.{OVS_SUBNET}.1/24", "dev", OVS_PORT)
+        sh("ip", "link", "set", "dev", OVS_PORT, "up")
+        pidfile = os.path.join(LAB_STATE, "lab-b-ovs-dnsmasq.pid")
+        net = f"10.77.{OVS_SUBNET}"
+        # Same flags as net.sh.
+        sh("dnsmasq", "--conf-file=/dev/null", "--no-hosts", f"--pid-file={pidfile}",
+           "--bind-interfaces", f"--interface={OVS_PORT}", "--except-interface=lo",
+           f"--dhcp-range={net}.50,{net}.150,255.255.255.0,12h", "--dhcp-authoritative",
+           "--no-ping", "--port=0", "--no-resolv",
+           f"--dhcp-leasefile={os.path.join(self.workdir, 'ovs-leases')}",
+           "--user=root", "--group=root", "--log-dhcp",
+           f"--log-facility={os.path.join(self.workdir, 'ovs-dnsmasq.log')}")
+        wait_until(lambda: os.path.exists(pidfile), 10, "dnsmasq pidfile")
+        with open(pidfile) as f:
+            type(self).ovs_dnsmasq_pid = int(f.read().strip())
+
+    @dump_on_failure
+    def test_1_ovs_vlan_nic_is_tagged_and_gets_a_lease_on_that_vlan(self):
+        self.make_ovs()
+        mac = "02:b0:00:01:00:01"
+        t0 = time.monotonic()
+        r = self.attach(G1, mac=mac, bridge=OVS_BR, switch_type=pb.SWITCH_TYPE_OPEN_VSWITCH,
+                        broadcast_uri=f"vlan://{OVS_VLAN}")
+        self.assertFalse(r.already_present)
+        self.assertEqual(r.nic.vlan, OVS_VLAN)
+        self.assertEqual(r.nic.bridge, OVS_BR)
+        tap = r.nic.target_dev
+        self.assertTrue(tap, f"no target_dev in {r.nic}")
+        self.assertEqual(sh("ovs-vsctl", "port-to-br", tap).strip(), OVS_BR)
+        self.assertEqual(sh("ovs-vsctl", "get", "port", tap, "tag").strip(), str(OVS_VLAN))
+        ifname, mtu, _ = self.guest_nic(G1, mac)
+        self.assertEqual(mtu, r.nic.mtu or 1500, "guest MTU differs from the NIC's <mtu>")
+        ip = self.guest_lease(G1, ifname, mac, OVS_SUBNET)
+        TIMINGS.append(f"  ovs: attach->lease {time.monotonic() - t0:.2f}s ({ip})")
+        self.guest_ping(G1, ifname, OVS_SUBNET)
+
+        # Negative: the same bridge, another VLAN: tagged 200, and no lease,
+        # because our DHCP server lives on VLAN 100 only.
+        mac200 = "02:b0:00:01:00:02"
+        r200 = self.attach(G2, mac=mac200, bridge=OVS_BR,
+                           switch_type=pb.SWITCH_TYPE_OPEN_VSWITCH, broadcast_uri="vlan://200")
+        self.assertEqual(r200.nic.vlan, 200)
+        self.assertEqual(sh("ovs-vsctl", "get", "port", r200.nic.target_dev, "tag").strip(), "200")
+        if200, _, _ = self.guest_nic(G2, mac200)
+        m = wait_line(G2, rf"LAB: (dhcp|dhcp-fail) name={if200} mac={mac200}\b")
+        self.assertEqual(m.group(1), "dhcp-fail", f"a NIC on VLAN 200 got a lease: {m.group(0)}")
+        self.detach(G2, mac200)
+        self.guest_removed(G2, if200, mac200)
+
+        self.detach(G1, mac)
+        self.guest_removed(G1, ifname, mac)
+        self.assertNotIn(mac, self.macs(G1))
+        wait_until(lambda: tap not in sh("ovs-vsctl", "list-ports", OVS_BR).split(), 10,
+                   f"{tap} to leave {OVS_BR}")
+
+    # -- 2. VXLAN
+
+    @dump_on_failure
+    def test_2_vxlan_mtu_preflight_then_segment_built_and_removed(self):
+        lab("net.sh", "up", VX_LABEL, "--subnet", str(VX_SUBNET), "--mtu", "1500")
+        mac_big, mac_a, mac_b = "02:b0:00:02:00:01", "02:b0:00:02:00:02", "02:b0:00:02:00:03"
+        uri = f"vxlan://{VNI}"
+
+        # Too large for 1500 underlay - 50: refused, and nothing was created.
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.attach(G1, mac=mac_big, bridge=VX_LABEL, broadcast_uri=uri, mtu=1500)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION,
+                         cm.exception.details())
+        msg = cm.exception.details()
+        for needle in ("1500", "1450"):
+            self.assertIn(needle, msg)
+        self.assertFalse(link_exists(VX_BR), f"{VX_BR} exists after a refused attach")
+        self.assertFalse(link_exists(VX_DEV), f"{VX_DEV} exists after a refused attach")
+        self.assertNotIn(mac_big, self.macs(G1))
+
+        # 1450 fits exactly.
+        t0 = time.monotonic()
+        r = self.attach(G1, mac=mac_a, bridge=VX_LABEL, broadcast_uri=uri, mtu=1450)
+        self.assertEqual(r.nic.bridge, VX_BR)
+        self.assertEqual(r.nic.mtu, 1450)
+        ifa, mtu, _ = self.guest_nic(G1, mac_a)
+        TIMINGS.append(f"  vxlan: attach->nic-add {time.monotonic() - t0:.2f}s")
+        self.assertEqual(mtu, 1450)
+        dev = link_detail(VX_DEV)
+        self.assertRegex(dev, rf"vxlan id {VNI}\b")
+        self.assertRegex(dev, r"\bdstport 4789\b")
+        self.assertRegex(dev, rf"\bmaster {re.escape(VX_BR)}\b")
+        self.assertRegex(dev, rf"\bdev {re.escape(VX_LABEL)}\b")
+        self.assertRegex(dev, r"\bgroup 239\.0\.19\.237\b")  # 5101 = 0x0013ed
+        self.assertRegex(link_detail(VX_BR), r"\bmtu 1450\b")
+
+        # No MTU in the request: the bridge's MTU is written (and the guest sees it).
+        r = self.attach(G2, mac=mac_b, bridge=VX_LABEL, broadcast_uri=uri)
+        self.assertEqual(r.nic.mtu, 1450)
+        self.assertEqual(r.nic.bridge, VX_BR)
+        ifb, mtu_b, _ = self.guest_nic(G2, mac_b)
+        self.assertEqual(mtu_b, 1450, "guest MTU of a NIC attached without <mtu> request")
+
+        # First NIC leaves: the segment stays for the second.
+        self.detach(G1, mac_a)
+        self.guest_removed(G1, ifa, mac_a)
+        self.assertTrue(link_exists(VX_BR), f"{VX_BR} removed while {mac_b} still uses it")
+        self.assertTrue(link_exists(VX_DEV), f"{VX_DEV} removed while {mac_b} still uses it")
+        # Last NIC leaves: the agent removes what it built, but not the label bridge.
+        self.detach(G2, mac_b)
+        self.guest_removed(G2, ifb, mac_b)
+        wait_until(lambda: not link_exists(VX_BR) and not link_exists(VX_DEV), 10,
+                   f"{VX_BR} and {VX_DEV} to be removed")
+        self.assertTrue(link_exists(VX_LABEL), "the label bridge must never be removed")
+
+    # -- 3. IDS
+
+    def assert_flooding(self, on, original_ageing):
+        flags, ageing = link_flags(IDS_BR), ageing_time_cs(IDS_BR)
+        if on:
+            self.assertIn("PROMISC", flags)
+            self.assertEqual(ageing, 0)
+        else:
+            self.assertNotIn("PROMISC", flags)
+            self.assertEqual(ageing, original_ageing)
+
+    @dump_on_failure
+    def test_3_ids_bridge_floods_until_last_ids_nic_leaves(self):
+        lab("net.sh", "up", IDS_BR, "--subnet", str(IDS_SUBNET))
+        original = ageing_time_cs(IDS_BR)
+        self.assertNotIn("PROMISC", link_flags(IDS_BR), "bridge promiscuous before any IDS NIC")
+        mac_p, mac_i1, mac_i2 = "02:b0:00:03:00:01", "02:b0:00:03:00:02", "02:b0:00:03:00:03"
+
+        # A normal NIC: lease and traffic before anything IDS happens.
+        r = self.attach(G1, mac=mac_p, bridge=IDS_BR)
+        self.assertFalse(r.nic.alias.startswith("ua-ids-"), r.nic.alias)
+        ifp, _, _ = self.guest_nic(G1, mac_p)
+        self.guest_lease(G1, ifp, mac_p, IDS_SUBNET)
+        self.guest_ping(G1, ifp, IDS_SUBNET)
+        self.assert_flooding(False, original)
+
+        r1 = self.attach(G1, mac=mac_i1, bridge=IDS_BR, promiscuous=True)
+        self.assertTrue(r1.nic.alias.startswith("ua-ids-"), r1.nic.alias)
+        if1, _, _ = self.guest_nic(G1, mac_i1)
+        self.assert_flooding(True, original)
+        r2 = self.attach(G2, mac=mac_i2, bridge=IDS_BR, promiscuous=True)
+        self.assertTrue(r2.nic.alias.startswith("ua-ids-"), r2.nic.alias)
+        if2, _, _ = self.guest_nic(G2, mac_i2)
+        self.assert_flooding(True, original)
+        self.guest_ping(G1, ifp, IDS_SUBNET)
+
+        # One IDS NIC left: the bridge keeps flooding.
+        self.detach(G1, mac_i1)
+        self.guest_removed(G1, if1, mac_i1)
+        self.assert_flooding(True, original)
+        self.guest_ping(G1, ifp, IDS_SUBNET)
+
+        # Last IDS NIC gone: the original flags and ageing come back.
+        self.detach(G2, mac_i2)
+        self.guest_removed(G2, if2, mac_i2)
+        self.assert_flooding(False, original)
+        self.guest_ping(G1, ifp, IDS_SUBNET)
+
+        self.detach(G1, mac_p)
+        self.guest_removed(G1, ifp, mac_p)
+        self.assertTrue(link_exists(IDS_BR), "agent removed a bridge it did not create")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+        BIN = sys.argv.pop(1)
+    result = unittest.main(exit=False, verbosity=2).result
+    shutil.rmtree(STUBS, ignore_errors=True)
+    for t in TIMINGS:
+        print(f"timing: {t}")
+    failed = len(result.failures) + len(result.errors)
+    print(f"lab-network: {result.testsRun - failed} passed, {failed} failed")
+    sys.exit(1 if failed or result.testsRun == 0 else 0)
