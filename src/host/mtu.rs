@@ -98,6 +98,9 @@ pub fn mtu_preflight_in(
     ctx: &MtuContext<'_>,
 ) -> Result<Mtu, MtuError> {
     let want = guest.map(Mtu::get).unwrap_or(bridge_mtu);
+    // The underlay is checked first: a VXLAN bridge's MTU is itself capped
+    // at underlay - overhead, so "raise the bridge" would be no fix there.
+    check_underlay(want, underlay_mtu, overhead, ctx)?;
     if want > bridge_mtu {
         return Err(MtuError::AboveBridge {
             guest: want,
@@ -105,7 +108,6 @@ pub fn mtu_preflight_in(
             bridge_mtu,
         });
     }
-    check_underlay(want, underlay_mtu, overhead, ctx)?;
     Mtu::try_from(want).map_err(|_| MtuError::Invalid(want))
 }
 
@@ -144,6 +146,15 @@ mod tests {
 
     fn mtu(v: u32) -> Option<Mtu> {
         Some(Mtu::try_from(v).expect("valid mtu"))
+    }
+
+    #[test]
+    fn vxlan_too_big_names_the_underlay_not_the_new_bridge() {
+        // brvx-N does not exist yet; its MTU will be underlay - 50.
+        let e = mtu_preflight(mtu(1500), 1450, Some(1500), 50).expect_err("too big");
+        assert!(matches!(e, MtuError::UnderlayTooSmall { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("1550"), "{msg}");
     }
 
     #[test]

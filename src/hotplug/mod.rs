@@ -634,6 +634,10 @@ impl Hotplug {
             .lock()
             .map(|p| p.contains(&key))
             .unwrap_or(false);
+        // The wait is counted from here, before the unplug request: libvirt
+        // itself blocks about 5 s on a guest that cannot ack (paused), and a
+        // caller's timeout_ms must bound the whole wait it sees.
+        let start = Instant::now();
         if !already_pending {
             let xml = report::detach_xml(&iface);
             let d = dom.clone();
@@ -660,7 +664,6 @@ impl Hotplug {
             tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting without a second device_del");
         }
 
-        let start = Instant::now();
         loop {
             let v = self.view(&dom, Target::Live).await;
             let gone = match &v {
