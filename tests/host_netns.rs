@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use nic_agent::host::naming;
 use nic_agent::host::{
-    mtu_preflight, HostConfig, HostErrorKind, HostNet, HostUndo, MtuError, NetlinkHost,
-    PlannedChange, PromiscState, SegmentDevice,
+    mtu_preflight, HostConfig, HostErrorKind, HostNet, HostUndo, NetlinkHost, PlannedChange,
+    PromiscState, SegmentDevice,
 };
 use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
 use serde_json::Value;
@@ -348,18 +348,15 @@ fn mtu_preflight_against_real_bridge_mtus() {
             plan.plan_mtu(Some(mtu(1400)), false).map(Mtu::get),
             Ok(1400)
         );
+        // The new brvx bridge is capped at underlay - 50, so the error names
+        // the underlay, not a bridge that does not exist yet.
         let e = plan
             .plan_mtu(Some(mtu(1500)), false)
-            .expect_err("above bridge");
-        assert!(
-            matches!(
-                e,
-                MtuError::AboveBridge {
-                    bridge_mtu: 1450,
-                    ..
-                }
-            ),
-            "{e}"
+            .expect_err("underlay too small");
+        assert_eq!(
+            e.to_string(),
+            "mtu 1500 does not fit VXLAN 5002: underlay cloudbr1 has 1500, needs 1550 \
+             (50 bytes VXLAN/IPv4 overhead); lower the NIC MTU to 1450 or raise cloudbr1's MTU"
         );
         // Raising the bridge cannot help: the 1500 underlay cannot carry 1550.
         let e = plan.plan_mtu(Some(mtu(1500)), true).expect_err("underlay");
