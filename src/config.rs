@@ -272,7 +272,7 @@ fn parse_mode(s: &str) -> Result<SocketMode, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -305,12 +305,48 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The dotted key (`socket.mode`) whose value starts at byte `pos`, so a
+/// type error names the key even when the parser only knows the position.
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let before = text.get(..pos)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text.get(line_start..)?.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
 impl FileConfig {
     /// Parses TOML text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let mut message = e.message().trim_end().to_string();
+            if let Some(key) = e.span().and_then(|sp| key_at(text, sp.start)) {
+                if !message.contains(&key) {
+                    message = format!("{key}: {message}");
+                }
+            }
+            let line = e
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: match line {
+                    Some(l) => format!("line {l}: {message}"),
+                    None => message,
+                },
+            }
         })
     }
 
@@ -639,6 +675,14 @@ mod tests {
         assert!(e.contains("0o660"), "{e}");
         assert!(SocketMode::try_from("0999").is_err());
         assert!(SocketMode::try_from("").is_err());
+    }
+
+    #[test]
+    fn type_errors_name_the_key_even_in_a_table() {
+        let e = parse("queue_cap = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("queue_cap:"), "{e}");
+        let e = parse("[socket]\nowner = 5").unwrap_err().to_string();
+        assert!(e.contains("socket.owner:"), "{e}");
     }
 
     #[test]

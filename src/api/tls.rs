@@ -22,7 +22,7 @@ use crate::config::TlsSettings;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     Read {
         /// Which file (`tls.cert`, `tls.key`, `tls.client_ca`).
         what: &'static str,
