@@ -604,23 +604,17 @@ impl Hotplug {
         // never acks, the NIC must not come back at the next boot.
         let mut config_removed: Option<String> = None;
         if let Some(iface) = &in_config {
+            // Keep the persistent definition's own element, verbatim, to put
+            // it back if the live half then fails.
+            let d = dom.clone();
+            let config_xml = self.blocking(move |hv| hv.xml(&d, Target::Config)).await?;
             let xml = report::detach_xml(iface);
             let d = dom.clone();
             let x = xml.clone();
             self.blocking(move |hv| hv.detach(&d, &x, Target::Config))
                 .await
                 .map_err(|e| self.unsupported("detach", e))?;
-            config_removed = report::interface_snippet(
-                &self
-                    .blocking({
-                        let d = dom.clone();
-                        move |hv| hv.xml(&d, Target::Live)
-                    })
-                    .await
-                    .unwrap_or_default(),
-                &mac_s,
-            )
-            .or(Some(xml));
+            config_removed = report::interface_snippet(&config_xml, &mac_s);
         }
 
         let Some(iface) = in_live else {
