@@ -11,9 +11,11 @@
 //! - [`hotplug`]: attach/detach as transactions with undo steps.
 //! - [`api`]: the tonic gRPC service; proto types stop at `api::convert`.
 //! - [`cli`]: the command-line client and offline tools.
+//! - [`config`]: the configuration file merged with `serve` flags.
 
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod host;
 pub mod hotplug;
 pub mod hypervisor;

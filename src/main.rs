@@ -4,11 +4,14 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use nic_agent::api::server::{self, Listen};
-use nic_agent::cli::{client, offline, Cli, Command, HostNetwork, LogFormat, ServeArgs};
+use nic_agent::api::server::{self, ServeOptions, TlsServer};
+use nic_agent::api::tls::{self, AllowList};
+use nic_agent::cli::{
+    client, offline, Cli, Command, ConfigCommand, HostNetwork, LogFormat, ServeArgs,
+};
+use nic_agent::config::{FileConfig, Settings};
 use nic_agent::hotplug::{Hotplug, HotplugConfig};
 use nic_agent::hypervisor::libvirt::Libvirt;
 
@@ -26,33 +29,65 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let listen: Listen = a.listen.parse().map_err(anyhow::Error::msg)?;
-    let uri = a.connect.clone();
+/// Defaults, then the file, then the flags.
+fn load_settings(a: &ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Settings> {
+    let mut merged = FileConfig::load(a.config.as_deref())?.merge(&a.overrides);
+    if let Some(f) = log_format {
+        merged.log_format = f;
+    }
+    Ok(Settings::try_from(merged)?)
+}
+
+fn tls_server(s: &Settings) -> anyhow::Result<Option<TlsServer>> {
+    let Some(t) = &s.tls else { return Ok(None) };
+    if t.allow_clients.is_empty() {
+        tracing::warn!("tls.allow_clients is empty: every client the CA signed may call");
+    }
+    Ok(Some(TlsServer {
+        config: tls::server_config(t)?,
+        allow: AllowList::new(&t.allow_clients),
+    }))
+}
+
+/// `config check FILE`: the file alone, as `serve --config FILE` would
+/// read it, including the TLS files it names.
+fn config_check(file: &std::path::Path) -> anyhow::Result<String> {
+    let s = Settings::try_from(FileConfig::load(Some(file))?)?;
+    if let Some(t) = &s.tls {
+        tls::server_config(t)?;
+    }
+    Ok("ok\n".into())
+}
+
+async fn serve(s: Settings) -> anyhow::Result<()> {
+    // TLS files are checked before libvirt is touched: a typo in a path
+    // should not wait for a connection to fail.
+    let tls = tls_server(&s)?;
+    let uri = s.connect.clone();
     let hv = tokio::task::spawn_blocking(move || Libvirt::connect(&uri)).await??;
-    let manage_host = match a.host_network {
+    let manage_host = match s.host_network {
         HostNetwork::On => true,
         HostNetwork::Off => false,
-        HostNetwork::Auto => !a.connect.starts_with("test:"),
+        HostNetwork::Auto => !s.connect.starts_with("test:"),
     };
     let host = if manage_host {
         let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
-            state_dir: a.state_dir.clone(),
-            raise_bridge_mtu: a.raise_bridge_mtu,
+            state_dir: s.state_dir.clone(),
+            raise_bridge_mtu: s.raise_bridge_mtu,
             ..nic_agent::host::HostConfig::default()
         })?;
         Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
     } else {
         None
     };
-    tracing::info!(uri = %a.connect, host_network = manage_host, "connected to libvirt");
+    tracing::info!(uri = %s.connect, host_network = manage_host, "connected to libvirt");
     let cfg = HotplugConfig {
-        queue_cap: a.queue_cap,
-        nic_limit: a.nic_limit,
-        detach_timeout: Duration::from_millis(a.detach_timeout_ms),
-        raise_bridge_mtu: a.raise_bridge_mtu,
-        keep_bridges: a.keep_bridges.clone(),
-        forbid_promisc: a.forbid_promisc.clone(),
+        queue_cap: s.queue_cap,
+        nic_limit: s.nic_limit,
+        detach_timeout: s.detach_timeout,
+        raise_bridge_mtu: s.raise_bridge_mtu,
+        keep_bridges: s.keep_bridges.clone(),
+        forbid_promisc: s.forbid_promisc.clone(),
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
@@ -65,12 +100,36 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    server::serve(hotplug, listen, shutdown).await
+    let opts = ServeOptions {
+        listen: s.listen.clone(),
+        tls,
+        socket: s.socket.clone(),
+        metrics_listen: s.metrics_listen,
+    };
+    server::serve(hotplug, opts, shutdown).await
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // `serve` takes its log format from the config file too, so the file
+    // is read before logging starts; its errors go to stderr plainly.
+    let settings = match &cli.command {
+        Command::Serve(a) => match load_settings(a, cli.log_format) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    init_logging(
+        settings
+            .as_ref()
+            .map(|s| s.log_format)
+            .or(cli.log_format)
+            .unwrap_or_default(),
+    );
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,10 +139,13 @@ fn main() -> ExitCode {
     };
     let out: Result<String, String> = rt.block_on(async {
         match cli.command {
-            Command::Serve(a) => serve(a)
-                .await
-                .map(|_| String::new())
-                .map_err(|e| format!("{e:#}")),
+            Command::Serve(_) => match settings {
+                Some(s) => serve(s)
+                    .await
+                    .map(|_| String::new())
+                    .map_err(|e| format!("{e:#}")),
+                None => Err("internal: serve without settings".into()),
+            },
             Command::Render(a) => offline::render(&a).map(|s| s + "\n"),
             Command::Inspect(a) => offline::inspect(&a),
             Command::Vms(a) => client::vms(&a).await.map_err(|e| e.to_string()),
@@ -91,6 +153,13 @@ fn main() -> ExitCode {
             Command::Attach(a) => client::attach(&a).await.map_err(|e| e.to_string()),
             Command::Detach(a) => client::detach(&a).await.map_err(|e| e.to_string()),
             Command::Capacity(a) => client::capacity(&a).await.map_err(|e| e.to_string()),
+            Command::Config(ConfigCommand::Check { file }) => {
+                config_check(&file).map_err(|e| format!("{e:#}"))
+            }
+            Command::Man(a) => nic_agent::cli::write_man_pages(&a.out)
+                .map(|_| format!("man pages written to {}\n", a.out.display()))
+                .map_err(|e| format!("writing man pages to {}: {e}", a.out.display())),
+            Command::Completions(a) => Ok(nic_agent::cli::completion_script(a.shell)),
         }
     });
     match out {

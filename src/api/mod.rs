@@ -2,9 +2,11 @@
 //! statuses in exactly one place, [`status`].
 
 pub mod convert;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod tls;
 
 /// Generated protobuf and tonic code for `nicagent.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,15 +1,25 @@
 //! Serving: the NicAgent service plus `grpc.health.v1` and server
-//! reflection, on TCP or a unix socket.
+//! reflection, on any number of TCP and unix listeners, with the metrics
+//! endpoint beside them.
+//!
+//! TCP listeners use TLS with required client certificates when it is
+//! configured; unix sockets stay plaintext and are guarded by their file
+//! mode and ownership instead.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Server;
+use tonic::service::InterceptorLayer;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use super::pb;
 use super::service::NicAgentService;
+use super::tls::AllowList;
+use crate::config::SocketSettings;
 use crate::hotplug::Hotplug;
 
 /// Largest request accepted. A NicSpec is a few hundred bytes; anything
@@ -42,12 +52,92 @@ impl std::str::FromStr for Listen {
 
 const SERVICE_NAME: &str = "nicagent.v1.NicAgent";
 
-/// Runs the server until `shutdown` resolves. Prints one line
-/// `nic-agent listening on ADDR` on stdout once the socket is bound, so
-/// scripts and tests can wait for it.
+/// TLS for TCP listeners: the rustls server config and who may call.
+#[derive(Debug, Clone)]
+pub struct TlsServer {
+    /// Server identity and client CA (client certificates required).
+    pub config: ServerTlsConfig,
+    /// Client identities admitted after the handshake.
+    pub allow: AllowList,
+}
+
+/// Everything [`serve`] needs besides the engine.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// gRPC listeners.
+    pub listen: Vec<Listen>,
+    /// TLS for the TCP listeners; `None` serves plaintext.
+    pub tls: Option<TlsServer>,
+    /// Mode and ownership of unix listeners.
+    pub socket: SocketSettings,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+/// Binds a unix socket and gives it the configured mode and owner before
+/// anyone is told it exists.
+fn bind_unix(path: &std::path::Path, s: &SocketSettings) -> anyhow::Result<Bound> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding unix:{}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.mode.bits()))
+        .with_context(|| format!("socket.mode {} on {}", s.mode, path.display()))?;
+    let uid = match &s.owner {
+        None => None,
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)
+                .with_context(|| format!("socket.owner: looking up user {name:?}"))?
+                .with_context(|| format!("socket.owner: no user {name:?}"))?
+                .uid,
+        ),
+    };
+    let gid = match &s.group {
+        None => None,
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("socket.group: looking up group {name:?}"))?
+                .with_context(|| format!("socket.group: no group {name:?}"))?
+                .gid,
+        ),
+    };
+    if uid.is_some() || gid.is_some() {
+        nix::unistd::chown(path, uid, gid)
+            .with_context(|| format!("chown of {}", path.display()))?;
+    }
+    Ok(Bound::Unix(l, path.to_path_buf()))
+}
+
+/// Tells systemd (when it started us with `Type=notify`) how we are doing.
+/// Without `NOTIFY_SOCKET` this does nothing.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs the servers until `shutdown` resolves. Prints one line
+/// `nic-agent listening on ADDR` per listener on stdout once it is bound
+/// (and `nic-agent metrics on ADDR` for the metrics endpoint), then tells
+/// systemd READY=1: scripts, tests and the service manager can all wait
+/// for it. The caller has already connected to libvirt.
 pub async fn serve(
     hotplug: Arc<Hotplug>,
-    listen: Listen,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -57,6 +147,28 @@ pub async fn serve(
         .build_v1()?;
     let svc = pb::nic_agent_server::NicAgentServer::new(NicAgentService::new(hotplug.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    // Bind everything first, so one bad address fails start-up before any
+    // listener is announced.
+    let mut bound = Vec::with_capacity(opts.listen.len());
+    for l in &opts.listen {
+        bound.push(match l {
+            Listen::Tcp(addr) => Bound::Tcp(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?,
+            ),
+            Listen::Unix(path) => bind_unix(path, &opts.socket)?,
+        });
+    }
+    let metrics = match opts.metrics_listen {
+        Some(a) => Some(
+            super::metrics::bind(a)
+                .await
+                .with_context(|| format!("binding metrics_listen {a}"))?,
+        ),
+        None => None,
+    };
 
     // Health follows the libvirt connection: SERVING only while it is
     // alive. The check reconnects after a libvirtd restart.
@@ -68,6 +180,7 @@ pub async fn serve(
             let alive = tokio::task::spawn_blocking(move || h.is_alive())
                 .await
                 .unwrap_or(false);
+            super::metrics::global().set_libvirt_connected(alive);
             if last != Some(alive) {
                 let st = if alive {
                     ServingStatus::Serving
@@ -87,31 +200,101 @@ pub async fn serve(
         }
     });
 
-    let router = Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(svc);
-    let result = match listen {
-        Listen::Tcp(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await?;
-            println!("nic-agent listening on {}", l.local_addr()?);
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
-                .await
-        }
-        Listen::Unix(path) => {
-            if path.exists() {
-                std::fs::remove_file(&path)?;
-            }
-            let l = tokio::net::UnixListener::bind(&path)?;
-            println!("nic-agent listening on unix:{}", path.display());
-            let r = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
-                .await;
-            let _ = std::fs::remove_file(&path);
-            r
+    // One shutdown signal fanned out to every server.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        notify(sd_notify::NotifyState::Stopping);
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
     };
+
+    let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
+    for b in bound {
+        let (health, reflection, svc) = (health.clone(), reflection.clone(), svc.clone());
+        let stop = stopped();
+        match b {
+            Bound::Tcp(l) => {
+                let addr = l.local_addr()?;
+                let incoming = TcpListenerStream::new(l);
+                match &opts.tls {
+                    Some(t) => {
+                        let router = Server::builder()
+                            .tls_config(t.config.clone())?
+                            .layer(InterceptorLayer::new(t.allow.clone()))
+                            .add_service(health)
+                            .add_service(reflection)
+                            .add_service(svc);
+                        tracing::info!(%addr, "gRPC over TLS, client certificates required");
+                        tasks.push(tokio::spawn(async move {
+                            router
+                                .serve_with_incoming_shutdown(incoming, stop)
+                                .await
+                                .map_err(Into::into)
+                        }));
+                    }
+                    None => {
+                        let router = Server::builder()
+                            .add_service(health)
+                            .add_service(reflection)
+                            .add_service(svc);
+                        if !addr.ip().is_loopback() {
+                            tracing::warn!(%addr, "plaintext gRPC on a non-loopback address (--insecure)");
+                        }
+                        tasks.push(tokio::spawn(async move {
+                            router
+                                .serve_with_incoming_shutdown(incoming, stop)
+                                .await
+                                .map_err(Into::into)
+                        }));
+                    }
+                }
+                println!("nic-agent listening on {addr}");
+            }
+            Bound::Unix(l, path) => {
+                let router = Server::builder()
+                    .add_service(health)
+                    .add_service(reflection)
+                    .add_service(svc);
+                println!("nic-agent listening on unix:{}", path.display());
+                tasks.push(tokio::spawn(async move {
+                    let r = router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), stop)
+                        .await;
+                    let _ = std::fs::remove_file(&path);
+                    r.map_err(Into::into)
+                }));
+            }
+        }
+    }
+    if let Some(l) = metrics {
+        println!("nic-agent metrics on {}", l.local_addr()?);
+        let h = hotplug.clone();
+        let stop = stopped();
+        tasks.push(tokio::spawn(async move {
+            super::metrics::serve(l, h, stop).await;
+            Ok(())
+        }));
+    }
+    // Every listener is bound and announced and libvirt is connected: the
+    // service is ready.
+    notify(sd_notify::NotifyState::Ready);
+
+    let mut result = Ok(());
+    for t in tasks {
+        let r = match t.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+        };
+        if result.is_ok() {
+            result = r;
+        }
+    }
     watcher.abort();
-    result.map_err(Into::into)
+    result
 }

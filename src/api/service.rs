@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{convert, pb, status};
+use super::{convert, metrics, pb, status};
 use crate::hotplug::{DetachState, Hotplug, HotplugError};
 use crate::nic::{Alias, MacAddr, NicError, NicSpec};
 
@@ -53,16 +53,20 @@ fn check_vm(vm: &str) -> Result<(), HotplugError> {
 }
 
 /// Logs the outcome line and converts the error.
+/// Also records the outcome in the metrics.
 fn finish<T>(op: &str, start: Instant, r: Result<T, HotplugError>) -> Result<T, Status> {
-    let ms = start.elapsed().as_millis() as u64;
+    let elapsed = start.elapsed();
+    let ms = elapsed.as_millis() as u64;
     match r {
         Ok(v) => {
             tracing::info!(op, duration_ms = ms, outcome = "ok", "request done");
+            metrics::global().record(op, tonic::Code::Ok, elapsed);
             Ok(v)
         }
         Err(e) => {
             let st = status::to_status(&e);
             tracing::error!(op, duration_ms = ms, outcome = ?st.code(), error = %e, "request failed");
+            metrics::global().record(op, st.code(), elapsed);
             Err(st)
         }
     }

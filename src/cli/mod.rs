@@ -1,30 +1,26 @@
 //! The command line: `serve`, the offline tools `render` and `inspect`, and
-//! the gRPC client subcommands. `main.rs` only parses and dispatches here.
+//! the gRPC client subcommands, `config check`, and the packaging helpers
+//! (`man`, `completions`). `main.rs` only parses and dispatches here.
 
 pub mod client;
 pub mod offline;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use crate::config::{HostNetwork, LogFormat};
 
 /// nic-agent: NIC hot-plug agent for KVM hosts.
 #[derive(Debug, Parser)]
 #[command(name = "nic-agent", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log format [default: text, or log_format from the config file].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Subcommands.
@@ -46,56 +42,70 @@ pub enum Command {
     Detach(DetachArgs),
     /// Show a VM's PCI hot-plug capacity.
     Capacity(VmArgs),
+    /// Configuration file tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Write man pages (for packaging).
+    #[command(hide = true)]
+    Man(ManArgs),
+    /// Print a shell completion script (for packaging).
+    #[command(hide = true)]
+    Completions(CompletionsArgs),
 }
 
-/// Whether the agent manages host links (bridges, VLAN, VXLAN, OVS).
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum HostNetwork {
-    /// On for qemu:// URIs, off for the test:// lab.
-    Auto,
-    /// Always manage host networking.
-    On,
-    /// Never touch host links; bridges must exist.
-    Off,
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file: prints "ok" or the error, which
+    /// names the offending key.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
-/// `serve` options.
+/// `man` options.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory for the pages (nic-agent.1, nic-agent-serve.1, ...).
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+}
+
+/// `completions` options.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `serve` options. Every setting also has a config-file key; a flag given
+/// here wins over the file, which wins over the built-in default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// libvirt connection URI. `test:///default` or
-    /// `test:///ABS/PATH/fixtures/lab-node.xml` is the embedded lab.
-    #[arg(long, default_value = "qemu:///system")]
-    pub connect: String,
-    /// HOST:PORT or unix:PATH.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub listen: String,
-    /// Cap for the default virtio queue count (queues = min(vCPUs, cap)).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub queue_cap: u16,
-    /// Per-VM NIC limit (default: none beyond PCI capacity).
-    #[arg(long)]
-    pub nic_limit: Option<u32>,
-    /// Default detach wait in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    pub detach_timeout_ms: u64,
-    /// Host networking management.
-    #[arg(long, value_enum, default_value_t = HostNetwork::Auto)]
-    pub host_network: HostNetwork,
-    /// Where the agent keeps state that must survive its restart (bridge
-    /// flags saved before IDS promiscuous mode).
-    #[arg(long, default_value = "/run/nic-agent")]
-    pub state_dir: std::path::PathBuf,
-    /// Raise a bridge's MTU (undoably) when a NIC asks for more, instead of
-    /// refusing with FAILED_PRECONDITION.
-    #[arg(long)]
-    pub raise_bridge_mtu: bool,
-    /// A bridge never removed on detach (repeatable), like CloudStack's
-    /// persistent networks.
-    #[arg(long = "keep-bridge")]
-    pub keep_bridges: Vec<String>,
-    /// A bridge on which promiscuous (IDS) NICs are refused (repeatable).
-    #[arg(long = "forbid-promisc")]
-    pub forbid_promisc: Vec<String>,
+    /// Configuration file. Without this flag /etc/nic-agent/config.toml is
+    /// read if it exists.
+    #[arg(long, env = "NIC_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Settings that override the file.
+    #[command(flatten)]
+    pub overrides: crate::config::Overrides,
+}
+
+/// Writes man pages for the whole command tree into `dir`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)
+}
+
+/// The completion script for `shell`.
+pub fn completion_script(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "nic-agent", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// NIC flags shared by `render` and `attach`.

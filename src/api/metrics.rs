@@ -1,0 +1,278 @@
+//! Prometheus metrics: request counts and latencies by operation and gRPC
+//! code, libvirt connectivity, and how many bridges IDS NICs hold in
+//! promiscuous mode. Served as text on `GET /metrics` when
+//! `metrics_listen` is set.
+//!
+//! The registry is process-wide: request outcomes are recorded where the
+//! service finishes a request, and the agent runs one service per process.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tonic::Code;
+
+use crate::hotplug::{Hotplug, IDS_ALIAS_PREFIX};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpCode {
+    op: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Op {
+    op: String,
+}
+
+type HistogramFamily = Family<Op, Histogram, fn() -> Histogram>;
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OpCode, Counter>,
+    durations: HistogramFamily,
+    libvirt_connected: Gauge,
+    ids_bridges: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    // 5 ms .. ~41 s: listing is milliseconds, a detach may wait for the
+    // guest for its whole timeout.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<OpCode, Counter>::default();
+        let durations: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let libvirt_connected = Gauge::default();
+        let ids_bridges = Gauge::default();
+        registry.register(
+            "nic_agent_requests",
+            "gRPC requests finished, by operation and gRPC code",
+            requests.clone(),
+        );
+        registry.register(
+            "nic_agent_request_duration_seconds",
+            "Time to finish a gRPC request, by operation",
+            durations.clone(),
+        );
+        registry.register(
+            "nic_agent_libvirt_connected",
+            "1 while the libvirt connection is alive",
+            libvirt_connected.clone(),
+        );
+        registry.register(
+            "nic_agent_ids_promiscuous_bridges",
+            "Bridges with at least one live IDS (promiscuous) NIC",
+            ids_bridges.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            durations,
+            libvirt_connected,
+            ids_bridges,
+        }
+    }
+}
+
+static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    &GLOBAL
+}
+
+/// The canonical gRPC name of a code (`INVALID_ARGUMENT`), as other gRPC
+/// tooling labels it.
+pub fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl Metrics {
+    /// Records one finished request.
+    pub fn record(&self, op: &str, code: Code, elapsed: Duration) {
+        self.requests
+            .get_or_create(&OpCode {
+                op: op.to_string(),
+                code: code_name(code).to_string(),
+            })
+            .inc();
+        self.durations
+            .get_or_create(&Op { op: op.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the libvirt connectivity gauge.
+    pub fn set_libvirt_connected(&self, up: bool) {
+        self.libvirt_connected.set(i64::from(up));
+    }
+
+    /// Sets the IDS bridge gauge.
+    pub fn set_ids_bridges(&self, n: usize) {
+        self.ids_bridges.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Counts bridges that hold at least one live `ua-ids-` NIC, from
+/// libvirt's state (the same source the IDS refcount uses).
+pub async fn count_ids_bridges(hotplug: &Hotplug) -> Result<usize, crate::hotplug::HotplugError> {
+    let mut bridges = std::collections::BTreeSet::new();
+    for vm in hotplug.list_vms().await? {
+        if vm.state != "running" && vm.state != "paused" {
+            continue;
+        }
+        let nics = match hotplug.list_nics(&vm.uuid).await {
+            Ok(n) => n,
+            // Gone between the two reads.
+            Err(crate::hotplug::HotplugError::VmNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        for n in nics {
+            if n.in_live && n.alias.starts_with(IDS_ALIAS_PREFIX) && !n.bridge.is_empty() {
+                bridges.insert(n.bridge);
+            }
+        }
+    }
+    Ok(bridges.len())
+}
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long a scrape waits for libvirt before serving the last IDS value.
+const IDS_REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn respond(
+    req: hyper::Request<hyper::body::Incoming>,
+    hotplug: Arc<Hotplug>,
+) -> hyper::Response<Full<Bytes>> {
+    let reply = |status: u16, ctype: &str, body: String| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+        if let Ok(v) = ctype.parse() {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(404, "text/plain", "not found; try /metrics\n".into());
+    }
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return reply(405, "text/plain", "GET only\n".into());
+    }
+    match tokio::time::timeout(IDS_REFRESH_TIMEOUT, count_ids_bridges(&hotplug)).await {
+        Ok(Ok(n)) => global().set_ids_bridges(n),
+        Ok(Err(e)) => tracing::debug!(error = %e, "IDS bridge count unavailable"),
+        Err(_) => tracing::debug!("IDS bridge count timed out"),
+    }
+    reply(200, CONTENT_TYPE, global().render())
+}
+
+/// Binds the metrics listener. Separate from [`serve`] so start-up can
+/// report every bound address before announcing readiness.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hotplug: Arc<Hotplug>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let h = hotplug.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let h = h.clone();
+                async move { Ok::<_, Infallible>(respond(req, h).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_show_up_with_code_names_and_histogram() {
+        let m = Metrics::default();
+        m.record("attach", Code::Ok, Duration::from_millis(3));
+        m.record("attach", Code::InvalidArgument, Duration::from_millis(1));
+        m.record("attach", Code::InvalidArgument, Duration::from_millis(1));
+        m.set_libvirt_connected(true);
+        let t = m.render();
+        assert!(
+            t.contains(r#"nic_agent_requests_total{op="attach",code="INVALID_ARGUMENT"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"nic_agent_requests_total{op="attach",code="OK"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"nic_agent_request_duration_seconds_count{op="attach"} 3"#),
+            "{t}"
+        );
+        assert!(t.contains("nic_agent_libvirt_connected 1"), "{t}");
+        assert!(t.contains("nic_agent_ids_promiscuous_bridges 0"), "{t}");
+    }
+}
