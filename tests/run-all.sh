@@ -3,9 +3,10 @@
 # missing, starts the services the tests need, runs every tier, and cleans
 # up what it started (also on failure).
 #
-# Tiers: 1) lint + unit + test-driver integration (cargo test), 2) the
-# Python grpcio client, 3) host networking in private network namespaces
-# and a real ovs-vswitchd, 4) the real QEMU lab (tests/lab).
+# Tiers: 1) lint, unit, test-driver integration, host networking in private
+# network namespaces, a real ovs-vswitchd, TLS, config, metrics (cargo test);
+# 2) the Python grpcio client; 3) the Debian package; 4) the real QEMU lab
+# (tests/lab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,6 +29,9 @@ grep -q "test result: FAILED" /tmp/nic-agent-cargo-test.log && exit 1
 
 echo "== tier 2: Python grpcio client"
 python3 tests/python/test_grpc_client.py "$ROOT/target/debug/nic-agent"
+
+echo "== tier 3: Debian package (cargo deb, dpkg -i, --version, purge)"
+bash tests/package.sh
 
 echo "== tier 4: real QEMU lab"
 bash tests/lab/run-lab.sh
