@@ -8,7 +8,6 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use nic_agent::api::pb;
 use tonic::Code;
 
 /// A network namespace with a label bridge `cloudbr1` whose "physical"
@@ -94,20 +93,6 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
-}
-
-async fn attach(
-    c: &mut pb::nic_agent_client::NicAgentClient<tonic::transport::Channel>,
-    vm: &str,
-    nic: pb::NicSpec,
-) -> Result<pb::AttachNicResponse, tonic::Status> {
-    c.attach_nic(pb::AttachNicRequest {
-        vm: vm.into(),
-        nic: Some(nic),
-        request_id: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner())
 }
 
 #[tokio::test]

@@ -7,20 +7,6 @@ use common::*;
 use nic_agent::api::pb;
 use tonic::Code;
 
-async fn attach(
-    c: &mut pb::nic_agent_client::NicAgentClient<tonic::transport::Channel>,
-    vm: &str,
-    nic: pb::NicSpec,
-) -> Result<pb::AttachNicResponse, tonic::Status> {
-    c.attach_nic(pb::AttachNicRequest {
-        vm: vm.into(),
-        nic: Some(nic),
-        request_id: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
 #[tokio::test]
 async fn attach_bridge_nic_reports_what_libvirt_holds() {
     let a = start_agent(&lab_uri(), &[]);

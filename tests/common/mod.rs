@@ -33,9 +33,30 @@ pub fn lab_uri() -> String {
 
 /// Starts `nic-agent serve` and waits for its "listening on" line.
 pub fn start_agent(uri: &str, extra: &[&str]) -> Agent {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
-        .args(extra)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nic-agent"));
+    cmd.args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
+        .args(extra);
+    spawn_and_wait(cmd)
+}
+
+/// Starts the agent inside a network namespace (`ip netns exec`), serving
+/// on a unix socket: a path-based socket is reachable from any netns.
+pub fn start_agent_in_netns(ns: &str, uri: &str, sock: &str, extra: &[&str]) -> Agent {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nic-agent")])
+        .args([
+            "serve",
+            "--connect",
+            uri,
+            "--listen",
+            &format!("unix:{sock}"),
+        ])
+        .args(extra);
+    spawn_and_wait(cmd)
+}
+
+fn spawn_and_wait(mut cmd: Command) -> Agent {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -55,36 +76,19 @@ pub fn start_agent(uri: &str, extra: &[&str]) -> Agent {
     Agent { child, addr }
 }
 
-/// Starts the agent inside a network namespace (`ip netns exec`), serving
-/// on a unix socket: a path-based socket is reachable from any netns.
-pub fn start_agent_in_netns(ns: &str, uri: &str, sock: &str, extra: &[&str]) -> Agent {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nic-agent")])
-        .args([
-            "serve",
-            "--connect",
-            uri,
-            "--listen",
-            &format!("unix:{sock}"),
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn nic-agent in netns");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("nic-agent listening on ") {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("agent did not report its listen address");
-    Agent { child, addr }
+/// AttachNic with no request id.
+pub async fn attach(
+    c: &mut NicAgentClient<Channel>,
+    vm: &str,
+    nic: pb::NicSpec,
+) -> Result<pb::AttachNicResponse, tonic::Status> {
+    c.attach_nic(pb::AttachNicRequest {
+        vm: vm.into(),
+        nic: Some(nic),
+        request_id: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner())
 }
 
 pub async fn client(agent: &Agent) -> NicAgentClient<Channel> {
