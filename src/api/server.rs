@@ -202,6 +202,7 @@ pub async fn serve(
 
     // One shutdown signal fanned out to every server.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_on_failure = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
         notify(sd_notify::NotifyState::Stopping);
@@ -285,14 +286,26 @@ pub async fn serve(
     // service is ready.
     notify(sd_notify::NotifyState::Ready);
 
-    let mut result = Ok(());
+    // If one listener fails, stop them all: a half-serving agent would hide
+    // the failure from systemd and from the operator.
+    let mut set = tokio::task::JoinSet::new();
     for t in tasks {
-        let r = match t.await {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
-        };
-        if result.is_ok() {
-            result = r;
+        set.spawn(async move {
+            match t.await {
+                Ok(r) => r,
+                Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+            }
+        });
+    }
+    let mut result = Ok(());
+    while let Some(r) = set.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(anyhow::anyhow!("server task failed: {e}")));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a listener failed; stopping the agent");
+            let _ = stop_on_failure.send(true);
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
     }
     watcher.abort();
