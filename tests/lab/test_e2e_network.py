@@ -404,6 +404,11 @@ class NetworkE2E(unittest.TestCase):
         self.assertTrue(tap, f"no target_dev in {r.nic}")
         self.assertEqual(sh("ovs-vsctl", "port-to-br", tap).strip(), OVS_BR)
         self.assertEqual(sh("ovs-vsctl", "get", "port", tap, "tag").strip(), str(OVS_VLAN))
+        # The OVS port carries the NIC's identity for controllers.
+        ext = sh("ovs-vsctl", "get", "interface", tap, "external_ids")
+        self.assertIn(f'attached-mac="{mac}"', ext)
+        self.assertIn("iface-id=", ext)
+        self.assertIn("vm-id=", ext)
         ifname, mtu, _ = self.guest_nic(G1, mac)
         self.assertEqual(mtu, r.nic.mtu or 1500, "guest MTU differs from the NIC's <mtu>")
         ip = self.guest_lease(G1, ifname, mac, OVS_SUBNET)
