@@ -29,16 +29,26 @@ impl NicAgentService {
 }
 
 /// The request id: the field, else `x-request-id` metadata, else a new one.
+/// Control characters are dropped: operators grep logs by this id, and a
+/// newline in it must not be able to forge a log line.
 fn request_id<T>(req: &Request<T>, field: &str) -> String {
+    let clean = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(128).collect() };
     if !field.is_empty() {
-        return field.chars().take(128).collect();
+        return clean(field);
     }
     req.metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
+        .map(clean)
         .filter(|s| !s.is_empty())
-        .map(|s| s.chars().take(128).collect())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// A caller-supplied string as it may appear in a log span: control
+/// characters escaped, length bounded. Spans are built before validation,
+/// so they must never carry raw input.
+fn log_safe(s: &str) -> String {
+    s.chars().take(128).flat_map(char::escape_debug).collect()
 }
 
 fn check_vm(vm: &str) -> Result<(), HotplugError> {
@@ -81,7 +91,7 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
         let rid = request_id(&req, &req.get_ref().request_id);
         let r = req.into_inner();
         let mac = r.nic.as_ref().map(|n| n.mac.clone()).unwrap_or_default();
-        let span = tracing::info_span!("attach", request_id = %rid, vm = %r.vm, mac = %mac);
+        let span = tracing::info_span!("attach", request_id = %rid, vm = %log_safe(&r.vm), mac = %log_safe(&mac));
         async move {
             tracing::info!(bridge = ?r.nic.as_ref().map(|n| &n.bridge), "attach requested");
             let start = Instant::now();
@@ -112,7 +122,7 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
     ) -> Result<Response<pb::DetachNicResponse>, Status> {
         let rid = request_id(&req, &req.get_ref().request_id);
         let r = req.into_inner();
-        let span = tracing::info_span!("detach", request_id = %rid, vm = %r.vm, mac = %r.mac);
+        let span = tracing::info_span!("detach", request_id = %rid, vm = %log_safe(&r.vm), mac = %log_safe(&r.mac));
         async move {
             tracing::info!(timeout_ms = r.timeout_ms, "detach requested");
             let start = Instant::now();
@@ -154,7 +164,7 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
     ) -> Result<Response<pb::ListNicsResponse>, Status> {
         let rid = request_id(&req, "");
         let r = req.into_inner();
-        let span = tracing::info_span!("list_nics", request_id = %rid, vm = %r.vm);
+        let span = tracing::info_span!("list_nics", request_id = %rid, vm = %log_safe(&r.vm));
         async move {
             let start = Instant::now();
             let result = async {
@@ -197,7 +207,7 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
     ) -> Result<Response<pb::GetPciCapacityResponse>, Status> {
         let rid = request_id(&req, "");
         let r = req.into_inner();
-        let span = tracing::info_span!("capacity", request_id = %rid, vm = %r.vm);
+        let span = tracing::info_span!("capacity", request_id = %rid, vm = %log_safe(&r.vm));
         async move {
             let start = Instant::now();
             let result = async {
