@@ -25,6 +25,7 @@ use tonic::Code;
 const VM: &str = "i-2-10-VM";
 /// The NIC attached before the catalogue runs; request-id cases re-send it.
 const BASE_MAC: &str = "02:00:0d:00:01:01";
+const BASE_ALIAS: &str = "ua-base";
 
 /// One request of the catalogue.
 enum Req {
@@ -489,6 +490,15 @@ fn catalogue() -> Vec<Case> {
             }),
             FailedPrecondition,
         ),
+        // ---- refused by libvirt after the host side was built ----
+        attach(
+            "alias of another NIC, on a new vxlan bridge",
+            with(next(), |s| {
+                s.alias = BASE_ALIAS.into();
+                s.broadcast_uri = "vxlan://5200".into();
+            }),
+            InvalidArgument,
+        ),
         // ---- same MAC, other spec ----
         attach(
             "base mac with another mtu",
@@ -697,7 +707,11 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
     // target VM's NIC list, so the snapshot comparison below can fail.
     let before = snapshot(&mut c, &ns).await;
     let r = c
-        .attach_nic(attach_req(VM, nic(BASE_MAC, "cloudbr1")))
+        .attach_nic(attach_req(VM, {
+            let mut n = nic(BASE_MAC, "cloudbr1");
+            n.alias = BASE_ALIAS.into();
+            n
+        }))
         .await
         .expect("valid attach")
         .into_inner();
