@@ -782,3 +782,60 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
     eprintln!("{} inputs, {} failures", table.len(), failures.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Hostile text in request fields must not forge log lines: the default
+/// text log of a rejected request may quote a newline, never emit one.
+///
+/// Fails today: the request span carries `vm`, `mac` and `request_id` with
+/// `Display` (`vm = %r.vm` in src/api/service.rs) before validation, so a
+/// vm `"x\nFORGED ..."` prints a line of the caller's choosing.
+#[tokio::test]
+#[ignore = "bug: src/api/service.rs logs unvalidated vm/mac/request_id raw; remove once fixed"]
+async fn hostile_fields_cannot_forge_log_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
+        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nic-agent");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let mut addr = String::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(a) = line.strip_prefix("nic-agent listening on ") {
+            addr = a.to_string();
+            break;
+        }
+    }
+    let agent = Agent { child, addr };
+    let mut c = client(&agent).await;
+
+    let mut by_vm = attach_req("i-9-999-VM\nFORGED vm", fresh(200));
+    by_vm.request_id = "r1".into();
+    let by_mac = attach_req(VM, nic("02:00:0d:00:02:c9\nFORGED mac", "cloudbr0"));
+    let mut by_rid = attach_req(VM, nic("zz", "cloudbr0"));
+    by_rid.request_id = "r3\nFORGED request_id".into();
+    for req in [by_vm, by_mac, by_rid] {
+        let e = c.attach_nic(req).await.expect_err("all three are refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    }
+    drop(c);
+    drop(agent);
+    let lines = log.join().expect("log reader");
+    assert!(
+        lines.iter().any(|l| l.contains("request failed")),
+        "no request log at all: {lines:?}"
+    );
+    let forged: Vec<&String> = lines.iter().filter(|l| l.starts_with("FORGED")).collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:?}");
+}
