@@ -10,7 +10,8 @@ pub enum NicError {
     Invalid {
         /// Proto field name, e.g. `vlan` or `inbound.peak_kbps`.
         field: &'static str,
-        /// The offending value as the caller gave it.
+        /// The offending value as the caller gave it, cut to
+        /// [`MAX_ECHOED_CHARS`] characters.
         value: String,
         /// What would have been accepted, e.g. `1-4094`.
         allowed: String,
@@ -25,6 +26,12 @@ pub enum NicError {
     },
 }
 
+/// How much of a rejected value an error repeats. The message travels back
+/// in the `grpc-message` header: echoing a 60 KiB value whole (the request
+/// limit is 64 KiB) overflows the client's HTTP/2 header limit and turns
+/// INVALID_ARGUMENT into an h2 protocol error.
+pub const MAX_ECHOED_CHARS: usize = 64;
+
 impl NicError {
     /// The proto field name this error is about.
     pub fn field(&self) -> &'static str {
@@ -38,9 +45,14 @@ impl NicError {
         value: impl ToString,
         allowed: impl Into<String>,
     ) -> Self {
+        let value = value.to_string();
+        let value = match value.char_indices().nth(MAX_ECHOED_CHARS) {
+            Some((cut, _)) => format!("{}…", &value[..cut]),
+            None => value,
+        };
         NicError::Invalid {
             field,
-            value: value.to_string(),
+            value,
             allowed: allowed.into(),
         }
     }
@@ -62,6 +74,20 @@ mod tests {
         let e = NicError::invalid("vlan", 4096, "1-4094");
         assert_eq!(e.to_string(), "invalid vlan \"4096\": allowed 1-4094");
         assert_eq!(e.field(), "vlan");
+    }
+
+    #[test]
+    fn long_values_are_cut_in_the_message() {
+        let e = NicError::invalid("bridge", "é".repeat(60_000), "1-15 characters");
+        let NicError::Invalid { value, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(value.chars().count(), MAX_ECHOED_CHARS + 1);
+        assert!(value.ends_with('…'));
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+        // At the bound nothing is cut.
+        let e = NicError::invalid("bridge", "b".repeat(MAX_ECHOED_CHARS), "x");
+        assert!(!e.to_string().contains('…'));
     }
 
     #[test]
