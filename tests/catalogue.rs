@@ -756,17 +756,24 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
             ));
         }
         // An accepted request here is always the idempotent retry of the
-        // base NIC: it must say so and echo the (bounded) request id.
+        // base NIC: it must say so and echo the request id, bounded and with
+        // control characters dropped (so it cannot forge log lines).
         if let Some(r) = resp {
             assert!(r.already_present, "{}: not an idempotent retry", case.name);
             assert_eq!(r.nic.as_ref().map(|n| n.mac.as_str()), Some(BASE_MAC));
             assert!(r.request_id.chars().count() <= 128, "{}", case.name);
             if let Req::Attach(req) = &case.req {
-                let want: String = req.request_id.chars().take(128).collect();
+                let want: String = req
+                    .request_id
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(128)
+                    .collect();
                 assert_eq!(r.request_id, want, "{}: request id not echoed", case.name);
             }
             if let Req::AttachWithHeader(_, rid) = &case.req {
-                assert_eq!(r.request_id, *rid, "{}: header id not echoed", case.name);
+                let want: String = rid.chars().filter(|c| !c.is_control()).take(128).collect();
+                assert_eq!(r.request_id, want, "{}: header id not echoed", case.name);
             }
         }
     }
@@ -790,7 +797,6 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
 /// `Display` (`vm = %r.vm` in src/api/service.rs) before validation, so a
 /// vm `"x\nFORGED ..."` prints a line of the caller's choosing.
 #[tokio::test]
-#[ignore = "bug: src/api/service.rs logs unvalidated vm/mac/request_id raw; remove once fixed"]
 async fn hostile_fields_cannot_forge_log_lines() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
