@@ -9,11 +9,27 @@
 # the virtio-net and 8021q modules (with their dependencies) and the scripts in
 # guest/. Debs and the result are cached: a re-run with the same inputs only
 # checks a stamp. Cache dir: $LAB_WORK (default tests/lab/work, gitignored).
+#
+# Optional, for guests that need more than the standard set (both default to
+# nothing, which builds exactly the standard guest):
+#   EXTRA_DIR (2nd argument, or $LAB_EXTRA_DIR): a directory tree copied into
+#     the initramfs root last, e.g. a test binary with its shared libraries
+#     (test_e2e_vlan.py). Its contents are part of the cache stamp.
+#   $LAB_EXTRA_MODULES: more kernel modules for /init to load (with their
+#     dependencies), e.g. "bridge" -- the cloud kernel has it as a module.
+# Use a separate OUTDIR for such a guest so the standard one stays small.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+[ $# -eq 1 ] || [ $# -eq 2 ] || { echo "usage: $0 OUTDIR [EXTRA_DIR]" >&2; exit 2; }
 OUT=$1
+EXTRA=${2:-${LAB_EXTRA_DIR:-}}
+if [ -n "$EXTRA" ]; then
+  [ -d "$EXTRA" ] || lab_die "extra dir $EXTRA is not a directory"
+  EXTRA=$(cd "$EXTRA" && pwd)
+fi
+EXTRA_MODULES=${LAB_EXTRA_MODULES:-}
+[[ $EXTRA_MODULES =~ ^[A-Za-z0-9_\ -]*$ ]] || lab_die "bad LAB_EXTRA_MODULES '$EXTRA_MODULES'"
 mkdir -p "$OUT" "$LAB_WORK/debs"
 OUT=$(cd "$OUT" && pwd)
 
@@ -22,6 +38,7 @@ OUT=$(cd "$OUT" && pwd)
 # dependencies are resolved from the .ko files themselves (the deb ships no
 # modules.dep) and loaded first.
 ROOT_MODULES="virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci failover net_failover virtio_net 8021q"
+ROOT_MODULES="$ROOT_MODULES${EXTRA_MODULES:+ $EXTRA_MODULES}"
 
 # fetch PKG: prints the path of the cached .deb of PKG's candidate version,
 # downloading it only when missing.
@@ -59,7 +76,12 @@ KDEB=$(fetch "$KPKG")
 BDEB=$(fetch busybox-static)
 
 # Stamp: the inputs that decide the result. Same stamp = nothing to do.
-stamp=$( { echo "$KDEB $BDEB $ROOT_MODULES"; cat "$0" "$LAB_DIR"/guest/*; } | sha256sum | cut -c1-32)
+# The extra tree counts by content, names, modes and link targets (not mtimes).
+extra_sum() {
+  [ -n "$EXTRA" ] || return 0
+  tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C "$EXTRA" . | sha256sum
+}
+stamp=$( { echo "$KDEB $BDEB $ROOT_MODULES"; cat "$0" "$LAB_DIR"/guest/*; extra_sum; } | sha256sum | cut -c1-32)
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$stamp" ]; then
   lab_log "up to date: $OUT ($KPKG)"
   exit 0
@@ -125,10 +147,14 @@ install -m 0755 "$LAB_DIR/guest/lab-dhcp" "$STAGE/bin/lab-dhcp"
 install -m 0755 "$LAB_DIR/guest/lab-cmdd" "$STAGE/bin/lab-cmdd"
 # The kernel opens /dev/console for init before /init can mount devtmpfs.
 mknod -m 0600 "$STAGE/dev/console" c 5 1
+if [ -n "$EXTRA" ]; then
+  # Last, so the caller's files win; -a keeps modes and library symlinks.
+  cp -a "$EXTRA/." "$STAGE/"
+fi
 
 (cd "$STAGE" && find . -print0 | sort -z | cpio --null -o -H newc --quiet | gzip -9n) >"$OUT/initrd.img.tmp"
 cp "$KX/boot/vmlinuz-$KVER" "$OUT/vmlinuz.tmp"
 mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 echo "$stamp" >"$OUT/.stamp"
-lab_log "built $OUT (kernel $KVER, modules: ${ORDER[*]}, initrd $(stat -c %s "$OUT/initrd.img") bytes)"
+lab_log "built $OUT (kernel $KVER, modules: ${ORDER[*]},${EXTRA:+ extra: $EXTRA,} initrd $(stat -c %s "$OUT/initrd.img") bytes)"

@@ -217,3 +217,44 @@ def rpc_error_metadata(err):
     """Trailing metadata of a grpc.RpcError as a dict."""
     md = err.trailing_metadata() or ()
     return {k: v for k, v in md}
+
+
+_LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
+
+
+def shared_libs(binary):
+    """Absolute paths of the shared libraries `ldd BINARY` lists, the dynamic
+    loader included (vdso and 'not found' entries raise or are skipped)."""
+    out = run(["ldd", binary], timeout=30).stdout
+    if "not found" in out:
+        raise RuntimeError(f"ldd {binary}: missing libraries:\n{out}")
+    paths = []
+    for line in out.splitlines():
+        m = _LDD_PATH.search(line)
+        if m and m.group(1) not in paths:
+            paths.append(m.group(1))
+    return paths
+
+
+def stage_binary(binary, root, dest):
+    """Copies BINARY (stripped) to ROOT/DEST and every library ldd names to
+    the same path under ROOT (as regular files), so ROOT can be copied into a
+    guest's initramfs (build-guest.sh EXTRA_DIR) and the binary runs there.
+
+    Why ldd and not a static build: the agent's library links glibc, and a
+    static musl build would need another toolchain. The guest has no
+    ld.so.cache; the loader still searches the multiarch directories it was
+    built with, which is where ldd found the libraries. Returns the staged
+    library paths (guest-side)."""
+    target = os.path.join(root, dest.lstrip("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    run(["strip", "-o", target, binary], timeout=60)
+    os.chmod(target, 0o755)
+    libs = shared_libs(binary)
+    for lib in libs:
+        out = os.path.join(root, lib.lstrip("/"))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(os.path.realpath(lib), "rb") as src, open(out, "wb") as dst:
+            dst.write(src.read())
+        os.chmod(out, 0o755)
+    return libs
