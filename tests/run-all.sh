@@ -30,6 +30,9 @@ grep -q "test result: FAILED" /tmp/nic-agent-cargo-test.log && exit 1
 echo "== tier 2: Python grpcio client"
 python3 tests/python/test_grpc_client.py "$ROOT/target/debug/nic-agent"
 
+echo "== tier 2b: bounded fuzzing of the parsers (cargo fuzz, 20 s per target)"
+bash tests/fuzz.sh 20
+
 echo "== tier 3: Debian package (cargo deb, dpkg -i, --version, purge)"
 bash tests/package.sh
 
