@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    InfoBridge, InfoData, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage,
+    InfoBridge, InfoData, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::AddressFamily;
@@ -367,7 +366,11 @@ async fn ovs_facts(cfg: &HostConfig, q: &InspectQuery, fdb: &mut FdbFacts) -> Ov
         }
     }
     let mirror = format!("name={}", super::mirror_name(tap));
-    if let Ok(m) = ovs::vsctl_ok(bin, &["--bare", "--columns=_uuid", "find", "Mirror", &mirror]).await
+    if let Ok(m) = ovs::vsctl_ok(
+        bin,
+        &["--bare", "--columns=_uuid", "find", "Mirror", &mirror],
+    )
+    .await
     {
         f.mirror = !m.trim().is_empty();
     }

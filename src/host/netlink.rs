@@ -748,10 +748,7 @@ impl HostNet for NetlinkHost {
         ovs::mirror_remove(&self.config.ovs_vsctl, bridge.as_str(), mirror).await
     }
 
-    async fn inspect(
-        &self,
-        query: &super::InspectQuery,
-    ) -> Result<super::HostFacts, HostError> {
+    async fn inspect(&self, query: &super::InspectQuery) -> Result<super::HostFacts, HostError> {
         super::inspect::inspect(&self.handle, &self.config, query).await
     }
 

@@ -462,11 +462,7 @@ fn bridge_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
 
 fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     let mut h = Acc::new(hop::SEGMENT);
-    let expected = if ovs {
-        None
-    } else {
-        expected_segment(bridge)
-    };
+    let expected = if ovs { None } else { expected_segment(bridge) };
     let Some(exp) = expected else {
         h.ok(format!(
             "{bridge} is not a brvx-N or br<pif>-N bridge: no segment device to check"
@@ -616,7 +612,10 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
                     t.mtu, t.mtu
                 )
             } else {
-                format!("re-attach with --mtu {} or raise {} to {guest}", t.mtu, t.name)
+                format!(
+                    "re-attach with --mtu {} or raise {} to {guest}",
+                    t.mtu, t.name
+                )
             };
             h.bad(
                 HopStatus::Fault,
@@ -632,7 +631,11 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
         return h.done();
     }
     let Some(b) = &f.bridge else {
-        h.bad(HopStatus::Warning, format!("bridge {bridge} not found: MTU not compared"), "");
+        h.bad(
+            HopStatus::Warning,
+            format!("bridge {bridge} not found: MTU not compared"),
+            "",
+        );
         return h.done();
     };
     h.ok(format!("bridge {} {}", b.name, b.mtu));
@@ -640,7 +643,10 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
         if t.mtu > b.mtu {
             h.bad(
                 HopStatus::Fault,
-                format!("tap {} MTU {} > bridge {} MTU {}", t.name, t.mtu, b.name, b.mtu),
+                format!(
+                    "tap {} MTU {} > bridge {} MTU {}",
+                    t.name, t.mtu, b.name, b.mtu
+                ),
                 format!(
                     "raise {} MTU to {} (ip link set {} mtu {}) or lower {} to {}",
                     b.name, t.mtu, b.name, t.mtu, t.name, b.mtu
@@ -648,7 +654,11 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
             );
         }
     } else {
-        h.bad(HopStatus::Warning, "tap not found: tap MTU not compared", "");
+        h.bad(
+            HopStatus::Warning,
+            "tap not found: tap MTU not compared",
+            "",
+        );
     }
     if let Some(s) = &f.segment {
         h.ok(format!("{} {}", s.name, s.mtu));
@@ -698,7 +708,10 @@ fn promisc_hop(
     if ovs {
         let mirror = f.ovs.as_ref().is_some_and(|o| o.mirror);
         match (ids, mirror) {
-            (true, true) => h.ok(format!("IDS NIC; mirror to {} on {bridge}", tap.unwrap_or("-"))),
+            (true, true) => h.ok(format!(
+                "IDS NIC; mirror to {} on {bridge}",
+                tap.unwrap_or("-")
+            )),
             (true, false) => h.bad(
                 HopStatus::Fault,
                 format!("IDS NIC but {bridge} has no mirror to it"),
@@ -709,7 +722,11 @@ fn promisc_hop(
         return h.done();
     }
     let Some(b) = &f.bridge else {
-        h.bad(HopStatus::Warning, format!("bridge {bridge} not found: not checked"), "");
+        h.bad(
+            HopStatus::Warning,
+            format!("bridge {bridge} not found: not checked"),
+            "",
+        );
         return h.done();
     };
     let ageing = b.ageing.unwrap_or(30000);
@@ -721,7 +738,10 @@ fn promisc_hop(
     if ids && !flooding {
         h.bad(
             HopStatus::Fault,
-            format!("this is an IDS NIC ({}) but {bridge} does not flood", i.alias.as_deref().unwrap_or("")),
+            format!(
+                "this is an IDS NIC ({}) but {bridge} does not flood",
+                i.alias.as_deref().unwrap_or("")
+            ),
             format!("ip link set {bridge} promisc on type bridge ageing_time 0"),
         );
     } else if !ids && ids_on_bridge > 0 && !flooding {
@@ -865,7 +885,11 @@ pub fn hops(d: &DiagnoseInput<'_>) -> Vec<Hop> {
             return out;
         }
         HostInput::Unreadable(e) => {
-            out.extend(warn_all(&HOST_HOPS, &format!("host not inspected: {e}"), ""));
+            out.extend(warn_all(
+                &HOST_HOPS,
+                &format!("host not inspected: {e}"),
+                "",
+            ));
             return out;
         }
         HostInput::Facts(f) => *f,

@@ -277,7 +277,15 @@ fn expected_segment_follows_cloudstack_names() {
             id: 100,
         })
     );
-    for none in ["cloudbr1", "br-ovs0", "br0", "brvx-0", "brvx-x", "breth1-5000", "brfoo-10"] {
+    for none in [
+        "cloudbr1",
+        "br-ovs0",
+        "br0",
+        "brvx-0",
+        "brvx-x",
+        "breth1-5000",
+        "brfoo-10",
+    ] {
         assert_eq!(expected_segment(none), None, "{none}");
     }
 }
@@ -308,27 +316,39 @@ fn missing_vxlan_device_is_a_segment_fault() {
     assert!(s.fix.contains("id 5000 group 239.0.19.136"), "{s:#?}");
 }
 
+/// Breaks one thing about a segment device.
+type Breaker = Box<dyn Fn(&mut LinkFacts)>;
+
 #[test]
 fn wrong_vni_group_or_detached_vxlan_device_is_a_segment_fault() {
     let (i, f) = healthy_vxlan();
-    let cases: Vec<(&str, Box<dyn Fn(&mut LinkFacts)>)> = vec![
-        ("vni 5001", Box::new(|s| {
-            if let Some(v) = s.vxlan.as_mut() {
-                v.vni = Some(5001)
-            }
-        })),
-        ("group 239.1.1.1", Box::new(|s| {
-            if let Some(v) = s.vxlan.as_mut() {
-                v.group = Some(Ipv4Addr::new(239, 1, 1, 1))
-            }
-        })),
+    let cases: Vec<(&str, Breaker)> = vec![
+        (
+            "vni 5001",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.vni = Some(5001)
+                }
+            }),
+        ),
+        (
+            "group 239.1.1.1",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.group = Some(Ipv4Addr::new(239, 1, 1, 1))
+                }
+            }),
+        ),
         ("enslaved to nothing", Box::new(|s| s.master = None)),
         ("vxlan5000 is down", Box::new(|s| s.up = false)),
-        ("no underlay", Box::new(|s| {
-            if let Some(v) = s.vxlan.as_mut() {
-                v.underlay = None
-            }
-        })),
+        (
+            "no underlay",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.underlay = None
+                }
+            }),
+        ),
     ];
     for (want, break_it) in cases {
         let mut f = f.clone();
@@ -382,7 +402,11 @@ fn tap_mtu_above_bridge_is_an_mtu_fault_naming_the_raise() {
     let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
     assert_only_fault(&h, "mtu");
     let m = get(&h, "mtu");
-    assert!(m.evidence.contains("tap vnet3 MTU 1550 > bridge cloudbr1 MTU 1500"), "{m:#?}");
+    assert!(
+        m.evidence
+            .contains("tap vnet3 MTU 1550 > bridge cloudbr1 MTU 1500"),
+        "{m:#?}"
+    );
     assert!(m.fix.contains("raise cloudbr1 MTU to 1550"), "{m:#?}");
 }
 
@@ -393,7 +417,10 @@ fn nic_without_mtu_on_a_smaller_tap_is_the_silent_1500_fault() {
     let h = run(&i, &f, 0);
     assert_only_fault(&h, "mtu");
     let m = get(&h, "mtu");
-    assert!(m.evidence.contains("guest MTU 1500 > tap vnet4 MTU 1450"), "{m:#?}");
+    assert!(
+        m.evidence.contains("guest MTU 1500 > tap vnet4 MTU 1450"),
+        "{m:#?}"
+    );
     assert!(m.fix.contains("<mtu size='1450'/>"), "{m:#?}");
 }
 
@@ -459,7 +486,10 @@ fn guest_sending_but_never_receiving_is_the_dhcp_signature() {
     let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
     let c = get(&h, "counters");
     assert_eq!(c.status, HopStatus::Warning);
-    assert!(c.evidence.contains("sent 7 frames and received none"), "{c:#?}");
+    assert!(
+        c.evidence.contains("sent 7 frames and received none"),
+        "{c:#?}"
+    );
     assert!(c.evidence.contains("DHCP"), "{c:#?}");
     // The reverse is a different story: the guest never talks.
     if let Some(t) = f.tap.as_mut() {
@@ -498,11 +528,15 @@ fn mac_missing_or_learned_elsewhere_in_the_fdb_is_a_warning() {
     f.fdb.learned_on.clear();
     let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
     assert_eq!(get(&h, "fdb").status, HopStatus::Warning);
-    assert!(get(&h, "fdb").evidence.contains("not in the FDB of cloudbr1"));
+    assert!(get(&h, "fdb")
+        .evidence
+        .contains("not in the FDB of cloudbr1"));
     f.fdb.learned_on = vec!["eth1".into()];
     let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
     assert_eq!(get(&h, "fdb").status, HopStatus::Warning);
-    assert!(get(&h, "fdb").evidence.contains("learned on eth1, not on tap vnet3"));
+    assert!(get(&h, "fdb")
+        .evidence
+        .contains("learned on eth1, not on tap vnet3"));
 }
 
 fn ovs_nic() -> (InterfaceView, HostFacts) {
@@ -554,7 +588,10 @@ fn ovs_port_with_wrong_tag_or_on_no_bridge_is_a_tap_fault() {
     }
     let h = run(&i, &f, 0);
     assert_only_fault(&h, "tap");
-    assert_eq!(get(&h, "tap").fix, "ovs-vsctl add-port br-ovs0 vnet6 tag=100");
+    assert_eq!(
+        get(&h, "tap").fix,
+        "ovs-vsctl add-port br-ovs0 vnet6 tag=100"
+    );
     if let Some(o) = f.ovs.as_mut() {
         o.bridge_exists = false;
     }
@@ -590,7 +627,11 @@ fn worst_status_orders_fault_above_warning() {
     };
     let d = Diagnosis {
         nic: None,
-        hops: vec![mk(HopStatus::Ok), mk(HopStatus::Fault), mk(HopStatus::Warning)],
+        hops: vec![
+            mk(HopStatus::Ok),
+            mk(HopStatus::Fault),
+            mk(HopStatus::Warning),
+        ],
     };
     assert_eq!(d.worst(), HopStatus::Fault);
     let d = Diagnosis {
