@@ -834,6 +834,23 @@ fn fdb_hop(mac: &str, tap: Option<&str>, bridge: &str, f: &HostFacts) -> Hop {
         }
     }
     let tap = tap.unwrap_or("");
+    let in_bridge = match &f.ovs {
+        Some(o) => o.port_bridge.as_deref() == Some(bridge),
+        None => f
+            .tap
+            .as_ref()
+            .is_some_and(|t| t.master.as_deref() == Some(bridge)),
+    };
+    if !in_bridge {
+        // The kernel flushes a port's FDB entries when it leaves the bridge:
+        // "not learned" would send the operator to the guest for nothing.
+        h.bad(
+            HopStatus::Warning,
+            format!("tap {tap} is not a port of {bridge} (see the tap hop): nothing can be learned on it"),
+            "",
+        );
+        return h.done();
+    }
     let on_tap = f
         .fdb
         .learned_on

@@ -234,6 +234,11 @@ fn tap_without_master_or_in_another_bridge_is_a_tap_fault() {
     assert_only_fault(&h, "tap");
     let t = get(&h, "tap");
     assert!(t.evidence.contains("no master"), "{t:#?}");
+    // The FDB hop points back at the tap instead of blaming the guest.
+    let fdb = get(&h, "fdb");
+    assert_eq!(fdb.status, HopStatus::Warning);
+    assert!(fdb.evidence.contains("see the tap hop"), "{fdb:#?}");
+    assert!(fdb.fix.is_empty(), "{fdb:#?}");
     assert_eq!(t.fix, "ip link set vnet3 master cloudbr1");
 
     if let Some(t) = f.tap.as_mut() {
