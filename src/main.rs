@@ -141,6 +141,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `doctor` reports its verdict through the exit status as well.
+    let mut exit_status: Option<u8> = None;
     let out: Result<String, String> = rt.block_on(async {
         match cli.command {
             Command::Serve(_) => match settings {
@@ -164,16 +166,21 @@ fn main() -> ExitCode {
                 .map(|_| format!("man pages written to {}\n", a.out.display()))
                 .map_err(|e| format!("writing man pages to {}: {e}", a.out.display())),
             Command::Completions(a) => Ok(nic_agent::cli::completion_script(a.shell)),
+            Command::Doctor(a) => {
+                let (out, status) = client::doctor(&a).await;
+                exit_status = Some(status);
+                out
+            }
         }
     });
     match out {
         Ok(s) => {
             print!("{s}");
-            ExitCode::SUCCESS
+            exit_status.map_or(ExitCode::SUCCESS, ExitCode::from)
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            exit_status.map_or(ExitCode::FAILURE, ExitCode::from)
         }
     }
 }

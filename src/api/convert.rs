@@ -134,3 +134,28 @@ pub fn capacity(
         notes: c.notes.clone(),
     }
 }
+
+// --- day-2: Diagnose ---
+
+/// A diagnosis → proto.
+pub fn diagnosis(d: &crate::hotplug::Diagnosis, request_id: &str) -> pb::DiagnoseResponse {
+    use crate::hotplug::HopStatus;
+    pb::DiagnoseResponse {
+        hops: d
+            .hops
+            .iter()
+            .map(|h| pb::Hop {
+                name: h.name.to_string(),
+                status: match h.status {
+                    HopStatus::Ok => pb::HopStatus::Ok,
+                    HopStatus::Warning => pb::HopStatus::Warning,
+                    HopStatus::Fault => pb::HopStatus::Fault,
+                } as i32,
+                evidence: h.evidence.clone(),
+                fix: h.fix.clone(),
+            })
+            .collect(),
+        nic: d.nic.as_ref().map(nic),
+        request_id: request_id.to_string(),
+    }
+}

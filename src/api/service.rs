@@ -222,4 +222,27 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
         .instrument(span)
         .await
     }
+
+    // --- day-2: Diagnose ---
+    async fn diagnose(
+        &self,
+        req: Request<pb::DiagnoseRequest>,
+    ) -> Result<Response<pb::DiagnoseResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("diagnose", request_id = %rid, vm = %r.vm, mac = %r.mac);
+        async move {
+            tracing::info!("diagnose requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                let mac = MacAddr::try_from(r.mac.as_str())?;
+                self.hotplug.diagnose(&r.vm, &mac).await
+            }
+            .await;
+            finish("diagnose", start, result).map(|d| Response::new(convert::diagnosis(&d, &rid)))
+        }
+        .instrument(span)
+        .await
+    }
 }

@@ -1,4 +1,5 @@
-//! gRPC client subcommands: `vms`, `list`, `attach`, `detach`, `capacity`.
+//! gRPC client subcommands: `vms`, `list`, `attach`, `detach`, `capacity`,
+//! `doctor`.
 //! Human tables by default, JSON with `--json`; errors exit non-zero with
 //! the gRPC code and message.
 
@@ -6,7 +7,7 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use super::{AttachArgs, ClientArgs, DetachArgs, VmArgs};
+use super::{AttachArgs, ClientArgs, DetachArgs, DoctorArgs, VmArgs};
 use crate::api::pb::{self, nic_agent_client::NicAgentClient};
 
 /// A client-side failure, printed as `error: CODE: message`.
@@ -294,4 +295,92 @@ pub async fn capacity(a: &VmArgs) -> Result<String, ClientError> {
         s.push_str(&format!("note: {n}\n"));
     }
     Ok(s)
+}
+
+/// `doctor` exit status: at least one hop is FAULT.
+pub const DOCTOR_EXIT_FAULT: u8 = 1;
+/// `doctor` exit status: no diagnosis at all (agent unreachable, unknown VM,
+/// bad MAC). Distinct from a FAULT so scripts can tell "broken NIC" from
+/// "could not look".
+pub const DOCTOR_EXIT_ERROR: u8 = 2;
+
+fn hop_status_name(v: i32) -> &'static str {
+    match pb::HopStatus::try_from(v) {
+        Ok(pb::HopStatus::Ok) => "OK",
+        Ok(pb::HopStatus::Warning) => "WARNING",
+        Ok(pb::HopStatus::Fault) => "FAULT",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The human report: one row per hop (hop, status, evidence) with the fix
+/// on an indented line below, so long evidence stays readable.
+pub fn doctor_table(vm: &str, mac: &str, r: &pb::DiagnoseResponse) -> String {
+    let count = |st: pb::HopStatus| r.hops.iter().filter(|h| h.status == st as i32).count();
+    let (faults, warnings) = (count(pb::HopStatus::Fault), count(pb::HopStatus::Warning));
+    let mut s = format!(
+        "doctor {vm} {mac}: {} FAULT, {} WARNING, {} OK\n",
+        faults,
+        warnings,
+        r.hops.len() - faults - warnings
+    );
+    s.push_str(&format!(
+        "{:<9} {:<8} {}\n",
+        "HOP", "STATUS", "EVIDENCE / FIX"
+    ));
+    for h in &r.hops {
+        s.push_str(&format!(
+            "{:<9} {:<8} {}\n",
+            h.name,
+            hop_status_name(h.status),
+            h.evidence
+        ));
+        if !h.fix.is_empty() {
+            s.push_str(&format!("{:<9} {:<8} fix: {}\n", "", "", h.fix));
+        }
+    }
+    s
+}
+
+/// `doctor`: the report, and the exit status (0, [`DOCTOR_EXIT_FAULT`] or
+/// [`DOCTOR_EXIT_ERROR`]).
+pub async fn doctor(a: &DoctorArgs) -> (Result<String, String>, u8) {
+    let r = async {
+        let mut c = connect(&a.target.client.server).await?;
+        Ok::<_, ClientError>(
+            c.diagnose(pb::DiagnoseRequest {
+                vm: a.target.vm.clone(),
+                mac: a.mac.clone(),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner(),
+        )
+    }
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => return (Err(e.to_string()), DOCTOR_EXIT_ERROR),
+    };
+    let fault = r
+        .hops
+        .iter()
+        .any(|h| h.status == pb::HopStatus::Fault as i32);
+    let code = if fault { DOCTOR_EXIT_FAULT } else { 0 };
+    if a.target.client.json {
+        let hops: Vec<_> = r
+            .hops
+            .iter()
+            .map(|h| json!({"name": h.name, "status": hop_status_name(h.status), "evidence": h.evidence, "fix": h.fix}))
+            .collect();
+        let v = json!({
+            "vm": a.target.vm, "mac": a.mac, "nic": r.nic.as_ref().map(nic_json),
+            "hops": hops, "request_id": r.request_id,
+        });
+        return (
+            Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
+            code,
+        );
+    }
+    (Ok(doctor_table(&a.target.vm, &a.mac, &r)), code)
 }

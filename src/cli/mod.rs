@@ -51,6 +51,10 @@ pub enum Command {
     /// Print a shell completion script (for packaging).
     #[command(hide = true)]
     Completions(CompletionsArgs),
+    /// Walk a NIC's path hop by hop and say which hop is broken.
+    /// Exit 0: no FAULT (warnings allowed); 1: at least one FAULT;
+    /// 2: no diagnosis (agent unreachable, unknown VM, bad MAC).
+    Doctor(DoctorArgs),
 }
 
 /// `config` subcommands.
@@ -311,4 +315,15 @@ impl NicArgs {
             interface_id: self.interface_id.clone(),
         })
     }
+}
+
+/// `doctor` options.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Client options and VM.
+    #[command(flatten)]
+    pub target: VmArgs,
+    /// MAC of the NIC.
+    #[arg(long)]
+    pub mac: String,
 }

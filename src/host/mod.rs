@@ -11,9 +11,11 @@
 //!
 //! Submodules: [`naming`] (kernel-safe names), [`mtu`] (pure preflight),
 //! `netlink` ([`NetlinkHost`], all link work through rtnetlink), `ovs`
-//! (ovs-vsctl with argument vectors), `promisc` (saved bridge state).
+//! (ovs-vsctl with argument vectors), `promisc` (saved bridge state),
+//! `inspect` (read-only facts about one NIC's path, for `Diagnose`).
 
 mod error;
+mod inspect;
 pub mod mtu;
 pub mod naming;
 mod netlink;
@@ -28,6 +30,10 @@ use async_trait::async_trait;
 use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
 
 pub use error::{HostError, HostErrorKind};
+pub use inspect::{
+    parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts, VlanFacts,
+    VxlanFacts,
+};
 pub use mtu::{mtu_preflight, MtuError};
 pub use netlink::NetlinkHost;
 pub use ovs::mirror_name;
@@ -329,4 +335,18 @@ pub trait HostNet: Send + Sync {
         bridge: &BridgeName,
         keep: &[String],
     ) -> Result<bool, HostError>;
+
+    /// Read-only facts about one NIC's host path (tap, bridge, segment
+    /// device, underlay, FDB, OVS port), for `Diagnose`. Never changes
+    /// anything.
+    ///
+    /// A default method so that fakes and other backends need not know
+    /// about diagnosis: they answer "not supported", and the report says the
+    /// host was not inspected instead of failing.
+    async fn inspect(&self, query: &InspectQuery) -> Result<HostFacts, HostError> {
+        let _ = query;
+        Err(HostError::Unsupported(
+            "this host backend cannot inspect links".into(),
+        ))
+    }
 }

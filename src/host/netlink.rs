@@ -748,6 +748,10 @@ impl HostNet for NetlinkHost {
         ovs::mirror_remove(&self.config.ovs_vsctl, bridge.as_str(), mirror).await
     }
 
+    async fn inspect(&self, query: &super::InspectQuery) -> Result<super::HostFacts, HostError> {
+        super::inspect::inspect(&self.handle, &self.config, query).await
+    }
+
     async fn remove_bridge_if_unused(
         &self,
         bridge: &BridgeName,

@@ -10,6 +10,7 @@
 //! All libvirt calls run on tokio's blocking pool; work on one domain is
 //! serialised by [`locks::VmLocks`], different domains run in parallel.
 
+mod diagnose;
 mod error;
 pub mod locks;
 mod report;
@@ -18,6 +19,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use diagnose::{
+    expected_segment, hop, hops, DiagnoseInput, Diagnosis, ExpectedSegment, Hop, HopStatus,
+    HostInput,
+};
 pub use error::HotplugError;
 pub use report::{NicReport, VmReport};
 

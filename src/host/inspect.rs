@@ -1,0 +1,500 @@
+//! Read-only inspection of one NIC's host path, for `Diagnose`.
+//!
+//! Everything here only reads: one rtnetlink link dump (names, kinds,
+//! flags, masters, MTUs, VXLAN/VLAN parameters, stats64), one AF_BRIDGE
+//! neighbour dump (the bridge FDB), and for Open vSwitch a few `ovs-vsctl`
+//! and `ovs-appctl fdb/show` runs. The result is plain data
+//! ([`HostFacts`]); judging it is the pure hop logic in
+//! `hotplug::diagnose`, so the verdicts are unit-tested without a kernel.
+//!
+//! Why a single link dump rather than one lookup per name: masters and
+//! underlays are reported as ifindexes, and a dump resolves them to names
+//! from one consistent snapshot.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{
+    InfoBridge, InfoData, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
+use netlink_packet_route::AddressFamily;
+use serde::Serialize;
+use tokio::process::Command;
+
+use super::{ovs, HostConfig, HostError};
+
+/// What to inspect: the NIC's tap, its bridge, the segment device the
+/// bridge's name implies, and the guest MAC to look for in the FDB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectQuery {
+    /// The tap (`<target dev>`), when libvirt reports one.
+    pub tap: Option<String>,
+    /// The bridge (`<source bridge>`).
+    pub bridge: String,
+    /// The VLAN/VXLAN device expected in the bridge, if any.
+    pub segment: Option<String>,
+    /// The bridge is an Open vSwitch bridge.
+    pub ovs: bool,
+    /// The guest MAC, lower-case `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// Packet counters of a link (netlink stats64), as the host sees them.
+/// On a tap, `rx` is what the guest sent and `tx` what it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct LinkCounters {
+    /// Packets received by the host on this link.
+    pub rx_packets: u64,
+    /// Packets sent by the host on this link.
+    pub tx_packets: u64,
+    /// Receive errors.
+    pub rx_errors: u64,
+    /// Transmit errors.
+    pub tx_errors: u64,
+    /// Receive drops.
+    pub rx_dropped: u64,
+    /// Transmit drops.
+    pub tx_dropped: u64,
+}
+
+/// VXLAN parameters of a link.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct VxlanFacts {
+    /// VNI (`IFLA_VXLAN_ID`).
+    pub vni: Option<u32>,
+    /// IPv4 multicast group or remote.
+    pub group: Option<Ipv4Addr>,
+    /// Underlay link name (`dev`), resolved from its ifindex.
+    pub underlay: Option<String>,
+    /// UDP destination port.
+    pub port: Option<u16>,
+}
+
+/// 802.1Q parameters of a link.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct VlanFacts {
+    /// VLAN id.
+    pub id: Option<u16>,
+    /// Parent link name.
+    pub parent: Option<String>,
+}
+
+/// One link as read from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct LinkFacts {
+    /// Link name.
+    pub name: String,
+    /// Link kind (`bridge`, `vxlan`, `vlan`, `tun`, `veth`, ...); empty
+    /// when the kernel reports none.
+    pub kind: String,
+    /// IFF_UP: administratively up.
+    pub up: bool,
+    /// IFF_LOWER_UP: carrier.
+    pub lower_up: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// Name of the master (bridge) this link is enslaved to.
+    pub master: Option<String>,
+    /// IFF_PROMISC.
+    pub promisc: bool,
+    /// Bridge FDB ageing time in centiseconds (bridges only).
+    pub ageing: Option<u32>,
+    /// stats64 counters.
+    pub counters: Option<LinkCounters>,
+    /// VXLAN parameters (vxlan links only).
+    pub vxlan: Option<VxlanFacts>,
+    /// VLAN parameters (vlan links only).
+    pub vlan: Option<VlanFacts>,
+}
+
+/// What Open vSwitch says about the NIC's port.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct OvsFacts {
+    /// `ovs-vsctl br-exists BRIDGE`.
+    pub bridge_exists: bool,
+    /// `ovs-vsctl port-to-br TAP`: the bridge the tap is a port of.
+    pub port_bridge: Option<String>,
+    /// `ovs-vsctl get port TAP tag` (`None` for `[]`).
+    pub tag: Option<u32>,
+    /// The IDS mirror of this tap exists on the bridge.
+    pub mirror: bool,
+}
+
+/// Where the guest MAC was found in the bridge's forwarding database.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct FdbFacts {
+    /// The FDB could be read.
+    pub read: bool,
+    /// Ports (link names, or `ofport N` on OVS) the MAC is learned on.
+    pub learned_on: Vec<String>,
+    /// Why the FDB could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+/// Everything read about one NIC's host path. `None` links do not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct HostFacts {
+    /// The tap.
+    pub tap: Option<LinkFacts>,
+    /// The bridge's kernel link (for OVS, its internal interface, if any).
+    pub bridge: Option<LinkFacts>,
+    /// The segment device asked for in the query.
+    pub segment: Option<LinkFacts>,
+    /// The segment device's underlay (VXLAN `dev` or VLAN parent).
+    pub underlay: Option<LinkFacts>,
+    /// Open vSwitch's view (OVS bridges only).
+    pub ovs: Option<OvsFacts>,
+    /// The guest MAC in the FDB.
+    pub fdb: FdbFacts,
+}
+
+fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts) {
+    let flags = msg.header.flags;
+    let mut f = LinkFacts {
+        up: flags.contains(LinkFlags::Up),
+        lower_up: flags.contains(LinkFlags::LowerUp),
+        promisc: flags.contains(LinkFlags::Promisc),
+        ..LinkFacts::default()
+    };
+    let mut parent: Option<u32> = None;
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => f.name = n,
+            LinkAttribute::Mtu(m) => f.mtu = m,
+            LinkAttribute::Controller(c) => f.master = names.get(&c).cloned(),
+            LinkAttribute::Link(p) => parent = Some(p),
+            LinkAttribute::Stats64(s) => {
+                f.counters = Some(LinkCounters {
+                    rx_packets: s.rx_packets,
+                    tx_packets: s.tx_packets,
+                    rx_errors: s.rx_errors,
+                    tx_errors: s.tx_errors,
+                    rx_dropped: s.rx_dropped,
+                    tx_dropped: s.tx_dropped,
+                })
+            }
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(k) => f.kind = k.to_string(),
+                        LinkInfo::Data(InfoData::Bridge(opts)) => {
+                            for o in opts {
+                                if let InfoBridge::AgeingTime(a) = o {
+                                    f.ageing = Some(a);
+                                }
+                            }
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(opts)) => {
+                            let mut v = VxlanFacts::default();
+                            for o in opts {
+                                match o {
+                                    InfoVxlan::Id(id) => v.vni = Some(id),
+                                    InfoVxlan::Group(g) => v.group = Some(g),
+                                    InfoVxlan::Link(l) => v.underlay = names.get(&l).cloned(),
+                                    InfoVxlan::Port(p) => v.port = Some(p),
+                                    _ => {}
+                                }
+                            }
+                            f.vxlan = Some(v);
+                        }
+                        LinkInfo::Data(InfoData::Vlan(opts)) => {
+                            let mut v = VlanFacts::default();
+                            for o in opts {
+                                if let InfoVlan::Id(id) = o {
+                                    v.id = Some(id);
+                                }
+                            }
+                            f.vlan = Some(v);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let (Some(v), Some(p)) = (f.vlan.as_mut(), parent) {
+        v.parent = names.get(&p).cloned();
+    }
+    (msg.header.index, f)
+}
+
+async fn link_dump(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, HostError> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| HostError::Netlink {
+            op: "dump links".into(),
+            source,
+        })
+}
+
+async fn bridge_fdb(handle: &rtnetlink::Handle) -> Result<Vec<NeighbourMessage>, HostError> {
+    handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| HostError::Netlink {
+            op: "dump bridge fdb".into(),
+            source,
+        })
+}
+
+fn mac_bytes(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Ports of `bridge_index` on which `mac` is learned, from an AF_BRIDGE dump.
+fn fdb_ports(
+    msgs: &[NeighbourMessage],
+    mac: &[u8; 6],
+    bridge_index: u32,
+    names: &HashMap<u32, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in msgs {
+        let mut lladdr = None;
+        let mut master = None;
+        for a in &m.attributes {
+            match a {
+                NeighbourAttribute::LinkLayerAddress(b) => lladdr = Some(b.as_slice()),
+                NeighbourAttribute::Controller(c) => master = Some(*c),
+                _ => {}
+            }
+        }
+        // Entries of the bridge device itself carry no master; ports do.
+        let on_bridge = master == Some(bridge_index) || m.header.ifindex == bridge_index;
+        if on_bridge && lladdr == Some(&mac[..]) {
+            let port = names
+                .get(&m.header.ifindex)
+                .cloned()
+                .unwrap_or_else(|| format!("ifindex {}", m.header.ifindex));
+            if !out.contains(&port) {
+                out.push(port);
+            }
+        }
+    }
+    out
+}
+
+/// `ovs-appctl` next to the configured `ovs-vsctl` (same install prefix).
+fn appctl_path(vsctl: &Path) -> PathBuf {
+    match vsctl.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("ovs-appctl"),
+        _ => PathBuf::from("ovs-appctl"),
+    }
+}
+
+async fn appctl(bin: &Path, args: &[&str]) -> Result<String, HostError> {
+    let run = Command::new(bin)
+        .arg("--timeout=10")
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .map_err(|_| HostError::Ovs {
+            args: args.join(" "),
+            detail: "timed out".into(),
+        })?
+        .map_err(|e| HostError::Io {
+            op: format!("run {}", bin.display()),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(HostError::Ovs {
+            args: args.join(" "),
+            detail: format!(
+                "exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Rows of `ovs-appctl fdb/show` whose MAC is `mac`: (ofport, vlan).
+///
+/// The output is a header line then ` port  VLAN  MAC  Age` rows; the
+/// port column is an OpenFlow port number (or `LOCAL`).
+pub fn parse_ovs_fdb(text: &str, mac: &str) -> Vec<(String, u32)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            match cols.as_slice() {
+                [port, vlan, m, ..] if m.eq_ignore_ascii_case(mac) => {
+                    Some(((*port).to_string(), vlan.parse().unwrap_or(0)))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+async fn ovs_facts(cfg: &HostConfig, q: &InspectQuery, fdb: &mut FdbFacts) -> OvsFacts {
+    let bin = &cfg.ovs_vsctl;
+    let mut f = OvsFacts {
+        bridge_exists: ovs::bridge_exists(bin, &q.bridge).await.unwrap_or(false),
+        ..OvsFacts::default()
+    };
+    let Some(tap) = &q.tap else { return f };
+    if let Ok(out) = ovs::vsctl(bin, &["port-to-br", tap]).await {
+        if out.code == Some(0) && !out.stdout.is_empty() {
+            f.port_bridge = Some(out.stdout);
+        }
+    }
+    if f.port_bridge.is_some() {
+        if let Ok(t) = ovs::vsctl_ok(bin, &["get", "port", tap, "tag"]).await {
+            f.tag = t.trim().parse().ok();
+        }
+    }
+    let mirror = format!("name={}", super::mirror_name(tap));
+    if let Ok(m) = ovs::vsctl_ok(
+        bin,
+        &["--bare", "--columns=_uuid", "find", "Mirror", &mirror],
+    )
+    .await
+    {
+        f.mirror = !m.trim().is_empty();
+    }
+    let ofport = ovs::vsctl_ok(bin, &["get", "Interface", tap, "ofport"])
+        .await
+        .ok()
+        .map(|s| s.trim().to_string());
+    match appctl(&appctl_path(bin), &["fdb/show", &q.bridge]).await {
+        Ok(text) => {
+            fdb.read = true;
+            fdb.learned_on = parse_ovs_fdb(&text, &q.mac)
+                .into_iter()
+                .map(|(port, vlan)| {
+                    let who = if ofport.as_deref() == Some(port.as_str()) {
+                        tap.clone()
+                    } else {
+                        format!("ofport {port}")
+                    };
+                    if vlan == 0 {
+                        who
+                    } else {
+                        format!("{who} (vlan {vlan})")
+                    }
+                })
+                .collect();
+        }
+        Err(e) => fdb.error = Some(e.to_string()),
+    }
+    f
+}
+
+/// Reads the host path of one NIC. Never changes anything.
+pub(crate) async fn inspect(
+    handle: &rtnetlink::Handle,
+    cfg: &HostConfig,
+    q: &InspectQuery,
+) -> Result<HostFacts, HostError> {
+    let msgs = link_dump(handle).await?;
+    let mut names: HashMap<u32, String> = HashMap::new();
+    for m in &msgs {
+        for a in &m.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                names.insert(m.header.index, n.clone());
+            }
+        }
+    }
+    let mut by_name: HashMap<String, (u32, LinkFacts)> = HashMap::new();
+    for m in msgs {
+        let (idx, f) = link_facts(m, &names);
+        by_name.insert(f.name.clone(), (idx, f));
+    }
+    let get = |n: &str| by_name.get(n).map(|(_, f)| f.clone());
+    let mut facts = HostFacts {
+        tap: q.tap.as_deref().and_then(get),
+        bridge: get(&q.bridge),
+        segment: q.segment.as_deref().and_then(get),
+        ..HostFacts::default()
+    };
+    let underlay_name = facts.segment.as_ref().and_then(|s| {
+        s.vxlan
+            .as_ref()
+            .and_then(|v| v.underlay.clone())
+            .or_else(|| s.vlan.as_ref().and_then(|v| v.parent.clone()))
+    });
+    facts.underlay = underlay_name.as_deref().and_then(get);
+
+    if q.ovs {
+        let mut fdb = FdbFacts::default();
+        facts.ovs = Some(ovs_facts(cfg, q, &mut fdb).await);
+        facts.fdb = fdb;
+    } else if let Some((bridge_index, _)) = by_name.get(&q.bridge) {
+        match (mac_bytes(&q.mac), bridge_fdb(handle).await) {
+            (Some(mac), Ok(msgs)) => {
+                facts.fdb = FdbFacts {
+                    read: true,
+                    learned_on: fdb_ports(&msgs, &mac, *bridge_index, &names),
+                    error: None,
+                }
+            }
+            (None, _) => facts.fdb.error = Some(format!("bad MAC {}", q.mac)),
+            (_, Err(e)) => facts.fdb.error = Some(e.to_string()),
+        }
+    }
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovs_fdb_rows_are_matched_by_mac_case_insensitively() {
+        let text = " port  VLAN  MAC                Age\n\
+                    \x20   2   100  52:54:00:AA:00:01    3\n\
+                    LOCAL     0  9a:1b:2c:3d:4e:5f    1\n\
+                    \x20   3   200  52:54:00:aa:00:01    7\n";
+        assert_eq!(
+            parse_ovs_fdb(text, "52:54:00:aa:00:01"),
+            vec![("2".to_string(), 100), ("3".to_string(), 200)]
+        );
+        assert!(parse_ovs_fdb(text, "52:54:00:aa:00:02").is_empty());
+        assert!(parse_ovs_fdb("", "52:54:00:aa:00:01").is_empty());
+    }
+
+    #[test]
+    fn mac_bytes_parses_only_six_hex_octets() {
+        assert_eq!(
+            mac_bytes("02:00:0a:00:00:ff"),
+            Some([2, 0, 0x0a, 0, 0, 0xff])
+        );
+        assert_eq!(mac_bytes("02:00:0a:00:00"), None);
+        assert_eq!(mac_bytes("02:00:0a:00:00:ff:01"), None);
+        assert_eq!(mac_bytes("zz:00:0a:00:00:ff"), None);
+    }
+
+    #[test]
+    fn appctl_sits_next_to_vsctl() {
+        assert_eq!(
+            appctl_path(Path::new("/usr/bin/ovs-vsctl")),
+            PathBuf::from("/usr/bin/ovs-appctl")
+        );
+        assert_eq!(
+            appctl_path(Path::new("ovs-vsctl")),
+            PathBuf::from("ovs-appctl")
+        );
+    }
+}

@@ -1,0 +1,647 @@
+//! The hop verdicts on plain inputs: a healthy path, then one broken thing
+//! at a time, each named as the right hop with a usable fix.
+
+use super::*;
+use crate::host::{FdbFacts, LinkCounters, OvsFacts, VlanFacts, VxlanFacts};
+
+const MAC: &str = "02:00:0d:00:00:01";
+
+fn nic(bridge: &str, tap: &str) -> InterfaceView {
+    InterfaceView {
+        kind: "bridge".into(),
+        mac: Some(MAC.into()),
+        source: Some(bridge.into()),
+        target: Some(tap.into()),
+        alias: Some("ua-web".into()),
+        model: Some("virtio".into()),
+        mtu: Some(1500),
+        ..InterfaceView::default()
+    }
+}
+
+fn link(name: &str, kind: &str, mtu: u32, master: Option<&str>) -> LinkFacts {
+    LinkFacts {
+        name: name.into(),
+        kind: kind.into(),
+        up: true,
+        lower_up: true,
+        mtu,
+        master: master.map(str::to_string),
+        ..LinkFacts::default()
+    }
+}
+
+fn busy() -> Option<LinkCounters> {
+    Some(LinkCounters {
+        rx_packets: 12,
+        tx_packets: 30,
+        ..LinkCounters::default()
+    })
+}
+
+/// vnet3 in cloudbr1, both up at 1500, MAC learned on vnet3.
+fn healthy() -> HostFacts {
+    let mut tap = link("vnet3", "tun", 1500, Some("cloudbr1"));
+    tap.counters = busy();
+    let mut br = link("cloudbr1", "bridge", 1500, None);
+    br.ageing = Some(30000);
+    HostFacts {
+        tap: Some(tap),
+        bridge: Some(br),
+        fdb: FdbFacts {
+            read: true,
+            learned_on: vec!["vnet3".into()],
+            error: None,
+        },
+        ..HostFacts::default()
+    }
+}
+
+/// vnet4 in brvx-5000 at 1450, vxlan5000 over cloudbr1 (1500).
+fn healthy_vxlan() -> (InterfaceView, HostFacts) {
+    let mut i = nic("brvx-5000", "vnet4");
+    i.mtu = Some(1450);
+    let mut f = healthy();
+    let mut tap = link("vnet4", "tun", 1450, Some("brvx-5000"));
+    tap.counters = busy();
+    f.tap = Some(tap);
+    let mut br = link("brvx-5000", "bridge", 1450, None);
+    br.ageing = Some(30000);
+    f.bridge = Some(br);
+    let mut vx = link("vxlan5000", "vxlan", 1450, Some("brvx-5000"));
+    vx.vxlan = Some(VxlanFacts {
+        vni: Some(5000),
+        group: Some(Ipv4Addr::new(239, 0, 19, 136)),
+        underlay: Some("cloudbr1".into()),
+        port: Some(4789),
+    });
+    f.segment = Some(vx);
+    f.underlay = Some(link("cloudbr1", "bridge", 1500, None));
+    f.fdb.learned_on = vec!["vnet4".into()];
+    (i, f)
+}
+
+fn run(i: &InterfaceView, f: &HostFacts, ids: usize) -> Vec<Hop> {
+    hops(&DiagnoseInput {
+        vm: "i-2-10-VM",
+        mac: MAC,
+        running: true,
+        persistent: true,
+        live: vec![i],
+        config: vec![i],
+        ids_on_bridge: ids,
+        host: HostInput::Facts(f),
+    })
+}
+
+fn get<'a>(hops: &'a [Hop], name: &str) -> &'a Hop {
+    hops.iter()
+        .find(|h| h.name == name)
+        .unwrap_or_else(|| panic!("no hop {name} in {hops:#?}"))
+}
+
+fn assert_only_fault(hops: &[Hop], name: &str) {
+    for h in hops {
+        if h.name == name {
+            assert_eq!(h.status, HopStatus::Fault, "{h:#?}");
+            assert!(!h.fix.is_empty(), "a fault needs a fix: {h:#?}");
+        } else {
+            assert_ne!(h.status, HopStatus::Fault, "unexpected fault: {h:#?}");
+        }
+    }
+}
+
+#[test]
+fn healthy_linux_bridge_nic_is_ok_on_every_hop_in_order() {
+    let h = run(&nic("cloudbr1", "vnet3"), &healthy(), 0);
+    let names: Vec<_> = h.iter().map(|h| h.name).collect();
+    assert_eq!(
+        names,
+        vec!["xml", "tap", "bridge", "segment", "mtu", "promisc", "counters", "fdb"]
+    );
+    for hop in &h {
+        assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
+        assert!(hop.fix.is_empty(), "{hop:#?}");
+    }
+    assert!(get(&h, "tap").evidence.contains("enslaved to cloudbr1"));
+    assert!(get(&h, "fdb").evidence.contains("learned on vnet3"));
+}
+
+#[test]
+fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
+    let i = nic("cloudbr1", "vnet3");
+    let h = hops(&DiagnoseInput {
+        vm: "vm",
+        mac: MAC,
+        running: true,
+        persistent: false,
+        live: vec![&i],
+        config: vec![],
+        ids_on_bridge: 0,
+        host: HostInput::Off,
+    });
+    assert_eq!(h.len(), 8);
+    assert_eq!(get(&h, "xml").status, HopStatus::Ok);
+    for hop in &h[1..] {
+        assert_eq!(hop.status, HopStatus::Warning);
+        assert!(hop.evidence.contains("host networking off"), "{hop:#?}");
+    }
+}
+
+#[test]
+fn nic_missing_from_the_domain_is_an_xml_fault() {
+    let f = healthy();
+    let h = hops(&DiagnoseInput {
+        vm: "vm",
+        mac: MAC,
+        running: true,
+        persistent: true,
+        live: vec![],
+        config: vec![],
+        ids_on_bridge: 0,
+        host: HostInput::Facts(&f),
+    });
+    assert_only_fault(&h, "xml");
+    assert!(get(&h, "xml").evidence.contains(MAC));
+    assert!(h[1..].iter().all(|x| x.status == HopStatus::Warning));
+}
+
+#[test]
+fn live_only_nic_of_a_persistent_vm_is_a_warning_and_config_only_is_a_fault() {
+    let i = nic("cloudbr1", "vnet3");
+    let f = healthy();
+    let mut d = DiagnoseInput {
+        vm: "vm",
+        mac: MAC,
+        running: true,
+        persistent: true,
+        live: vec![&i],
+        config: vec![],
+        ids_on_bridge: 0,
+        host: HostInput::Facts(&f),
+    };
+    let h = hops(&d);
+    assert_eq!(get(&h, "xml").status, HopStatus::Warning);
+    assert!(get(&h, "xml").evidence.contains("persistent"));
+    d.live = vec![];
+    d.config = vec![&i];
+    let h = hops(&d);
+    assert_eq!(get(&h, "xml").status, HopStatus::Fault);
+    // A stopped VM's NIC in its config is fine; there is no tap to look at.
+    d.running = false;
+    let h = hops(&d);
+    assert_eq!(get(&h, "xml").status, HopStatus::Ok);
+    assert!(get(&h, "tap").evidence.contains("not running"));
+}
+
+#[test]
+fn link_down_in_the_xml_is_a_warning_with_domif_setlink() {
+    let mut i = nic("cloudbr1", "vnet3");
+    i.link = Some("down".into());
+    let h = run(&i, &healthy(), 0);
+    let x = get(&h, "xml");
+    assert_eq!(x.status, HopStatus::Warning);
+    assert!(x.fix.contains("domif-setlink i-2-10-VM vnet3 up"), "{x:#?}");
+}
+
+#[test]
+fn missing_tap_is_a_tap_fault() {
+    let mut f = healthy();
+    f.tap = None;
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "tap");
+    assert!(get(&h, "tap").evidence.contains("vnet3 does not exist"));
+}
+
+#[test]
+fn tap_down_is_a_fault_with_link_set_up() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.up = false;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "tap");
+    assert_eq!(get(&h, "tap").fix, "ip link set vnet3 up");
+}
+
+#[test]
+fn tap_without_master_or_in_another_bridge_is_a_tap_fault() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.master = None;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "tap");
+    let t = get(&h, "tap");
+    assert!(t.evidence.contains("no master"), "{t:#?}");
+    // The FDB hop points back at the tap instead of blaming the guest.
+    let fdb = get(&h, "fdb");
+    assert_eq!(fdb.status, HopStatus::Warning);
+    assert!(fdb.evidence.contains("see the tap hop"), "{fdb:#?}");
+    assert!(fdb.fix.is_empty(), "{fdb:#?}");
+    assert_eq!(t.fix, "ip link set vnet3 master cloudbr1");
+
+    if let Some(t) = f.tap.as_mut() {
+        t.master = Some("cloudbr0".into());
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert!(get(&h, "tap").evidence.contains("enslaved to cloudbr0"));
+}
+
+#[test]
+fn bridge_down_or_missing_is_a_bridge_fault() {
+    let mut f = healthy();
+    if let Some(b) = f.bridge.as_mut() {
+        b.up = false;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "bridge");
+    assert_eq!(get(&h, "bridge").fix, "ip link set cloudbr1 up");
+
+    f.bridge = None;
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_eq!(get(&h, "bridge").status, HopStatus::Fault);
+    assert!(get(&h, "bridge").evidence.contains("does not exist"));
+}
+
+#[test]
+fn expected_segment_follows_cloudstack_names() {
+    assert_eq!(
+        expected_segment("brvx-5000"),
+        Some(ExpectedSegment::Vxlan {
+            dev: "vxlan5000".into(),
+            vni: 5000,
+            group: Ipv4Addr::new(239, 0, 19, 136),
+        })
+    );
+    assert_eq!(
+        expected_segment("breth1-100"),
+        Some(ExpectedSegment::Vlan {
+            dev: "eth1.100".into(),
+            parent: "eth1".into(),
+            id: 100,
+        })
+    );
+    for none in [
+        "cloudbr1",
+        "br-ovs0",
+        "br0",
+        "brvx-0",
+        "brvx-x",
+        "breth1-5000",
+        "brfoo-10",
+    ] {
+        assert_eq!(expected_segment(none), None, "{none}");
+    }
+}
+
+#[test]
+fn healthy_vxlan_path_checks_vni_group_underlay_and_mtu() {
+    let (i, f) = healthy_vxlan();
+    let h = run(&i, &f, 0);
+    for hop in &h {
+        assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
+    }
+    let s = get(&h, "segment");
+    for want in ["vni 5000", "group 239.0.19.136", "underlay cloudbr1 up"] {
+        assert!(s.evidence.contains(want), "{want}: {s:#?}");
+    }
+    assert!(get(&h, "mtu").evidence.contains("needs ≥ 1500"));
+}
+
+#[test]
+fn missing_vxlan_device_is_a_segment_fault() {
+    let (i, mut f) = healthy_vxlan();
+    f.segment = None;
+    f.underlay = None;
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "segment");
+    let s = get(&h, "segment");
+    assert!(s.evidence.contains("vxlan5000 does not exist"), "{s:#?}");
+    assert!(s.fix.contains("id 5000 group 239.0.19.136"), "{s:#?}");
+}
+
+/// Breaks one thing about a segment device.
+type Breaker = Box<dyn Fn(&mut LinkFacts)>;
+
+#[test]
+fn wrong_vni_group_or_detached_vxlan_device_is_a_segment_fault() {
+    let (i, f) = healthy_vxlan();
+    let cases: Vec<(&str, Breaker)> = vec![
+        (
+            "vni 5001",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.vni = Some(5001)
+                }
+            }),
+        ),
+        (
+            "group 239.1.1.1",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.group = Some(Ipv4Addr::new(239, 1, 1, 1))
+                }
+            }),
+        ),
+        ("enslaved to nothing", Box::new(|s| s.master = None)),
+        ("vxlan5000 is down", Box::new(|s| s.up = false)),
+        (
+            "no underlay",
+            Box::new(|s| {
+                if let Some(v) = s.vxlan.as_mut() {
+                    v.underlay = None
+                }
+            }),
+        ),
+    ];
+    for (want, break_it) in cases {
+        let mut f = f.clone();
+        if let Some(s) = f.segment.as_mut() {
+            break_it(s);
+        }
+        let h = run(&i, &f, 0);
+        let s = get(&h, "segment");
+        assert_eq!(s.status, HopStatus::Fault, "{want}: {s:#?}");
+        assert!(s.evidence.contains(want), "{want}: {s:#?}");
+    }
+}
+
+#[test]
+fn vlan_bridge_needs_its_8021q_device_with_the_right_id() {
+    let mut i = nic("breth1-100", "vnet5");
+    i.mtu = Some(1500);
+    let mut f = healthy();
+    let mut tap = link("vnet5", "tun", 1500, Some("breth1-100"));
+    tap.counters = busy();
+    f.tap = Some(tap);
+    f.bridge = Some(link("breth1-100", "bridge", 1500, None));
+    f.fdb.learned_on = vec!["vnet5".into()];
+    let mut vl = link("eth1.100", "vlan", 1500, Some("breth1-100"));
+    vl.vlan = Some(VlanFacts {
+        id: Some(100),
+        parent: Some("eth1".into()),
+    });
+    f.segment = Some(vl);
+    f.underlay = Some(link("eth1", "veth", 1500, Some("cloudbr1")));
+    let h = run(&i, &f, 0);
+    assert_eq!(get(&h, "segment").status, HopStatus::Ok, "{h:#?}");
+    assert!(get(&h, "segment").evidence.contains("vlan id 100"));
+
+    if let Some(v) = f.segment.as_mut().and_then(|s| s.vlan.as_mut()) {
+        v.id = Some(200);
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "segment");
+    f.segment = None;
+    let h = run(&i, &f, 0);
+    assert!(get(&h, "segment").fix.contains("type vlan id 100"));
+}
+
+#[test]
+fn tap_mtu_above_bridge_is_an_mtu_fault_naming_the_raise() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.mtu = 1550;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "mtu");
+    let m = get(&h, "mtu");
+    assert!(
+        m.evidence
+            .contains("tap vnet3 MTU 1550 > bridge cloudbr1 MTU 1500"),
+        "{m:#?}"
+    );
+    assert!(m.fix.contains("raise cloudbr1 MTU to 1550"), "{m:#?}");
+}
+
+#[test]
+fn nic_without_mtu_on_a_smaller_tap_is_the_silent_1500_fault() {
+    let (mut i, f) = healthy_vxlan();
+    i.mtu = None;
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "mtu");
+    let m = get(&h, "mtu");
+    assert!(
+        m.evidence.contains("guest MTU 1500 > tap vnet4 MTU 1450"),
+        "{m:#?}"
+    );
+    assert!(m.fix.contains("<mtu size='1450'/>"), "{m:#?}");
+}
+
+#[test]
+fn vxlan_underlay_without_50_bytes_of_room_is_an_mtu_fault() {
+    let (i, mut f) = healthy_vxlan();
+    if let Some(u) = f.underlay.as_mut() {
+        u.mtu = 1480;
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "mtu");
+    let m = get(&h, "mtu");
+    assert!(m.fix.contains("raise cloudbr1 MTU to 1500"), "{m:#?}");
+    assert!(m.fix.contains("lower brvx-5000 to 1430"), "{m:#?}");
+}
+
+#[test]
+fn ids_nic_on_a_bridge_that_does_not_flood_is_a_promisc_fault() {
+    let mut i = nic("cloudbr1", "vnet3");
+    i.alias = Some("ua-ids-1".into());
+    let mut f = healthy();
+    let h = run(&i, &f, 1);
+    assert_only_fault(&h, "promisc");
+    if let Some(b) = f.bridge.as_mut() {
+        b.promisc = true;
+        b.ageing = Some(0);
+    }
+    let h = run(&i, &f, 1);
+    assert_eq!(get(&h, "promisc").status, HopStatus::Ok);
+    // Flooding learns nothing: the FDB hop must not cry wolf.
+    assert_eq!(get(&h, "fdb").status, HopStatus::Ok);
+    assert!(get(&h, "fdb").evidence.contains("ageing_time 0"));
+}
+
+#[test]
+fn promiscuous_bridge_without_ids_nics_is_a_warning() {
+    let mut f = healthy();
+    if let Some(b) = f.bridge.as_mut() {
+        b.promisc = true;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let p = get(&h, "promisc");
+    assert_eq!(p.status, HopStatus::Warning, "{p:#?}");
+    assert!(p.fix.contains("promisc off"), "{p:#?}");
+    // The same bridge with an IDS NIC elsewhere on it is expected.
+    if let Some(b) = f.bridge.as_mut() {
+        b.ageing = Some(0);
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 1);
+    assert_eq!(get(&h, "promisc").status, HopStatus::Ok);
+}
+
+#[test]
+fn guest_sending_but_never_receiving_is_the_dhcp_signature() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.counters = Some(LinkCounters {
+            rx_packets: 7,
+            tx_packets: 0,
+            ..LinkCounters::default()
+        });
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let c = get(&h, "counters");
+    assert_eq!(c.status, HopStatus::Warning);
+    assert!(
+        c.evidence.contains("sent 7 frames and received none"),
+        "{c:#?}"
+    );
+    assert!(c.evidence.contains("DHCP"), "{c:#?}");
+    // The reverse is a different story: the guest never talks.
+    if let Some(t) = f.tap.as_mut() {
+        t.counters = Some(LinkCounters {
+            rx_packets: 0,
+            tx_packets: 9,
+            ..LinkCounters::default()
+        });
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let c = get(&h, "counters");
+    assert!(!c.evidence.contains("DHCP"), "{c:#?}");
+    assert!(c.evidence.contains("sent none"), "{c:#?}");
+}
+
+#[test]
+fn drops_or_errors_on_the_tap_are_a_warning() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.counters = Some(LinkCounters {
+            rx_packets: 5,
+            tx_packets: 5,
+            tx_dropped: 3,
+            ..LinkCounters::default()
+        });
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let c = get(&h, "counters");
+    assert_eq!(c.status, HopStatus::Warning);
+    assert!(c.evidence.contains("3 drops and 0 errors"), "{c:#?}");
+}
+
+#[test]
+fn mac_missing_or_learned_elsewhere_in_the_fdb_is_a_warning() {
+    let mut f = healthy();
+    f.fdb.learned_on.clear();
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_eq!(get(&h, "fdb").status, HopStatus::Warning);
+    assert!(get(&h, "fdb")
+        .evidence
+        .contains("not in the FDB of cloudbr1"));
+    f.fdb.learned_on = vec!["eth1".into()];
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_eq!(get(&h, "fdb").status, HopStatus::Warning);
+    assert!(get(&h, "fdb")
+        .evidence
+        .contains("learned on eth1, not on tap vnet3"));
+}
+
+fn ovs_nic() -> (InterfaceView, HostFacts) {
+    let mut i = nic("br-ovs0", "vnet6");
+    i.virtualport = Some("openvswitch".into());
+    i.vlan = Some(100);
+    let mut tap = link("vnet6", "tun", 1500, None);
+    tap.counters = busy();
+    let f = HostFacts {
+        tap: Some(tap),
+        ovs: Some(OvsFacts {
+            bridge_exists: true,
+            port_bridge: Some("br-ovs0".into()),
+            tag: Some(100),
+            mirror: false,
+        }),
+        fdb: FdbFacts {
+            read: true,
+            learned_on: vec!["vnet6 (vlan 100)".into()],
+            error: None,
+        },
+        ..HostFacts::default()
+    };
+    (i, f)
+}
+
+#[test]
+fn healthy_ovs_port_with_its_tag_is_ok() {
+    let (i, f) = ovs_nic();
+    let h = run(&i, &f, 0);
+    for hop in &h {
+        assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
+    }
+    assert!(get(&h, "tap").evidence.contains("VLAN tag 100"));
+}
+
+#[test]
+fn ovs_port_with_wrong_tag_or_on_no_bridge_is_a_tap_fault() {
+    let (i, mut f) = ovs_nic();
+    if let Some(o) = f.ovs.as_mut() {
+        o.tag = Some(200);
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "tap");
+    assert_eq!(get(&h, "tap").fix, "ovs-vsctl set port vnet6 tag=100");
+    if let Some(o) = f.ovs.as_mut() {
+        o.port_bridge = None;
+        o.tag = None;
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "tap");
+    assert_eq!(
+        get(&h, "tap").fix,
+        "ovs-vsctl add-port br-ovs0 vnet6 tag=100"
+    );
+    if let Some(o) = f.ovs.as_mut() {
+        o.bridge_exists = false;
+    }
+    let h = run(&i, &f, 0);
+    assert_eq!(get(&h, "bridge").status, HopStatus::Fault);
+}
+
+#[test]
+fn unreadable_host_warns_with_the_reason() {
+    let i = nic("cloudbr1", "vnet3");
+    let h = hops(&DiagnoseInput {
+        vm: "vm",
+        mac: MAC,
+        running: true,
+        persistent: false,
+        live: vec![&i],
+        config: vec![],
+        ids_on_bridge: 0,
+        host: HostInput::Unreadable("netlink: dump links: EPERM".into()),
+    });
+    assert!(h[1..]
+        .iter()
+        .all(|x| x.status == HopStatus::Warning && x.evidence.contains("EPERM")));
+}
+
+#[test]
+fn worst_status_orders_fault_above_warning() {
+    let mk = |s| Hop {
+        name: hop::TAP,
+        status: s,
+        evidence: String::new(),
+        fix: String::new(),
+    };
+    let d = Diagnosis {
+        nic: None,
+        hops: vec![
+            mk(HopStatus::Ok),
+            mk(HopStatus::Fault),
+            mk(HopStatus::Warning),
+        ],
+    };
+    assert_eq!(d.worst(), HopStatus::Fault);
+    let d = Diagnosis {
+        nic: None,
+        hops: vec![mk(HopStatus::Ok)],
+    };
+    assert_eq!(d.worst(), HopStatus::Ok);
+}
