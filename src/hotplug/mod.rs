@@ -33,6 +33,9 @@ use crate::pci::{self, Capacity, PciAddress};
 use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
 use crate::xml::interface::{choose_driver, InterfaceDef};
 
+/// How long undo and read-back keep retrying while libvirtd restarts.
+const RECONNECT_GRACE: Duration = Duration::from_secs(15);
+
 /// Tunables for hot-plug, from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct HotplugConfig {
@@ -168,6 +171,15 @@ impl Hotplug {
         }
     }
 
+    /// Looks the domain up again after waiting for its lock; a domain that
+    /// vanished meanwhile is reported by the name the caller knows.
+    async fn relookup(&self, first: &DomainRef) -> Result<DomainRef, HotplugError> {
+        match self.lookup(&first.uuid).await {
+            Err(HotplugError::VmNotFound(_)) => Err(HotplugError::VmNotFound(first.name.clone())),
+            other => other,
+        }
+    }
+
     async fn view(&self, dom: &DomainRef, target: Target) -> Result<DomainView, HotplugError> {
         let d = dom.clone();
         let xml = match self.blocking(move |hv| hv.xml(&d, target)).await {
@@ -245,7 +257,7 @@ impl Hotplug {
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
         // Re-read after waiting for the lock: the state may have changed.
-        let dom = self.lookup(&first.uuid).await?;
+        let dom = self.relookup(&first).await?;
         let config = dom.persistent && self.hv.edits_config();
         let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
             (true, true) if config => vec![Target::Live, Target::Config],
@@ -257,13 +269,9 @@ impl Hotplug {
                     driver: self.hv.driver(),
                 })
             }
-            (false, false) => {
-                return Err(HotplugError::Precondition(format!(
-                    "vm {} is {} and has no persistent definition; start it first",
-                    dom.name,
-                    dom.state.as_str()
-                )))
-            }
+            // A transient domain that is not running is being destroyed:
+            // for the caller it is gone.
+            (false, false) => return Err(HotplugError::VmNotFound(dom.name.clone())),
         };
         let (live, config) = self.views(&dom).await?;
         let primary = live.as_ref().or(config.as_ref()).ok_or_else(|| {
@@ -410,10 +418,10 @@ impl Hotplug {
             Ok(()) => {}
             Err(e) => {
                 self.rollback(&dom, undo).await;
-                return Err(e);
+                return Err(self.reclassify(&dom, e).await);
             }
         }
-        let nic = self.read_back(&dom, &mac).await?;
+        let nic = self.until_reachable(|| self.read_back(&dom, &mac)).await?;
         Ok(AttachOutcome {
             nic,
             already_present: false,
@@ -495,8 +503,14 @@ impl Hotplug {
         for step in undo.into_iter().rev() {
             match step {
                 Undo::Device { target, xml } => {
-                    let d = dom.clone();
-                    if let Err(e) = self.blocking(move |hv| hv.detach(&d, &xml, target)).await {
+                    let r = self
+                        .until_reachable(|| {
+                            let d = dom.clone();
+                            let x = xml.clone();
+                            self.blocking(move |hv| hv.detach(&d, &x, target))
+                        })
+                        .await;
+                    if let Err(e) = r {
                         tracing::warn!(vm = %dom.name, %target, error = %e, "undo: detach failed");
                     }
                 }
@@ -508,6 +522,48 @@ impl Hotplug {
                     }
                 }
             }
+        }
+    }
+
+    /// Runs a libvirt step, retrying while libvirtd is unreachable (it is
+    /// being restarted) for up to [`RECONNECT_GRACE`]. Used where giving up
+    /// would leave a half-done change behind (undo) or misreport a change
+    /// that happened (read-back).
+    async fn until_reachable<T, F, Fut>(&self, mut f: F) -> Result<T, HotplugError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, HotplugError>>,
+    {
+        let start = Instant::now();
+        loop {
+            match f().await {
+                Err(HotplugError::Hypervisor(e))
+                    if e.kind == HvErrorKind::Unavailable && start.elapsed() < RECONNECT_GRACE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// After a failed libvirt call, says what happened to the domain: gone
+    /// (destroyed meanwhile) is NOT_FOUND, no longer running is a
+    /// precondition; otherwise the original error stands.
+    async fn reclassify(&self, dom: &DomainRef, e: HotplugError) -> HotplugError {
+        if !matches!(e, HotplugError::Hypervisor(_) | HotplugError::Internal(_)) {
+            return e;
+        }
+        match self.lookup(&dom.uuid).await {
+            Err(HotplugError::VmNotFound(_)) => HotplugError::VmNotFound(dom.name.clone()),
+            Ok(now) if dom.state.is_live() && !now.state.is_live() => {
+                HotplugError::Precondition(format!(
+                    "vm {} stopped during the attach ({}); nothing was left attached",
+                    dom.name,
+                    now.state.as_str()
+                ))
+            }
+            _ => e,
         }
     }
 
@@ -595,7 +651,7 @@ impl Hotplug {
         let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
-        let dom = self.lookup(&first.uuid).await?;
+        let dom = self.relookup(&first).await?;
         let (live, config) = self.views(&dom).await?;
         let mac_s = mac.to_string();
         let in_live = match &live {

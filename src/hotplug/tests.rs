@@ -212,7 +212,7 @@ async fn live_detach_failure_puts_the_config_nic_back() {
 }
 
 #[tokio::test]
-async fn stopped_transient_vm_is_a_precondition_failure() {
+async fn stopped_transient_vm_is_not_found() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("gone", RunState::ShutOff, false, 1);
     let hp = engine(fake.clone());
@@ -220,6 +220,39 @@ async fn stopped_transient_vm_is_a_precondition_failure() {
         .attach("gone", &spec("52:54:00:00:00:08"))
         .await
         .expect_err("nothing to attach to");
-    assert!(matches!(e, HotplugError::Precondition(_)), "{e:?}");
+    // A transient domain that is not running is being destroyed.
+    assert!(matches!(e, HotplugError::VmNotFound(_)), "{e:?}");
     assert!(fake.calls().is_empty());
+}
+
+#[tokio::test]
+async fn undo_waits_for_a_restarting_libvirtd_instead_of_leaving_a_half_attached_nic() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    // libvirtd goes away after the live half: the config attach and the
+    // first two undo attempts find it unreachable, then it is back.
+    *fake.fail_queue.lock().expect("lock") = vec![
+        ("attach", Target::Config, HvErrorKind::Unavailable),
+        ("detach", Target::Live, HvErrorKind::Unavailable),
+        ("detach", Target::Live, HvErrorKind::Unavailable),
+    ];
+    let hp = engine(fake.clone());
+    let e = hp
+        .attach("vm1", &spec("52:54:00:00:00:09"))
+        .await
+        .expect_err("fails");
+    assert!(
+        matches!(e, HotplugError::Hypervisor(ref h) if h.kind == HvErrorKind::Unavailable),
+        "{e:?}"
+    );
+    let live_detaches = fake
+        .calls()
+        .iter()
+        .filter(|c| c.op == "detach" && c.target == Target::Live)
+        .count();
+    assert_eq!(live_detaches, 3, "undo retried until libvirtd answered");
+    assert!(
+        hp.list_nics("vm1").await.expect("list").is_empty(),
+        "no half-attached NIC"
+    );
 }

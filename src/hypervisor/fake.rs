@@ -47,6 +47,8 @@ pub struct FakeHypervisor {
     pub unplug: Mutex<Unplug>,
     /// Fail the next call of this (op, target) with this kind.
     pub fail_next: Mutex<Option<(&'static str, Target, HvErrorKind)>>,
+    /// More scripted failures, consumed in order as matching calls come.
+    pub fail_queue: Mutex<Vec<(&'static str, Target, HvErrorKind)>>,
 }
 
 fn mac_of(xml: &str) -> String {
@@ -66,6 +68,7 @@ impl Default for FakeHypervisor {
             calls: Mutex::new(Vec::new()),
             unplug: Mutex::new(Unplug::Immediate),
             fail_next: Mutex::new(None),
+            fail_queue: Mutex::new(Vec::new()),
         }
     }
 }
@@ -134,6 +137,15 @@ impl FakeHypervisor {
                 *f = None;
                 return Err(HvError::new(kind, op, "scripted failure"));
             }
+        }
+        drop(f);
+        let mut q = self
+            .fail_queue
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        if let Some(i) = q.iter().position(|(o, t, _)| *o == op && *t == target) {
+            let (_, _, kind) = q.remove(i);
+            return Err(HvError::new(kind, op, "scripted failure"));
         }
         Ok(())
     }
