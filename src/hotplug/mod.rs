@@ -12,14 +12,18 @@
 
 mod error;
 pub mod locks;
+mod moves;
 mod report;
+mod update;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use error::HotplugError;
+pub use moves::MoveOutcome;
 pub use report::{NicReport, VmReport};
+pub use update::{BandwidthChange, NicUpdate};
 
 use crate::host::{HostNet, HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
@@ -239,8 +243,17 @@ impl Hotplug {
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
+        self.attach_locked(&first.uuid, spec).await
+    }
+
+    /// The body of [`Hotplug::attach`]; the caller holds the VM's lock.
+    async fn attach_locked(
+        &self,
+        uuid: &str,
+        spec: &NicSpec,
+    ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
-        let dom = self.lookup(&first.uuid).await?;
+        let dom = self.lookup(uuid).await?;
         let config = dom.persistent && self.hv.edits_config();
         let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
             (true, true) if config => vec![Target::Live, Target::Config],
@@ -587,10 +600,25 @@ impl Hotplug {
         alias: Option<&Alias>,
         timeout: Option<Duration>,
     ) -> Result<DetachState, HotplugError> {
-        let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
-        let dom = self.lookup(&first.uuid).await?;
+        self.detach_locked(&first.uuid, mac, alias, timeout, true)
+            .await
+    }
+
+    /// The body of [`Hotplug::detach`]; the caller holds the VM's lock.
+    /// `host_cleanup` false keeps the bridge (and IDS flags) as they are,
+    /// for a NIC that is about to be attached elsewhere on the same bridge.
+    async fn detach_locked(
+        &self,
+        uuid: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        timeout: Option<Duration>,
+        host_cleanup: bool,
+    ) -> Result<DetachState, HotplugError> {
+        let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
+        let dom = self.lookup(uuid).await?;
         let (live, config) = self.views(&dom).await?;
         let mac_s = mac.to_string();
         let in_live = match &live {
@@ -674,7 +702,9 @@ impl Hotplug {
             };
             if gone {
                 self.pending_remove(&dom.uuid, &mac_s);
-                self.host_after_detach(&removed).await;
+                if host_cleanup {
+                    self.host_after_detach(&removed).await;
+                }
                 return Ok(DetachState::Removed);
             }
             if start.elapsed() >= timeout {
