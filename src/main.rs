@@ -160,6 +160,11 @@ fn main() -> ExitCode {
                 .map(|_| format!("man pages written to {}\n", a.out.display()))
                 .map_err(|e| format!("writing man pages to {}: {e}", a.out.display())),
             Command::Completions(a) => Ok(nic_agent::cli::completion_script(a.shell)),
+            Command::Update(a) => client::update(&a).await.map_err(|e| e.to_string()),
+            Command::Move(a) => client::move_nic(&a).await.map_err(|e| e.to_string()),
+            Command::GuestConfig(a) => {
+                nic_agent::cli::guest_config::run(&a).map_err(|e| e.to_string())
+            }
         }
     });
     match out {
