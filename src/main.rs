@@ -171,6 +171,12 @@ fn main() -> ExitCode {
                 exit_status = Some(status);
                 out
             }
+
+            Command::Update(a) => client::update(&a).await.map_err(|e| e.to_string()),
+            Command::Move(a) => client::move_nic(&a).await.map_err(|e| e.to_string()),
+            Command::GuestConfig(a) => {
+                nic_agent::cli::guest_config::run(&a).map_err(|e| e.to_string())
+            }
         }
     });
     match out {

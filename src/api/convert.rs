@@ -159,3 +159,36 @@ pub fn diagnosis(d: &crate::hotplug::Diagnosis, request_id: &str) -> pb::Diagnos
         request_id: request_id.to_string(),
     }
 }
+
+/// proto `Bandwidth` of an UpdateNic → what to do with that direction.
+pub fn bandwidth_change(
+    prefix: &'static str,
+    b: &pb::Bandwidth,
+) -> Result<crate::hotplug::BandwidthChange, crate::nic::NicError> {
+    crate::hotplug::BandwidthChange::from_raw(prefix, &raw_bw(b))
+}
+
+/// proto `UpdateNicRequest` → the validated change.
+pub fn nic_update(
+    r: &pb::UpdateNicRequest,
+) -> Result<crate::hotplug::NicUpdate, crate::nic::NicError> {
+    Ok(crate::hotplug::NicUpdate {
+        link: r.link_down.map(|d| {
+            if d {
+                crate::nic::LinkState::Down
+            } else {
+                crate::nic::LinkState::Up
+            }
+        }),
+        inbound: r
+            .inbound
+            .as_ref()
+            .map(|b| bandwidth_change("inbound", b))
+            .transpose()?,
+        outbound: r
+            .outbound
+            .as_ref()
+            .map(|b| bandwidth_change("outbound", b))
+            .transpose()?,
+    })
+}

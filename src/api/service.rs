@@ -230,7 +230,7 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
     ) -> Result<Response<pb::DiagnoseResponse>, Status> {
         let rid = request_id(&req, &req.get_ref().request_id);
         let r = req.into_inner();
-        let span = tracing::info_span!("diagnose", request_id = %rid, vm = %r.vm, mac = %r.mac);
+        let span = tracing::info_span!("diagnose", request_id = %rid, vm = %log_safe(&r.vm), mac = %log_safe(&r.mac));
         async move {
             tracing::info!("diagnose requested");
             let start = Instant::now();
@@ -244,5 +244,96 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
         }
         .instrument(span)
         .await
+    }
+
+    // --- day-2: UpdateNic, MoveNic ---
+
+    async fn update_nic(
+        &self,
+        req: Request<pb::UpdateNicRequest>,
+    ) -> Result<Response<pb::UpdateNicResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("update", request_id = %rid, vm = %log_safe(&r.vm), mac = %log_safe(&r.mac));
+        async move {
+            tracing::info!(link_down = ?r.link_down, inbound = r.inbound.is_some(), outbound = r.outbound.is_some(), "update requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                let mac = MacAddr::try_from(r.mac.as_str())?;
+                let alias = optional_alias(&r.alias)?;
+                let change = convert::nic_update(&r)?;
+                self.hotplug
+                    .update(&r.vm, &mac, alias.as_ref(), &change)
+                    .await
+            }
+            .await;
+            finish("update", start, result).map(|n| {
+                Response::new(pb::UpdateNicResponse {
+                    nic: Some(convert::nic(&n)),
+                    request_id: rid.clone(),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn move_nic(
+        &self,
+        req: Request<pb::MoveNicRequest>,
+    ) -> Result<Response<pb::MoveNicResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("move", request_id = %rid, vm = %log_safe(&r.from_vm), to_vm = %log_safe(&r.to_vm), mac = %log_safe(&r.mac));
+        async move {
+            tracing::info!(timeout_ms = r.timeout_ms, "move requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.from_vm).map_err(|e| rename_vm_field(e, "from_vm"))?;
+                check_vm(&r.to_vm).map_err(|e| rename_vm_field(e, "to_vm"))?;
+                let mac = MacAddr::try_from(r.mac.as_str())?;
+                let alias = optional_alias(&r.alias)?;
+                let timeout =
+                    (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
+                self.hotplug
+                    .move_nic(&r.from_vm, &r.to_vm, &mac, alias.as_ref(), timeout)
+                    .await
+            }
+            .await;
+            finish("move", start, result).map(|o| {
+                Response::new(pb::MoveNicResponse {
+                    nic: Some(convert::nic(&o.nic)),
+                    vm: o.vm,
+                    moved: o.moved,
+                    request_id: rid.clone(),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// An optional user alias field: empty means none.
+fn optional_alias(s: &str) -> Result<Option<Alias>, HotplugError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(Alias::try_from(s)?))
+    }
+}
+
+/// `check_vm` names the field `vm`; MoveNic has two VM fields.
+fn rename_vm_field(e: HotplugError, field: &'static str) -> HotplugError {
+    match e {
+        HotplugError::Invalid(NicError::Invalid { value, allowed, .. }) => {
+            HotplugError::Invalid(NicError::Invalid {
+                field,
+                value,
+                allowed,
+            })
+        }
+        other => other,
     }
 }

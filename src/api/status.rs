@@ -15,11 +15,14 @@ pub const DETACH_STATE_KEY: &str = "x-detach-state";
 pub fn code(e: &HotplugError) -> Code {
     match e {
         HotplugError::Invalid(_) | HotplugError::OutOfRange { .. } => Code::InvalidArgument,
-        HotplugError::VmNotFound(_) => Code::NotFound,
+        HotplugError::VmNotFound(_) | HotplugError::NicNotFound { .. } => Code::NotFound,
+        HotplugError::MovedBack { cause, .. } => code(cause),
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
         HotplugError::NoCapacity(_) => Code::ResourceExhausted,
         HotplugError::Precondition(_) | HotplugError::Mtu(_) => Code::FailedPrecondition,
-        HotplugError::DetachPending { .. } => Code::DeadlineExceeded,
+        HotplugError::DetachPending { .. } | HotplugError::MovePending { .. } => {
+            Code::DeadlineExceeded
+        }
         HotplugError::Unsupported { .. } => Code::Unimplemented,
         HotplugError::Hypervisor(h) => match h.kind {
             HvErrorKind::NotFound => Code::NotFound,
@@ -44,7 +47,10 @@ pub fn code(e: &HotplugError) -> Code {
 /// applies.
 pub fn to_status(e: &HotplugError) -> Status {
     let mut s = Status::new(code(e), e.to_string());
-    if matches!(e, HotplugError::DetachPending { .. }) {
+    if matches!(
+        e,
+        HotplugError::DetachPending { .. } | HotplugError::MovePending { .. }
+    ) {
         if let Ok(v) = "PENDING".parse() {
             s.metadata_mut().insert(DETACH_STATE_KEY, v);
         }

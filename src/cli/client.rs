@@ -1,5 +1,5 @@
 //! gRPC client subcommands: `vms`, `list`, `attach`, `detach`, `capacity`,
-//! `doctor`.
+//! `doctor`, `update`, `move`.
 //! Human tables by default, JSON with `--json`; errors exit non-zero with
 //! the gRPC code and message.
 
@@ -7,7 +7,7 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use super::{AttachArgs, ClientArgs, DetachArgs, DoctorArgs, VmArgs};
+use super::{AttachArgs, ClientArgs, DetachArgs, DoctorArgs, MoveArgs, UpdateArgs, VmArgs};
 use crate::api::pb::{self, nic_agent_client::NicAgentClient};
 
 /// A client-side failure, printed as `error: CODE: message`.
@@ -383,4 +383,97 @@ pub async fn doctor(a: &DoctorArgs) -> (Result<String, String>, u8) {
         );
     }
     (Ok(doctor_table(&a.target.vm, &a.mac, &r)), code)
+}
+
+fn invalid(e: impl std::fmt::Display) -> ClientError {
+    ClientError {
+        code: Code::InvalidArgument,
+        message: e.to_string(),
+    }
+}
+
+/// `update`
+pub async fn update(a: &UpdateArgs) -> Result<String, ClientError> {
+    let link_down = match a.link.as_deref() {
+        None => None,
+        Some("up") => Some(false),
+        Some("down") => Some(true),
+        Some(other) => {
+            return Err(invalid(crate::nic::NicError::Invalid {
+                field: "link",
+                value: other.into(),
+                allowed: "up or down".into(),
+            }))
+        }
+    };
+    let bw =
+        |field: &'static str, v: &Option<String>| -> Result<Option<pb::Bandwidth>, ClientError> {
+            v.as_deref()
+                .map(|s| {
+                    super::parse_bandwidth(field, s).map(|b| pb::Bandwidth {
+                        average_kbps: b.average_kbps,
+                        peak_kbps: b.peak_kbps,
+                        burst_kb: b.burst_kb,
+                        rate_mbps: 0,
+                    })
+                })
+                .transpose()
+                .map_err(invalid)
+        };
+    let req = pb::UpdateNicRequest {
+        vm: a.target.vm.clone(),
+        mac: a.mac.clone(),
+        alias: a.alias.clone(),
+        link_down,
+        inbound: bw("inbound", &a.inbound)?,
+        outbound: bw("outbound", &a.outbound)?,
+        request_id: a.request_id.clone(),
+    };
+    let mut c = connect(&a.target.client.server).await?;
+    let r = c.update_nic(req).await?.into_inner();
+    let nic = r.nic.unwrap_or_default();
+    if a.target.client.json {
+        return Ok(serde_json::to_string_pretty(
+            &json!({"nic": nic_json(&nic), "request_id": r.request_id}),
+        )
+        .unwrap_or_default());
+    }
+    Ok(format!(
+        "updated {} on {}: request {}\n{}",
+        nic.mac,
+        a.target.vm,
+        r.request_id,
+        nic_table(std::slice::from_ref(&nic))
+    ))
+}
+
+/// `move`
+pub async fn move_nic(a: &MoveArgs) -> Result<String, ClientError> {
+    let mut c = connect(&a.client.server).await?;
+    let r = c
+        .move_nic(pb::MoveNicRequest {
+            from_vm: a.from_vm.clone(),
+            to_vm: a.to_vm.clone(),
+            mac: a.mac.clone(),
+            alias: a.alias.clone(),
+            timeout_ms: a.timeout_ms,
+            request_id: a.request_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let nic = r.nic.unwrap_or_default();
+    if a.client.json {
+        return Ok(serde_json::to_string_pretty(&json!({
+            "nic": nic_json(&nic), "vm": r.vm, "moved": r.moved, "request_id": r.request_id,
+        }))
+        .unwrap_or_default());
+    }
+    let what = if r.moved { "moved" } else { "not moved" };
+    Ok(format!(
+        "{what}: {} is on {}: request {}\n{}",
+        nic.mac,
+        r.vm,
+        r.request_id,
+        nic_table(std::slice::from_ref(&nic))
+    ))
 }

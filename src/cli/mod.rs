@@ -3,6 +3,7 @@
 //! (`man`, `completions`). `main.rs` only parses and dispatches here.
 
 pub mod client;
+pub mod guest_config;
 pub mod offline;
 
 use std::path::PathBuf;
@@ -55,6 +56,13 @@ pub enum Command {
     /// Exit 0: no FAULT (warnings allowed); 1: at least one FAULT;
     /// 2: no diagnosis (agent unreachable, unknown VM, bad MAC).
     Doctor(DoctorArgs),
+
+    /// Change an attached NIC's link state or bandwidth in place.
+    Update(UpdateArgs),
+    /// Move a NIC from one VM to another (back on the first if the second refuses it).
+    Move(MoveArgs),
+    /// Print the guest-side network files for a hot-plugged NIC (offline).
+    GuestConfig(GuestConfigArgs),
 }
 
 /// `config` subcommands.
@@ -326,4 +334,102 @@ pub struct DoctorArgs {
     /// MAC of the NIC.
     #[arg(long)]
     pub mac: String,
+}
+
+/// `update` options.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Client options and VM.
+    #[command(flatten)]
+    pub target: VmArgs,
+    /// MAC of the NIC.
+    #[arg(long)]
+    pub mac: String,
+    /// User alias to pick among NICs sharing the MAC.
+    #[arg(long, default_value = "")]
+    pub alias: String,
+    /// New link state: up or down.
+    #[arg(long)]
+    pub link: Option<String>,
+    /// New inbound AVG[,PEAK[,BURST]] in KB/s and KB; 0 removes the shaping.
+    #[arg(long)]
+    pub inbound: Option<String>,
+    /// New outbound AVG[,PEAK[,BURST]] in KB/s and KB; 0 removes the shaping.
+    #[arg(long)]
+    pub outbound: Option<String>,
+    /// Correlation id.
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+}
+
+/// `move` options.
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The VM the NIC is on (name or UUID).
+    #[arg(long)]
+    pub from_vm: String,
+    /// The VM to move it to.
+    #[arg(long)]
+    pub to_vm: String,
+    /// MAC of the NIC.
+    #[arg(long)]
+    pub mac: String,
+    /// User alias to pick among NICs sharing the MAC.
+    #[arg(long, default_value = "")]
+    pub alias: String,
+    /// How long to wait for the first guest to release the NIC (ms).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_ms: u32,
+    /// Correlation id.
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+}
+
+/// `guest-config` options.
+#[derive(Debug, Args)]
+pub struct GuestConfigArgs {
+    /// MAC of the hot-plugged NIC.
+    #[arg(long)]
+    pub mac: String,
+    /// Interface name in the guest.
+    #[arg(long, default_value = "eth1")]
+    pub name: String,
+    /// Static address ADDR/PREFIX (default: DHCP).
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// Gateway of the NIC's subnet (with --ip).
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Routing table for the NIC's policy routing, 1-252 (with --ip).
+    #[arg(long)]
+    pub table: Option<u32>,
+}
+
+/// Parses `AVG[,PEAK[,BURST]]` for `field`; `0` alone means "remove".
+pub fn parse_bandwidth(
+    field: &'static str,
+    s: &str,
+) -> Result<crate::nic::RawBandwidth, crate::nic::NicError> {
+    let bad = || crate::nic::NicError::Invalid {
+        field,
+        value: s.to_string(),
+        allowed: "AVG[,PEAK[,BURST]] as whole numbers (KB/s, KB/s, KB), or 0 to remove".into(),
+    };
+    let parts: Vec<&str> = s.split(',').collect();
+    if parts.len() > 3 {
+        return Err(bad());
+    }
+    let mut n = [0u64; 3];
+    for (i, p) in parts.iter().enumerate() {
+        n[i] = p.trim().parse::<u64>().map_err(|_| bad())?;
+    }
+    Ok(crate::nic::RawBandwidth {
+        average_kbps: n[0],
+        peak_kbps: n[1],
+        burst_kb: n[2],
+        rate_mbps: 0,
+    })
 }

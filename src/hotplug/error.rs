@@ -24,6 +24,27 @@ pub enum HotplugError {
     /// The VM does not exist on this host.
     #[error("vm {0:?} not found on this host")]
     VmNotFound(String),
+    /// No NIC with this MAC (and alias) is attached to the VM.
+    #[error("no NIC {mac} in vm {vm}; list its NICs with ListNics")]
+    NicNotFound {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+    },
+    /// A move failed on the target VM and the NIC was put back on the
+    /// source VM; `cause` is the target VM's error, which sets the code.
+    #[error("moving NIC {mac} to {to_vm} failed, the NIC is back on {from_vm}: {cause}")]
+    MovedBack {
+        /// The MAC.
+        mac: String,
+        /// The VM the NIC was taken from and is on again.
+        from_vm: String,
+        /// The VM that refused it.
+        to_vm: String,
+        /// Why the target VM refused it.
+        cause: Box<HotplugError>,
+    },
     /// The MAC is already attached with a different spec.
     #[error("NIC {mac} is already attached to {vm} with a different {fields}; detach it first or repeat the same spec")]
     AlreadyExists {
@@ -47,6 +68,19 @@ pub enum HotplugError {
         mac: String,
         /// The VM.
         vm: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// A move's unplug from the source VM is still pending; nothing was
+    /// attached to the target.
+    #[error("NIC {mac} is still in {from_vm} after {waited_ms} ms: the guest has not released it, so nothing was attached to {to_vm}; the unplug stays pending, retry MoveNic to finish the move")]
+    MovePending {
+        /// The MAC.
+        mac: String,
+        /// The source VM.
+        from_vm: String,
+        /// The target VM.
+        to_vm: String,
         /// How long we waited.
         waited_ms: u64,
     },

@@ -13,7 +13,9 @@
 mod diagnose;
 mod error;
 pub mod locks;
+mod moves;
 mod report;
+mod update;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,9 @@ pub use diagnose::{
     HostInput,
 };
 pub use error::HotplugError;
+pub use moves::MoveOutcome;
 pub use report::{NicReport, VmReport};
+pub use update::{BandwidthChange, NicUpdate};
 
 use crate::host::{HostNet, HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
@@ -171,15 +175,6 @@ impl Hotplug {
         }
     }
 
-    /// Looks the domain up again after waiting for its lock; a domain that
-    /// vanished meanwhile is reported by the name the caller knows.
-    async fn relookup(&self, first: &DomainRef) -> Result<DomainRef, HotplugError> {
-        match self.lookup(&first.uuid).await {
-            Err(HotplugError::VmNotFound(_)) => Err(HotplugError::VmNotFound(first.name.clone())),
-            other => other,
-        }
-    }
-
     async fn view(&self, dom: &DomainRef, target: Target) -> Result<DomainView, HotplugError> {
         let d = dom.clone();
         let xml = match self.blocking(move |hv| hv.xml(&d, target)).await {
@@ -256,8 +251,19 @@ impl Hotplug {
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
+        self.attach_locked(&first.uuid, spec)
+            .await
+            .map_err(|e| named(e, &first))
+    }
+
+    /// The body of [`Hotplug::attach`]; the caller holds the VM's lock.
+    async fn attach_locked(
+        &self,
+        uuid: &str,
+        spec: &NicSpec,
+    ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
-        let dom = self.relookup(&first).await?;
+        let dom = self.lookup(uuid).await?;
         let config = dom.persistent && self.hv.edits_config();
         let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
             (true, true) if config => vec![Target::Live, Target::Config],
@@ -648,10 +654,26 @@ impl Hotplug {
         alias: Option<&Alias>,
         timeout: Option<Duration>,
     ) -> Result<DetachState, HotplugError> {
-        let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first.uuid).await;
-        let dom = self.relookup(&first).await?;
+        self.detach_locked(&first.uuid, mac, alias, timeout, true)
+            .await
+            .map_err(|e| named(e, &first))
+    }
+
+    /// The body of [`Hotplug::detach`]; the caller holds the VM's lock.
+    /// `host_cleanup` false keeps the bridge (and IDS flags) as they are,
+    /// for a NIC that is about to be attached elsewhere on the same bridge.
+    async fn detach_locked(
+        &self,
+        uuid: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        timeout: Option<Duration>,
+        host_cleanup: bool,
+    ) -> Result<DetachState, HotplugError> {
+        let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
+        let dom = self.lookup(uuid).await?;
         let (live, config) = self.views(&dom).await?;
         let mac_s = mac.to_string();
         let in_live = match &live {
@@ -735,7 +757,9 @@ impl Hotplug {
             };
             if gone {
                 self.pending_remove(&dom.uuid, &mac_s);
-                self.host_after_detach(&removed).await;
+                if host_cleanup {
+                    self.host_after_detach(&removed).await;
+                }
                 return Ok(DetachState::Removed);
             }
             if start.elapsed() >= timeout {
@@ -889,6 +913,17 @@ fn ids_alias(spec: &NicSpec) -> Result<Alias, HotplugError> {
             Alias::try_from(format!("{IDS_ALIAS_PREFIX}{rest}").as_str())
                 .map_err(|e| HotplugError::Internal(e.to_string()))
         }
+    }
+}
+
+/// A domain that vanished while a request waited for its lock was looked up
+/// by UUID; report it by the name the caller used.
+fn named(e: HotplugError, first: &DomainRef) -> HotplugError {
+    match e {
+        HotplugError::VmNotFound(id) if id == first.uuid => {
+            HotplugError::VmNotFound(first.name.clone())
+        }
+        other => other,
     }
 }
 

@@ -23,7 +23,7 @@ pub enum Unplug {
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
-    /// "attach" or "detach".
+    /// "attach", "detach" or "update".
     pub op: &'static str,
     /// Live or config.
     pub target: Target,
@@ -245,6 +245,35 @@ impl Hypervisor for FakeHypervisor {
                 (Target::Live, Unplug::Never) => {}
             }
             Ok(())
+        })
+    }
+    fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        let mac = mac_of(xml);
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(Call {
+                op: "update",
+                target,
+                mac: mac.clone(),
+            });
+        }
+        self.scripted_failure("update", target)?;
+        self.with(&dom.uuid, |d| {
+            let list = match target {
+                Target::Live => &mut d.live,
+                Target::Config => &mut d.config,
+            };
+            // Like libvirt: the device is found by MAC and replaced whole.
+            match list.iter_mut().find(|x| mac_of(x) == mac) {
+                Some(x) => {
+                    *x = xml.to_string();
+                    Ok(())
+                }
+                None => Err(HvError::new(
+                    HvErrorKind::DeviceMissing,
+                    "update",
+                    "device not found",
+                )),
+            }
         })
     }
 }

@@ -222,4 +222,11 @@ impl Hypervisor for Libvirt {
             .map(|_| ())
             .map_err(|e| self.fail(&conn, &format!("detach ({target})"), &e))
     }
+
+    fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let d = self.domain(&conn, dom)?;
+        d.update_device_flags(xml, flags(target))
+            .map_err(|e| self.fail(&conn, &format!("update ({target})"), &e))
+    }
 }

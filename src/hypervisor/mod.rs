@@ -143,4 +143,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// virDomainDetachDeviceFlags with one target. For LIVE, success only
     /// means the unplug request was sent to the guest.
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError>;
+    /// virDomainUpdateDeviceFlags with one target: changes a device in
+    /// place. libvirt finds the NIC by MAC and refuses changes to anything
+    /// but the parts it can change live (link state, bandwidth, ...), so
+    /// `xml` must be the NIC's full current definition with only those
+    /// parts changed.
+    fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError>;
 }

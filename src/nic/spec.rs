@@ -170,7 +170,8 @@ fn segment(raw: &RawNic) -> Result<Segment, NicError> {
     })
 }
 
-fn bandwidth(
+/// Validates one direction of shaping; shared with UpdateNic.
+pub(crate) fn bandwidth(
     prefix: &'static str,
     raw: Option<&RawBandwidth>,
 ) -> Result<Option<Bandwidth>, NicError> {
