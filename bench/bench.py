@@ -59,24 +59,6 @@ def sh(*cmd, timeout=600, check=True):
     return p.stdout
 
 
-def health_status(channel, timeout=1.0):
-    """grpc.health.v1.Health/Check for the whole server ("" service), without
-    generated stubs: the request is an empty message, the reply's field 1 is
-    the status enum (1 = SERVING, 2 = NOT_SERVING)."""
-    import grpc
-
-    call = channel.unary_unary("/grpc.health.v1.Health/Check",
-                               request_serializer=lambda b: b,
-                               response_deserializer=lambda b: b)
-    try:
-        raw = call(b"", timeout=timeout)
-    except grpc.RpcError:
-        return None
-    if len(raw) >= 2 and raw[0] == 0x08:
-        return raw[1]
-    return 0
-
-
 class Agent:
     """The release agent on a random loopback port; start-up timed to SERVING."""
 
@@ -101,7 +83,7 @@ class Agent:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
         self.channel = grpc.insecure_channel(self.addr, options=[("grpc.enable_http_proxy", 0)])
         deadline = time.monotonic() + 30
-        while health_status(self.channel, 0.5) != 1:
+        while lk.health(self.channel, 0.5) != lk.SERVING:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("agent never reported SERVING")
@@ -376,6 +358,8 @@ def main():
     for p in (AGENT, BENCH):
         if not os.access(p, os.X_OK):
             sys.exit(f"{p} missing: build with cargo build --release --bins --examples")
+    # Generate the gRPC stubs now, not inside the first start-up timing.
+    lk.stubs()
     workdir = tempfile.mkdtemp(prefix="nic-agent-bench-")
     t_start = time.monotonic()
     mach = machine()
