@@ -17,6 +17,25 @@ when libvirtd, a domain or the agent itself goes away in the middle of attaches.
    detaching one keeps the bridge flooding, detaching the last restores its
    flags from the state dir.
 
+What the agent did at 977634f (the failures are races; a run hits them often,
+not always):
+- libvirtd killed between an attach's LIVE and CONFIG steps: the request
+  answers UNAVAILABLE, the undo (detach LIVE) fails on the dead connection,
+  and the NIC stays live-only: half-attached behind an error. Test 1 fails.
+- libvirtd killed while QEMU runs device_add: QEMU keeps a device libvirt
+  never recorded (`ghost_devices`); its PCI slot looks free to libvirt, so
+  every later attach to that VM fails INTERNAL with "PCI: slot N function 0
+  not available ... in use by ...,id=ua-...". Test 1 fails.
+- a domain destroyed while its attach is inside a QEMU monitor call answers
+  INTERNAL ("Unable to read from monitor: Connection reset by peer",
+  "Unable to write to monitor: Broken pipe") instead of NOT_FOUND (transient)
+  or FAILED_PRECONDITION (persistent, now shut off); a transient domain seen
+  mid-destroy answers FAILED_PRECONDITION "vm ... is other and has no
+  persistent definition; start it first". Tests 2 and 2b fail.
+- agent SIGKILLed between LIVE and CONFIG leaves a live-only NIC; the retried
+  attach completes it (applied "config"), a second retry is already_present.
+  IDS NICs are recounted from libvirt after the restart. Test 3 passes.
+
 Everything made here is named lab-f* and removed at the end, also on failure.
 Run (root): python3 tests/lab/test_e2e_faults.py
 Env: NIC_AGENT_BIN (default target/debug/nic-agent).
