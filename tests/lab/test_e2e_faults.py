@@ -43,6 +43,7 @@ Env: NIC_AGENT_BIN (default target/debug/nic-agent).
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,7 +196,10 @@ class FaultsE2E(unittest.TestCase):
         for m in ok:
             self.assertIn(m, live, f"{m} answered OK but is not in {vm}'s live XML")
         for m in failed:
-            self.assertNotIn(m, live, f"{m} failed but is in {vm}'s live XML (half-attached)")
+            where = "live" + ("+config" if config is not None and m in config else "")
+            self.assertNotIn(m, live, f"{m} failed but is in {vm}'s {where} XML" + (
+                " (half-attached: the undo did not run)" if where == "live" and config is not None
+                else " (attached, but the caller was told it failed)"))
             if config is not None:
                 self.assertNotIn(m, config, f"{m} failed but is in {vm}'s persistent XML")
         if config is not None:
@@ -410,6 +414,10 @@ if __name__ == "__main__":
     for line in REPORT:
         print(f"report: {line}")
     failed = len(result.failures) + len(result.errors)
+    if failed:
+        print(f"agent logs kept in {WORKDIR}")
+    else:
+        shutil.rmtree(WORKDIR, ignore_errors=True)
     print(f"lab-faults: {result.testsRun - failed - len(result.skipped)} passed, {failed} failed"
           + (f", {len(result.skipped)} skipped" if result.skipped else ""))
     sys.exit(1 if failed or result.testsRun == 0 else 0)
