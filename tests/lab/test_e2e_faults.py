@@ -21,7 +21,9 @@ What the agent did at 977634f (the failures are races; a run hits them often,
 not always):
 - libvirtd killed between an attach's LIVE and CONFIG steps: the request
   answers UNAVAILABLE, the undo (detach LIVE) fails on the dead connection,
-  and the NIC stays live-only: half-attached behind an error. Test 1 fails.
+  and the NIC stays live-only: half-attached behind an error. Killed during
+  the read-back after both halves, the request answers UNAVAILABLE for a NIC
+  that is fully attached (a retry answers already_present). Test 1 fails.
 - libvirtd killed while QEMU runs device_add: QEMU keeps a device libvirt
   never recorded (`ghost_devices`); its PCI slot looks free to libvirt, so
   every later attach to that VM fails INTERNAL with "PCI: slot N function 0
