@@ -258,3 +258,28 @@ def stage_binary(binary, root, dest):
             dst.write(src.read())
         os.chmod(out, 0o755)
     return libs
+
+
+# grpc.health.v1 ServingStatus values.
+SERVING, NOT_SERVING = 1, 2
+
+
+def health(channel, timeout=2.0):
+    """grpc.health.v1.Health/Check for the whole server ("" service): SERVING (1),
+    NOT_SERVING (2), or None when the call itself fails.
+
+    Raw bytes instead of generated stubs: the request is an empty message and
+    the reply's only field (1, varint) is the status, so no health.proto has
+    to be found or compiled on the lab host."""
+    grpc, _, _ = stubs()
+    call = channel.unary_unary("/grpc.health.v1.Health/Check",
+                               request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+    try:
+        raw = call(b"", timeout=timeout)
+    except grpc.RpcError:
+        return None
+    if len(raw) >= 2 and raw[0] == 0x08:
+        return raw[1]
+    # An empty reply is status 0 (UNKNOWN) in proto3.
+    return 0

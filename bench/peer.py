@@ -1,0 +1,155 @@
+#!/usr/bin/python3
+"""The python-libvirt peer for bench/run.sh, and the lab's NIC sweeper.
+
+`run`: what a simple Python hot-plug service does per request -- look the
+domain up by name, dump its XML (to check for the MAC, as such services do),
+then virDomainAttachDeviceFlags(LIVE) -- with N clients pulling from one
+queue over one shared connection. Prints the same JSON as examples/bench.rs.
+
+`clean`: detaches every live <interface> of the given domains (one thread
+per domain) and waits until libvirt reports them gone, so each benchmark
+phase starts from guests without NICs.
+
+Needs Debian's python3-libvirt, so run it with /usr/bin/python3.
+"""
+import argparse
+import json
+import re
+import sys
+import threading
+import time
+
+import libvirt
+
+
+def read_jobs(path):
+    jobs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                sys.exit(f"{path}:{n}: want `VM MAC`")
+            jobs.append((parts[0], parts[1]))
+    return jobs
+
+
+def percentile(sorted_s, p):
+    if not sorted_s:
+        return 0.0
+    rank = max(1, -(-len(sorted_s) * p // 100))
+    return sorted_s[min(int(rank), len(sorted_s)) - 1] * 1000.0
+
+
+def run(args):
+    jobs = read_jobs(args.jobs)
+    with open(args.template) as f:
+        template = f.read()
+    conn = libvirt.open(args.uri)
+    lock = threading.Lock()
+    state = {"next": 0, "ok": [], "errors": {}, "first_error": None}
+
+    def worker():
+        while True:
+            with lock:
+                i = state["next"]
+                state["next"] += 1
+            if i >= len(jobs):
+                return
+            vm, mac = jobs[i]
+            xml = template.replace("{mac}", mac).replace("{alias}",
+                                                         "ua-bench-" + mac.replace(":", ""))
+            t0 = time.perf_counter()
+            try:
+                dom = conn.lookupByName(vm)
+                if mac.lower() in dom.XMLDesc(0).lower():
+                    raise RuntimeError(f"MAC {mac} already in {vm}")
+                dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                dt = time.perf_counter() - t0
+                with lock:
+                    state["ok"].append(dt)
+            except (libvirt.libvirtError, RuntimeError) as e:
+                kind = str(e.get_error_code()) if isinstance(e, libvirt.libvirtError) else "dup"
+                with lock:
+                    state["errors"][kind] = state["errors"].get(kind, 0) + 1
+                    state["first_error"] = state["first_error"] or str(e)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(max(1, args.concurrency))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    conn.close()
+    ok = sorted(state["ok"])
+    print(json.dumps({
+        "mode": "python-peer",
+        "label": args.label,
+        "concurrency": args.concurrency,
+        "requests": len(jobs),
+        "ok": len(ok),
+        "errors": state["errors"],
+        "first_error": state["first_error"],
+        "wall_s": wall,
+        "throughput_per_s": len(ok) / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+        "mean_ms": (sum(ok) * 1000.0 / len(ok)) if ok else 0.0,
+        "max_ms": ok[-1] * 1000.0 if ok else 0.0,
+    }))
+
+
+IFACE = re.compile(r"<interface\b.*?</interface>", re.S)
+MAC = re.compile(r"<mac address=['\"]([0-9a-fA-F:]{17})['\"]")
+
+
+def clean(args):
+    conn = libvirt.open(args.uri)
+    failures = []
+
+    def sweep(name):
+        try:
+            dom = conn.lookupByName(name)
+            for iface in IFACE.findall(dom.XMLDesc(0)):
+                dom.detachDeviceFlags(iface, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            deadline = time.monotonic() + args.timeout
+            while IFACE.search(dom.XMLDesc(0)):
+                if time.monotonic() >= deadline:
+                    left = MAC.findall(dom.XMLDesc(0))
+                    failures.append(f"{name}: NICs still present after {args.timeout}s: {left}")
+                    return
+                time.sleep(0.05)
+        except libvirt.libvirtError as e:
+            failures.append(f"{name}: {e}")
+
+    threads = [threading.Thread(target=sweep, args=(n,)) for n in args.vms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conn.close()
+    if failures:
+        sys.exit("clean failed:\n" + "\n".join(failures))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--uri", required=True)
+    r.add_argument("--jobs", required=True)
+    r.add_argument("--template", required=True)
+    r.add_argument("--concurrency", type=int, default=1)
+    r.add_argument("--label", default="")
+    c = sub.add_parser("clean")
+    c.add_argument("--uri", required=True)
+    c.add_argument("--timeout", type=float, default=60)
+    c.add_argument("vms", nargs="+")
+    args = ap.parse_args()
+    {"run": run, "clean": clean}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
