@@ -5,95 +5,9 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::netns::Netns;
 use common::*;
 use tonic::Code;
-
-/// A network namespace with a label bridge `cloudbr1` whose "physical"
-/// port is a veth (this kernel has no dummy links). Deleted on drop.
-struct Netns {
-    name: String,
-    dir: tempfile::TempDir,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("ip");
-    assert!(st.success(), "ip {args:?} failed");
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("nat-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        ip(&["netns", "add", &name]);
-        let n = name.as_str();
-        for args in [
-            vec!["-n", n, "link", "set", "lo", "up"],
-            vec!["-n", n, "link", "add", "cloudbr1", "type", "bridge"],
-            vec!["-n", n, "link", "add", "cloudbr2", "type", "bridge"],
-            vec![
-                "-n", n, "link", "add", "eth1", "type", "veth", "peer", "name", "wire1",
-            ],
-            vec!["-n", n, "link", "set", "eth1", "master", "cloudbr1"],
-            vec!["-n", n, "link", "set", "eth1", "up"],
-            vec!["-n", n, "link", "set", "wire1", "up"],
-            vec!["-n", n, "link", "set", "cloudbr1", "up"],
-            vec!["-n", n, "link", "set", "cloudbr2", "up"],
-            vec!["-n", n, "addr", "add", "10.199.0.1/24", "dev", "cloudbr1"],
-        ] {
-            ip(&args);
-        }
-        Netns {
-            name,
-            dir: tempfile::tempdir().expect("tmp"),
-        }
-    }
-
-    fn links(&self) -> Vec<String> {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "-o", "link", "show"])
-            .output()
-            .expect("ip link");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                l.split(':')
-                    .nth(1)
-                    .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
-            })
-            .collect()
-    }
-
-    fn details(&self, link: &str) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "-d", "link", "show", link])
-            .output()
-            .expect("ip link");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    fn agent(&self, extra: &[&str]) -> Agent {
-        let sock = self.dir.path().join("agent.sock");
-        let state = self.dir.path().join("state");
-        let mut args = vec![
-            "--host-network",
-            "on",
-            "--state-dir",
-            state.to_str().expect("utf8"),
-        ];
-        args.extend_from_slice(extra);
-        start_agent_in_netns(&self.name, &lab_uri(), sock.to_str().expect("utf8"), &args)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 #[tokio::test]
 async fn vxlan_attach_builds_the_bridge_and_writes_the_bridge_mtu() {

@@ -226,25 +226,9 @@ pub mod netns {
 /// `RUST_LOG=warn` under load, where info logging would print two lines per
 /// request).
 pub fn start_agent_with_env(uri: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nic-agent"));
+    cmd.args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
         .args(extra)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn nic-agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("nic-agent listening on ") {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("agent did not report its listen address");
-    Agent { child, addr }
+        .envs(env.iter().copied());
+    spawn_and_wait(cmd)
 }
