@@ -264,21 +264,8 @@ impl Hotplug {
     ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
         let dom = self.lookup(uuid).await?;
-        let config = dom.persistent && self.hv.edits_config();
-        let targets: Vec<Target> = match (dom.state.is_live(), dom.persistent) {
-            (true, true) if config => vec![Target::Live, Target::Config],
-            (true, _) => vec![Target::Live],
-            (false, true) if config => vec![Target::Config],
-            (false, true) => {
-                return Err(HotplugError::Unsupported {
-                    op: "attaching to a stopped VM's persistent definition",
-                    driver: self.hv.driver(),
-                })
-            }
-            // A transient domain that is not running is being destroyed:
-            // for the caller it is gone.
-            (false, false) => return Err(HotplugError::VmNotFound(dom.name.clone())),
-        };
+        let targets =
+            self.change_targets(&dom, "attaching to a stopped VM's persistent definition")?;
         let (live, config) = self.views(&dom).await?;
         let primary = live.as_ref().or(config.as_ref()).ok_or_else(|| {
             HotplugError::Internal("domain has neither live nor config XML".into())

@@ -147,6 +147,9 @@ impl Hotplug {
     /// Which definitions a device change applies to, by the attach rules:
     /// a running persistent VM gets LIVE and CONFIG (LIVE only on a driver
     /// that cannot edit CONFIG), a transient VM LIVE, a stopped VM CONFIG.
+    /// Which definitions a change goes to, the same rule for attach and
+    /// update: a running persistent VM gets LIVE then CONFIG, a transient
+    /// one LIVE, a stopped persistent one CONFIG.
     pub(super) fn change_targets(
         &self,
         dom: &DomainRef,
@@ -161,11 +164,9 @@ impl Hotplug {
                 op,
                 driver: self.hv.driver(),
             }),
-            (false, false) => Err(HotplugError::Precondition(format!(
-                "vm {} is {} and has no persistent definition; start it first",
-                dom.name,
-                dom.state.as_str()
-            ))),
+            // A transient domain that is not running is being destroyed:
+            // for the caller it is gone.
+            (false, false) => Err(HotplugError::VmNotFound(dom.name.clone())),
         }
     }
 
