@@ -147,9 +147,7 @@ impl Hotplug {
     /// Which definitions a device change applies to, by the attach rules:
     /// a running persistent VM gets LIVE and CONFIG (LIVE only on a driver
     /// that cannot edit CONFIG), a transient VM LIVE, a stopped VM CONFIG.
-    /// Which definitions a change goes to, the same rule for attach and
-    /// update: a running persistent VM gets LIVE then CONFIG, a transient
-    /// one LIVE, a stopped persistent one CONFIG.
+    /// Attach and update share this rule.
     pub(super) fn change_targets(
         &self,
         dom: &DomainRef,
