@@ -28,13 +28,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
 LAB = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(LAB))
-BIN = os.environ.get("NIC_AGENT_BIN", os.path.join(ROOT, "target", "debug", "nic-agent"))
 WORK = os.environ.get("LAB_WORK", os.path.join(LAB, "work"))
 GUEST_DIR = os.path.join(WORK, "guest")
 LAB_STATE = os.environ.get("LAB_STATE", "/run/nic-agent-lab")
@@ -49,24 +47,10 @@ WAIT = 30  # seconds to wait for a guest console line
 DETACH_MS = 20000
 
 
-def generate_stubs():
-    from grpc_tools import protoc
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import labkit as lk  # noqa: E402
 
-    out = tempfile.mkdtemp(prefix="nicagent-lab-b-")
-    rc = protoc.main([
-        "protoc", f"-I{ROOT}/proto", f"--python_out={out}", f"--grpc_python_out={out}",
-        f"{ROOT}/proto/nicagent/v1/nicagent.proto",
-    ])
-    if rc != 0:
-        raise RuntimeError(f"protoc failed: {rc}")
-    sys.path.insert(0, out)
-    return out
-
-
-STUBS = generate_stubs()
-import grpc  # noqa: E402
-from nicagent.v1 import nicagent_pb2 as pb  # noqa: E402
-from nicagent.v1 import nicagent_pb2_grpc as rpc  # noqa: E402
+grpc, pb, rpc = lk.stubs()
 
 
 # ---------------------------------------------------------------- helpers
@@ -179,49 +163,20 @@ def guest_exec(dom, cmd, timeout=15):
     return p.returncode, p.stdout + p.stderr
 
 
-class Agent:
-    """The real agent on qemu:///system with host networking on."""
+class Agent(lk.Agent):
+    """labkit's agent with host networking on and this suite's state dir."""
 
     def __init__(self, workdir):
         self.state_dir = os.path.join(workdir, "state")
-        self.stderr_path = os.path.join(workdir, "agent.stderr")
-        self.stderr = open(self.stderr_path, "w")
-        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        self.proc = subprocess.Popen(
-            [BIN, "serve", "--connect", "qemu:///system", "--listen", "127.0.0.1:0",
-             "--host-network", "on", "--state-dir", self.state_dir,
-             "--detach-timeout-ms", str(DETACH_MS),
-             # Extra flags, e.g. to check that the suite can fail.
-             *os.environ.get("LAB_AGENT_ARGS", "").split()],
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
-        self.addr = None
-        done = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                if line.startswith("nic-agent listening on "):
-                    self.addr = line.strip().split()[-1]
-                    done.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not done.wait(30):
-            self.stop()
-            raise RuntimeError("agent did not start:\n" + self.log_tail())
-        self.channel = grpc.insecure_channel(self.addr)
-        self.stub = rpc.NicAgentStub(self.channel)
+        super().__init__(
+            os.path.join(workdir, "agent.stderr"),
+            "--host-network", "on", "--state-dir", self.state_dir,
+            "--detach-timeout-ms", str(DETACH_MS),
+            # Extra flags, e.g. to check that the suite can fail.
+            *os.environ.get("LAB_AGENT_ARGS", "").split())
 
     def log_tail(self, n=200):
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.stderr.close()
+        return "".join(self.stderr().splitlines(keepends=True)[-n:])
 
 
 TIMINGS = []
@@ -544,9 +499,8 @@ class NetworkE2E(unittest.TestCase):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        BIN = sys.argv.pop(1)
+        lk.BIN = sys.argv.pop(1)
     result = unittest.main(exit=False, verbosity=2).result
-    shutil.rmtree(STUBS, ignore_errors=True)
     for t in TIMINGS:
         print(f"timing: {t}")
     failed = len(result.failures) + len(result.errors)
