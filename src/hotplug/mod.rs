@@ -357,13 +357,7 @@ impl Hotplug {
         }
 
         let alias = ids_alias(spec)?;
-        if spec.promiscuous
-            && self
-                .cfg
-                .forbid_promisc
-                .iter()
-                .any(|b| b == def_bridge(&source))
-        {
+        if spec.promiscuous && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
             return Err(HotplugError::Precondition(format!(
                 "promiscuous (IDS) NICs are forbidden on bridge {source} by configuration"
             )));
@@ -863,10 +857,6 @@ impl Hotplug {
             other => other,
         }
     }
-}
-
-fn def_bridge(b: &crate::nic::BridgeName) -> &str {
-    b.as_str()
 }
 
 /// Alias prefix that marks an IDS (promiscuous) NIC. The mark lives in the
