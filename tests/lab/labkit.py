@@ -93,17 +93,23 @@ class Console:
     def __init__(self, path):
         self.path = path
 
-    def lines(self):
+    def _raw(self):
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return []
-        return data.decode("utf-8", "replace").replace("\r", "").split("\n")
+            return ""
+        return data.decode("utf-8", "replace").replace("\r", "")
+
+    def lines(self):
+        """Complete lines only. The guest writes the console a few bytes at a
+        time, so the text after the last newline may be half a line (an IP
+        cut to "10.77.11"); matching it would read a truncated value."""
+        return self._raw().split("\n")[:-1]
 
     def mark(self):
         """Current number of complete lines; pass to wait()/find() as `after`."""
-        return max(len(self.lines()) - 1, 0)
+        return len(self.lines())
 
     def find(self, regex, after=0):
         """All matches of regex (re.Match) among lines after `after`."""
@@ -117,7 +123,7 @@ class Console:
         return found[-1]
 
     def text(self):
-        return "\n".join(self.lines())
+        return self._raw()
 
 
 class Guest:
