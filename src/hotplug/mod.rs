@@ -12,6 +12,7 @@
 
 mod diagnose;
 mod error;
+mod ghosts;
 pub mod locks;
 mod moves;
 mod report;
@@ -124,6 +125,9 @@ pub struct Hotplug {
     /// A retried detach waits on these instead of sending a second
     /// device_del, which QEMU would reject or queue twice.
     pending: Mutex<HashSet<(String, String)>>,
+    /// VMs (by UUID) whose live attach lost libvirtd mid-call: QEMU may
+    /// hold a NIC libvirt never recorded. See `ghosts`.
+    suspects: Mutex<HashSet<String>>,
 }
 
 impl Hotplug {
@@ -140,6 +144,7 @@ impl Hotplug {
             cfg,
             locks: locks::VmLocks::default(),
             pending: Mutex::new(HashSet::new()),
+            suspects: Mutex::new(HashSet::new()),
         }
     }
 
@@ -264,6 +269,7 @@ impl Hotplug {
     ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
         let dom = self.lookup(uuid).await?;
+        self.settle(&dom).await?;
         let targets =
             self.change_targets(&dom, "attaching to a stopped VM's persistent definition")?;
         let (live, config) = self.views(&dom).await?;
@@ -404,6 +410,12 @@ impl Hotplug {
         match result {
             Ok(()) => {}
             Err(e) => {
+                // libvirtd went away during the live attach: once it is
+                // back, remove what QEMU may have kept, so the caller's
+                // UNAVAILABLE leaves nothing in the guest.
+                if let Err(ge) = self.until_reachable(|| self.settle(&dom)).await {
+                    tracing::warn!(vm = %dom.name, error = %ge, "could not check QEMU for a NIC libvirt lost; checked again before the next change");
+                }
                 self.rollback(&dom, undo).await;
                 return Err(self.reclassify(&dom, e).await);
             }
@@ -458,6 +470,38 @@ impl Hotplug {
                 Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
                     return Err(HotplugError::VmNotFound(dom.name.clone()))
                 }
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::Unavailable => {
+                    // libvirtd went away mid-call. It may have recorded the
+                    // device before it died: then the step happened, and
+                    // undo must know it. If not, QEMU may still have run
+                    // device_add (see `ghosts`).
+                    if self.recorded(dom, target, &def).await {
+                        tracing::info!(vm = %dom.name, %target, "libvirtd went away after recording the attach; continuing");
+                        undo.push(Undo::Device { target, xml });
+                        continue;
+                    }
+                    if target == Target::Live {
+                        self.suspect(dom);
+                    }
+                    return Err(e.into());
+                }
+                Err(HotplugError::Hypervisor(e))
+                    if target == Target::Live && e.kind == HvErrorKind::Internal =>
+                {
+                    // QEMU refused a device that fits by libvirt's books.
+                    // The usual cause is a NIC libvirt lost holding the slot:
+                    // remove it and try once more.
+                    match self.remove_ghosts(dom).await {
+                        Ok(g) if !g.is_empty() => {
+                            let d = dom.clone();
+                            let x = xml.clone();
+                            self.blocking(move |hv| hv.attach(&d, &x, target)).await?;
+                            undo.push(Undo::Device { target, xml });
+                        }
+                        Err(ge @ HotplugError::Precondition(_)) => return Err(ge),
+                        _ => return Err(e.into()),
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -482,6 +526,21 @@ impl Hotplug {
             }
         }
         Ok(())
+    }
+
+    /// Whether `target`'s definition has the NIC of `def` (by its alias,
+    /// unique to this request), once libvirtd answers again.
+    async fn recorded(&self, dom: &DomainRef, target: Target, def: &InterfaceDef) -> bool {
+        let alias = def.alias.as_str();
+        let found = self
+            .until_reachable(|| async {
+                let v = self.view(dom, target).await?;
+                Ok(v.interfaces
+                    .iter()
+                    .any(|i| i.alias.as_deref() == Some(alias)))
+            })
+            .await;
+        matches!(found, Ok(true))
     }
 
     /// Runs undo steps in reverse. An undo failure is logged, not returned:
@@ -655,6 +714,10 @@ impl Hotplug {
     ) -> Result<DetachState, HotplugError> {
         let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
         let dom = self.lookup(uuid).await?;
+        // A NIC libvirt lost is invisible to the checks below: remove it
+        // first, or this detach would answer ALREADY_ABSENT for a NIC the
+        // guest still has.
+        self.settle(&dom).await?;
         let (live, config) = self.views(&dom).await?;
         let mac_s = mac.to_string();
         let in_live = match &live {

@@ -256,3 +256,170 @@ async fn undo_waits_for_a_restarting_libvirtd_instead_of_leaving_a_half_attached
         "no half-attached NIC"
     );
 }
+
+#[tokio::test]
+async fn a_nic_libvirt_lost_is_unplugged_and_the_attach_retried() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    fake.add_ghost("vm1", "ua-lost", "52:54:00:00:00:99", true);
+    let hp = engine(fake.clone());
+    let out = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect("attach after removing the lost NIC");
+    assert!(out.nic.in_live);
+    assert!(
+        fake.ghosts("vm1").is_empty(),
+        "the lost NIC is still in QEMU"
+    );
+    let calls = fake.calls();
+    let ops: Vec<(&str, &str)> = calls.iter().map(|c| (c.op, c.mac.as_str())).collect();
+    assert_eq!(
+        ops,
+        vec![
+            ("attach", "52:54:00:00:00:01"),
+            ("device_del", "ua-lost"),
+            ("netdev_del", "hostua-lost"),
+            ("attach", "52:54:00:00:00:01"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_lost_nic_the_guest_keeps_fails_the_attach_naming_it() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    fake.add_ghost("vm1", "ua-lost", "52:54:00:00:00:99", false);
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("the slot is still held");
+    let msg = err.to_string();
+    assert!(matches!(err, HotplugError::Precondition(_)), "{err:?}");
+    assert!(
+        msg.contains("ua-lost") && msg.contains("52:54:00:00:00:99"),
+        "{msg}"
+    );
+    // No netdev_del while the device is still there, and nothing attached.
+    assert!(!fake.calls().iter().any(|c| c.op == "netdev_del"));
+    assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_attach_with_no_lost_nic_keeps_its_own_error() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    *fake.fail_next.lock().expect("lock") = Some(("attach", Target::Live, HvErrorKind::Internal));
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("scripted failure");
+    assert!(
+        matches!(err, HotplugError::Hypervisor(ref e) if e.message == "scripted failure"),
+        "{err:?}"
+    );
+    assert!(!fake.calls().iter().any(|c| c.op == "device_del"));
+    assert_eq!(fake.calls().iter().filter(|c| c.op == "attach").count(), 1);
+}
+
+#[tokio::test]
+async fn libvirtd_lost_mid_attach_removes_what_qemu_kept_before_answering() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    // QEMU ran device_add; libvirtd died before recording it.
+    fake.add_ghost("vm1", "ua-half", "52:54:00:00:00:01", true);
+    *fake.fail_next.lock().expect("lock") =
+        Some(("attach", Target::Live, HvErrorKind::Unavailable));
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("libvirtd went away");
+    assert!(
+        matches!(err, HotplugError::Hypervisor(ref e) if e.kind == HvErrorKind::Unavailable),
+        "{err:?}"
+    );
+    assert!(
+        fake.ghosts("vm1").is_empty(),
+        "QEMU still holds the half-attached NIC"
+    );
+    // The retry is an ordinary attach.
+    let out = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect("retry");
+    assert!(!out.already_present);
+    assert_eq!(
+        fake.calls().iter().filter(|c| c.op == "device_del").count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_suspect_vm_is_checked_before_a_detach_answers_already_absent() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    // libvirtd stays away past the check after the failed attach: the
+    // ghost is found only at the next change, here a detach.
+    *fake.fail_queue.lock().expect("lock") = vec![
+        ("attach", Target::Live, HvErrorKind::Unavailable),
+        ("qemu_nics", Target::Live, HvErrorKind::Internal),
+    ];
+    let hp = engine(fake.clone());
+    hp.attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("libvirtd went away");
+    fake.add_ghost("vm1", "ua-half", "52:54:00:00:00:01", true);
+    let state = hp
+        .detach("vm1", &mac("52:54:00:00:00:01"), None, None)
+        .await
+        .expect("detach");
+    assert_eq!(state, DetachState::AlreadyAbsent);
+    assert!(
+        fake.ghosts("vm1").is_empty(),
+        "detach left the lost NIC in QEMU"
+    );
+}
+
+#[tokio::test]
+async fn a_step_libvirt_recorded_before_it_went_away_counts_as_done() {
+    for lost in [Target::Live, Target::Config] {
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.add("vm1", RunState::Running, true, 2);
+        *fake.lose_reply.lock().expect("lock") = vec![("attach", lost)];
+        let hp = engine(fake.clone());
+        let out = hp
+            .attach("vm1", &spec("52:54:00:00:00:01"))
+            .await
+            .unwrap_or_else(|e| panic!("attach with the {lost} reply lost: {e}"));
+        assert!(out.nic.in_live && out.nic.in_config, "{lost}: {out:?}");
+        // One attach per definition: nothing was sent twice, nothing undone.
+        let ops: Vec<(&str, Target)> = fake.calls().iter().map(|c| (c.op, c.target)).collect();
+        assert_eq!(
+            ops,
+            vec![("attach", Target::Live), ("attach", Target::Config)],
+            "{lost}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_live_attach_lost_with_nothing_recorded_answers_unavailable_and_leaves_nothing() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    *fake.fail_next.lock().expect("lock") =
+        Some(("attach", Target::Live, HvErrorKind::Unavailable));
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("libvirtd went away");
+    assert!(
+        matches!(err, HotplugError::Hypervisor(ref e) if e.kind == HvErrorKind::Unavailable),
+        "{err:?}"
+    );
+    assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+    assert!(!fake.calls().iter().any(|c| c.target == Target::Config));
+}

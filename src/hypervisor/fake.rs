@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{DomainRef, HvError, HvErrorKind, Hypervisor, RunState, Target};
+use super::{DomainRef, HvError, HvErrorKind, Hypervisor, QemuNic, RunState, Target};
 
 /// How the fake guest answers a live unplug.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +23,11 @@ pub enum Unplug {
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
-    /// "attach", "detach" or "update".
+    /// "attach", "detach", "update", "device_del" or "netdev_del".
     pub op: &'static str,
     /// Live or config.
     pub target: Target,
-    /// The MAC the XML named.
+    /// The MAC the XML named (the QEMU id for device_del and netdev_del).
     pub mac: String,
 }
 
@@ -37,6 +37,9 @@ struct FakeDomain {
     live: Vec<String>,
     config: Vec<String>,
     unplug_countdown: HashMap<String, u32>,
+    /// NICs only "QEMU" has (libvirt lost them), and whether the guest
+    /// releases them on device_del.
+    ghosts: Vec<(QemuNic, bool)>,
 }
 
 /// A scripted fake hypervisor.
@@ -49,6 +52,10 @@ pub struct FakeHypervisor {
     pub fail_next: Mutex<Option<(&'static str, Target, HvErrorKind)>>,
     /// More scripted failures, consumed in order as matching calls come.
     pub fail_queue: Mutex<Vec<(&'static str, Target, HvErrorKind)>>,
+    /// Calls of this (op, target) that take effect and then answer
+    /// Unavailable, like libvirtd dying after recording a change and before
+    /// replying. Consumed in order.
+    pub lose_reply: Mutex<Vec<(&'static str, Target)>>,
 }
 
 fn mac_of(xml: &str) -> String {
@@ -69,6 +76,7 @@ impl Default for FakeHypervisor {
             unplug: Mutex::new(Unplug::Immediate),
             fail_next: Mutex::new(None),
             fail_queue: Mutex::new(Vec::new()),
+            lose_reply: Mutex::new(Vec::new()),
         }
     }
 }
@@ -92,6 +100,7 @@ impl FakeHypervisor {
                 live: Vec::new(),
                 config: Vec::new(),
                 unplug_countdown: HashMap::new(),
+                ghosts: Vec::new(),
             });
         }
     }
@@ -104,6 +113,38 @@ impl FakeHypervisor {
             d.live.retain(|x| mac_of(x) != mac);
             Ok(())
         });
+    }
+
+    /// Gives a running domain a NIC that only QEMU has, as a libvirtd killed
+    /// mid-attach leaves. While it exists every live attach is refused, the
+    /// way QEMU refuses the slot libvirt hands out again. `releases`: whether
+    /// the guest lets it go on device_del.
+    pub fn add_ghost(&self, vm: &str, id: &str, mac: &str, releases: bool) {
+        let _ = self.with(vm, |d| {
+            d.ghosts.push((
+                QemuNic {
+                    id: id.into(),
+                    netdev: Some(format!("host{id}")),
+                    mac: Some(mac.into()),
+                },
+                releases,
+            ));
+            Ok(())
+        });
+    }
+
+    /// The ghost NICs a domain still has.
+    pub fn ghosts(&self, vm: &str) -> Vec<QemuNic> {
+        self.with(vm, |d| {
+            Ok(d.ghosts.iter().map(|(g, _)| g.clone()).collect())
+        })
+        .unwrap_or_default()
+    }
+
+    fn record(&self, op: &'static str, target: Target, mac: String) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(Call { op, target, mac });
+        }
     }
 
     /// Every call so far.
@@ -125,6 +166,24 @@ impl FakeHypervisor {
             .find(|d| d.dom.uuid == uuid || d.dom.name == uuid)
             .ok_or_else(|| HvError::new(HvErrorKind::NotFound, "lookup", "no domain"))?;
         f(d)
+    }
+
+    fn reply_lost(&self, op: &'static str, target: Target) -> Result<(), HvError> {
+        let mut q = self
+            .lose_reply
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        match q.iter().position(|(o, t)| *o == op && *t == target) {
+            Some(i) => {
+                q.remove(i);
+                Err(HvError::new(
+                    HvErrorKind::Unavailable,
+                    op,
+                    "connection lost after the change",
+                ))
+            }
+            None => Ok(()),
+        }
     }
 
     fn scripted_failure(&self, op: &'static str, target: Target) -> Result<(), HvError> {
@@ -205,12 +264,20 @@ impl Hypervisor for FakeHypervisor {
         }
         self.scripted_failure("attach", target)?;
         self.with(&dom.uuid, |d| {
+            if let (Target::Live, Some((g, _))) = (target, d.ghosts.first()) {
+                return Err(HvError::new(
+                    HvErrorKind::Internal,
+                    "attach (live)",
+                    format!("PCI: slot 3 function 0 not available for virtio-net-pci, in use by virtio-net-pci,id={}", g.id),
+                ));
+            }
             match target {
                 Target::Live => d.live.push(xml.to_string()),
                 Target::Config => d.config.push(xml.to_string()),
             }
             Ok(())
-        })
+        })?;
+        self.reply_lost("attach", target)
     }
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
@@ -275,5 +342,44 @@ impl Hypervisor for FakeHypervisor {
                 )),
             }
         })
+    }
+    fn qemu_nics(&self, dom: &DomainRef) -> Result<Vec<QemuNic>, HvError> {
+        self.scripted_failure("qemu_nics", Target::Live)?;
+        self.with(&dom.uuid, |d| {
+            // The NICs libvirt knows carry their alias as QEMU id.
+            let known = d.live.iter().filter_map(|x| {
+                let at = x.find("<alias name=")? + "<alias name=".len() + 1;
+                let end = x[at..].find(['"', '\''])?;
+                Some(QemuNic {
+                    id: x[at..at + end].to_string(),
+                    netdev: Some(format!("host{}", &x[at..at + end])),
+                    mac: Some(mac_of(x)),
+                })
+            });
+            Ok(known
+                .chain(d.ghosts.iter().map(|(g, _)| g.clone()))
+                .collect())
+        })
+    }
+    fn qemu_device_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {
+        self.record("device_del", Target::Live, id.to_string());
+        self.scripted_failure("device_del", Target::Live)?;
+        self.with(&dom.uuid, |d| {
+            let Some(i) = d.ghosts.iter().position(|(g, _)| g.id == id) else {
+                return Err(HvError::new(
+                    HvErrorKind::DeviceMissing,
+                    "device_del",
+                    format!("DeviceNotFound: Device '{id}' not found"),
+                ));
+            };
+            if d.ghosts[i].1 {
+                d.ghosts.remove(i);
+            }
+            Ok(())
+        })
+    }
+    fn qemu_netdev_del(&self, _dom: &DomainRef, id: &str) -> Result<(), HvError> {
+        self.record("netdev_del", Target::Live, id.to_string());
+        Ok(())
     }
 }

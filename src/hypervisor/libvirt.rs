@@ -11,7 +11,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::{Error as VirtError, ErrorNumber};
 
-use super::{DomainRef, HvError, HvErrorKind, Hypervisor, RunState, Target};
+use super::{DomainRef, HvError, HvErrorKind, Hypervisor, QemuNic, RunState, Target};
 
 /// A libvirt connection by URI (`qemu:///system`, `test:///default`, ...).
 pub struct Libvirt {
@@ -99,6 +99,56 @@ impl Libvirt {
             persistent,
         })
     }
+}
+
+impl Libvirt {
+    /// One QMP command through libvirt's QEMU monitor passthrough. QEMU's
+    /// own errors come back inside the reply, not as libvirt errors; a
+    /// DeviceNotFound there is [`HvErrorKind::DeviceMissing`].
+    fn qmp(
+        &self,
+        dom: &DomainRef,
+        op: &str,
+        cmd: serde_json::Value,
+    ) -> Result<serde_json::Value, HvError> {
+        if !self.driver.eq_ignore_ascii_case("qemu") {
+            return Err(HvError::new(
+                HvErrorKind::Unsupported,
+                op,
+                format!("the {} driver has no QEMU monitor", self.driver),
+            ));
+        }
+        let conn = self.conn()?;
+        let d = self.domain(&conn, dom)?;
+        let reply = d
+            .qemu_monitor_command(&cmd.to_string(), 0)
+            .map_err(|e| self.fail(&conn, op, &e))?;
+        qmp_reply(op, &reply)
+    }
+}
+
+/// The `return` of a QMP reply, or its `error` as an [`HvError`].
+fn qmp_reply(op: &str, reply: &str) -> Result<serde_json::Value, HvError> {
+    let mut v: serde_json::Value = serde_json::from_str(reply).map_err(|e| {
+        HvError::new(
+            HvErrorKind::Internal,
+            op,
+            format!("unreadable QMP reply: {e}"),
+        )
+    })?;
+    if let Some(err) = v.get("error") {
+        let class = err.get("class").and_then(|c| c.as_str()).unwrap_or("");
+        let desc = err.get("desc").and_then(|c| c.as_str()).unwrap_or("");
+        let kind = if class == "DeviceNotFound" {
+            HvErrorKind::DeviceMissing
+        } else {
+            HvErrorKind::Internal
+        };
+        return Err(HvError::new(kind, op, format!("{class}: {desc}")));
+    }
+    Ok(v.get_mut("return")
+        .map(serde_json::Value::take)
+        .unwrap_or_default())
 }
 
 /// Maps libvirt's error number to our classification.
@@ -228,5 +278,106 @@ impl Hypervisor for Libvirt {
         let d = self.domain(&conn, dom)?;
         d.update_device_flags(xml, flags(target))
             .map_err(|e| self.fail(&conn, &format!("update ({target})"), &e))
+    }
+
+    fn qemu_nics(&self, dom: &DomainRef) -> Result<Vec<QemuNic>, HvError> {
+        // Every device made with an id (libvirt gives all of them one) is a
+        // child of /machine/peripheral; a NIC is one with a netdev property.
+        let list = self.qmp(
+            dom,
+            "qemu-monitor qom-list",
+            serde_json::json!({"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}),
+        )?;
+        let mut out = Vec::new();
+        for entry in list.as_array().into_iter().flatten() {
+            let (Some(id), Some(ty)) = (
+                entry.get("name").and_then(|n| n.as_str()),
+                entry.get("type").and_then(|t| t.as_str()),
+            ) else {
+                continue;
+            };
+            if !ty.starts_with("child<") {
+                continue;
+            }
+            let get = |property: &str| {
+                self.qmp(
+                    dom,
+                    "qemu-monitor qom-get",
+                    serde_json::json!({"execute": "qom-get", "arguments": {
+                        "path": format!("/machine/peripheral/{id}"), "property": property}}),
+                )
+            };
+            let netdev = match get("netdev") {
+                Ok(v) => v.as_str().map(str::to_string),
+                // No such property: not a NIC (a serial port, a disk, ...).
+                Err(e)
+                    if e.kind == HvErrorKind::Internal || e.kind == HvErrorKind::DeviceMissing =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let mac = get("mac")
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_ascii_lowercase));
+            out.push(QemuNic {
+                id: id.to_string(),
+                netdev,
+                mac,
+            });
+        }
+        Ok(out)
+    }
+
+    fn qemu_device_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {
+        self.qmp(
+            dom,
+            "qemu-monitor device_del",
+            serde_json::json!({"execute": "device_del", "arguments": {"id": id}}),
+        )
+        .map(|_| ())
+    }
+
+    fn qemu_netdev_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {
+        self.qmp(
+            dom,
+            "qemu-monitor netdev_del",
+            serde_json::json!({"execute": "netdev_del", "arguments": {"id": id}}),
+        )
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qmp_reply_returns_the_return_value() {
+        let v = qmp_reply("op", r#"{"return":"hostua-1","id":"libvirt-9"}"#).unwrap();
+        assert_eq!(v.as_str(), Some("hostua-1"));
+        let v = qmp_reply("op", r#"{"return":{},"id":"libvirt-9"}"#).unwrap();
+        assert!(v.is_object());
+    }
+
+    #[test]
+    fn qmp_errors_are_classified_by_class() {
+        let e = qmp_reply(
+            "device_del",
+            r#"{"id":"libvirt-495","error":{"class":"DeviceNotFound","desc":"Device 'net1' not found"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, HvErrorKind::DeviceMissing);
+        assert!(e.message.contains("Device 'net1' not found"), "{e}");
+        let e = qmp_reply(
+            "qom-get",
+            r#"{"id":"l","error":{"class":"GenericError","desc":"Property 'isa-serial.netdev' not found"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, HvErrorKind::Internal);
+        assert_eq!(
+            qmp_reply("op", "not json").unwrap_err().kind,
+            HvErrorKind::Internal
+        );
     }
 }

@@ -120,6 +120,26 @@ impl HvError {
     }
 }
 
+/// A network device as QEMU itself has it, read from the QEMU monitor and
+/// not from libvirt's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuNic {
+    /// QEMU's device id, which is libvirt's alias (`ua-...`, `net0`).
+    pub id: String,
+    /// The backend it uses (`hostua-...`), to remove after the device.
+    pub netdev: Option<String>,
+    /// Its MAC, for logs and reports.
+    pub mac: Option<String>,
+}
+
+fn no_monitor(op: &str) -> HvError {
+    HvError::new(
+        HvErrorKind::Unsupported,
+        op,
+        "this driver has no QEMU monitor",
+    )
+}
+
 /// The operations nic-agent needs from a hypervisor. All calls block.
 pub trait Hypervisor: Send + Sync + 'static {
     /// The driver behind the connection, e.g. "QEMU" or "Test".
@@ -149,4 +169,23 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// `xml` must be the NIC's full current definition with only those
     /// parts changed.
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError>;
+
+    /// The network devices QEMU holds for a running domain, asked of QEMU's
+    /// monitor directly. Only used to find NICs libvirt lost (a libvirtd
+    /// killed between QEMU's device_add and saving its state), so it is never
+    /// called on the normal path: libvirt marks a domain "custom-monitor"
+    /// tainted the first time it is used.
+    fn qemu_nics(&self, _dom: &DomainRef) -> Result<Vec<QemuNic>, HvError> {
+        Err(no_monitor("qemu-monitor qom-list"))
+    }
+    /// QEMU's device_del for a device libvirt does not know. Like a LIVE
+    /// detach, success only means the unplug request reached the guest.
+    fn qemu_device_del(&self, _dom: &DomainRef, _id: &str) -> Result<(), HvError> {
+        Err(no_monitor("qemu-monitor device_del"))
+    }
+    /// QEMU's netdev_del, once the device using the backend is gone; closing
+    /// the backend is what releases the host's tap.
+    fn qemu_netdev_del(&self, _dom: &DomainRef, _id: &str) -> Result<(), HvError> {
+        Err(no_monitor("qemu-monitor netdev_del"))
+    }
 }
