@@ -17,10 +17,4 @@ for t in tests/lab/test_e2e_*.py; do
   echo "== $t"
   python3 "$t" || status=1
 done
-# The fault suite restarts libvirtd mid-storm. One race in it is libvirt's
-# own (libvirtd killed between QEMU's device_add and recording the device
-# leaves a NIC only QEMU knows); until the agent can reconcile that from the
-# QEMU monitor, its result is reported here but does not fail the tier.
-echo "== tests/lab/faults_e2e.py (reported, not gating)"
-python3 tests/lab/faults_e2e.py || echo "lab-faults: FAILED (not gating; see above)"
 exit $status

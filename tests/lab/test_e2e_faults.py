@@ -16,6 +16,12 @@ when libvirtd, a domain or the agent itself goes away in the middle of attaches.
    NICs attached before the kill are still counted from libvirt's live state:
    detaching one keeps the bridge flooding, detaching the last restores its
    flags from the state dir.
+4. A NIC that QEMU holds but libvirt lost -- what a libvirtd killed between
+   QEMU's device_add and recording the device leaves -- is made on purpose
+   (netdev_add + device_add through the QEMU monitor, at the PCI slot libvirt
+   hands out next). The next AttachNic is refused by QEMU for that slot; the
+   agent finds the lost NIC in QEMU, unplugs it from the guest, removes its
+   netdev and attaches the new NIC in its slot.
 
 What the agent did at 977634f (the failures are races; a run hits them often,
 not always):
@@ -37,6 +43,9 @@ not always):
 - agent SIGKILLed between LIVE and CONFIG leaves a live-only NIC; the retried
   attach completes it (applied "config"), a second retry is already_present.
   IDS NICs are recounted from libvirt after the restart. Test 3 passes.
+
+Since then the agent removes NICs libvirt lost (src/hotplug/ghosts.rs), and
+this suite gates the lab tier.
 
 Everything made here is named lab-f* and removed at the end, also on failure.
 Run (root): python3 tests/lab/test_e2e_faults.py
@@ -69,6 +78,7 @@ G_STORM = f"{PREFIX}-storm"   # pc, persistent: libvirtd restart
 G_TR = f"{PREFIX}-tr"         # pc, transient: destroyed mid-burst
 G_PER = f"{PREFIX}-per"       # pc, persistent: destroyed mid-burst
 G_IDS = f"{PREFIX}-ids"       # pc, persistent: agent SIGKILL
+G_LOST = f"{PREFIX}-lost"     # pc, transient, no NICs: a NIC libvirt lost
 WORKDIR = tempfile.mkdtemp(prefix="lab-f-")
 STATE_DIR = os.path.join(WORKDIR, "state")
 AGENTS = []
@@ -178,7 +188,8 @@ class FaultsE2E(unittest.TestCase):
                 ["bash", os.path.join(lk.LAB_DIR, "define-guest.sh"), n, "pc", OUT,
                  "--timeout", "180", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True) for n, flags in ((G_STORM, []), (G_TR, ["--transient"]),
-                                            (G_PER, []), (G_IDS, []))]
+                                            (G_PER, []), (G_IDS, []),
+                                            (G_LOST, ["--transient"]))]
             for p in boots:
                 out, _ = p.communicate(timeout=300)
                 if p.returncode != 0:
@@ -231,6 +242,10 @@ class FaultsE2E(unittest.TestCase):
             self.assertEqual(c, "OK", r)
         finally:
             agent.stop()
+            with open(os.path.join(WORKDIR, "agent-storm.stderr"), errors="replace") as f:
+                lost = f.read().count("QEMU holds a NIC that libvirt lost")
+            REPORT.append(f"libvirtd SIGKILL rounds: {lost} NIC(s) QEMU kept and libvirt "
+                          "lost were found and unplugged by the agent")
 
     def storm_round(self, agent, rnd, kill_after):
         self.assertEqual(lk.health(agent.channel), lk.SERVING, "agent not SERVING before the storm")
@@ -412,6 +427,50 @@ class FaultsE2E(unittest.TestCase):
                       what="bridge PROMISC off after the last IDS NIC")
         self.assertEqual(ageing(BRIDGE), orig_ageing)
         agent.stop()
+
+    # ------------------------------------------------------------ 4. lost NIC
+
+    def test_4_nic_libvirt_lost_is_unplugged_and_its_slot_reused(self):
+        vm, lost_id, lost_mac, new_mac = G_LOST, "ua-lab-f-lost", mac(5, 0xee), mac(5, 1)
+        xml = lk.virsh("dumpxml", vm).stdout
+        used = {int(s, 16) for s in re.findall(r"bus='0x00' slot='(0x[0-9a-f]+)'", xml)}
+        # The slot libvirt hands out next: the guest has no NICs and no
+        # holes, so it is the lowest free one on bus 0.
+        slot = min(set(range(2, 32)) - used)
+        g = lk.Guest(vm, "pc", OUT)
+        mark = g.console.mark()
+
+        def qmp(cmd, **args):
+            out = lk.virsh("qemu-monitor-command", vm,
+                           json.dumps({"execute": cmd, "arguments": args})).stdout
+            reply = json.loads(out)
+            self.assertNotIn("error", reply, f"{cmd}: {out}")
+            return reply["return"]
+
+        qmp("netdev_add", type="hubport", id=f"host{lost_id}", hubid=0)
+        qmp("device_add", driver="virtio-net-pci", id=lost_id, netdev=f"host{lost_id}",
+            mac=lost_mac, bus="pci.0", addr=hex(slot))
+        g.console.wait(rf"LAB: nic-add name=\S+ mac={lost_mac} ", timeout=30, after=mark)
+        self.assertEqual(ghost_devices(vm), {lost_id}, "the lost NIC was not made")
+        self.assertNotIn(lost_mac, macs_in(vm))
+
+        agent = start_agent("lost")
+        try:
+            c, r = outcome(attach, agent.stub, vm, new_mac)
+            self.assertEqual(c, "OK", r)
+            # It got the lost NIC's slot: QEMU did refuse it first, and the
+            # agent freed the slot instead of giving up.
+            self.assertEqual((r.nic.pci.bus, r.nic.pci.slot), (0, slot), r.nic)
+            self.assertEqual(ghost_devices(vm), set(), "the lost NIC is still in QEMU")
+            g.console.wait(rf"LAB: nic-remove name=\S+ mac={lost_mac}", timeout=30, after=mark)
+            g.console.wait(rf"LAB: nic-add name=\S+ mac={new_mac} ", timeout=30, after=mark)
+            net = lk.virsh("qemu-monitor-command", vm, "--hmp", "info network").stdout
+            self.assertNotIn(f"host{lost_id}", net, "the lost NIC's netdev is still open")
+            self.assertEqual(macs_in(vm), {new_mac})
+            REPORT.append(f"NIC libvirt lost at slot {slot:#x}: removed from the guest, "
+                          f"new NIC attached at slot {r.nic.pci.slot:#x}")
+        finally:
+            agent.stop()
 
 
 if __name__ == "__main__":
