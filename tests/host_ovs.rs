@@ -15,7 +15,7 @@ fn ensure_ovs() {
         if vsctl_status(&["show"]) {
             return;
         }
-        let script = "/work/wt/lab/tests/lab/start-ovs.sh";
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lab/start-ovs.sh");
         let ok = if Path::new(script).exists() {
             Command::new("bash").arg(script).status()
         } else {
@@ -215,4 +215,46 @@ async fn ovs_mirror_to_missing_port_fails_and_changes_nothing() {
         .expect_err("no port");
     assert_eq!(err.kind(), HostErrorKind::Internal, "{err}");
     assert_eq!(vsctl(&["get", "Bridge", &b.name, "mirrors"]), "[]");
+}
+
+#[tokio::test]
+async fn ovs_down_is_unavailable_not_internal() {
+    // An ovs-vsctl whose database socket does not exist: what the agent
+    // sees while ovsdb-server is stopped or restarting.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrapper = dir.path().join("ovs-vsctl");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ovs-vsctl --db=unix:{}/no-db.sock \"$@\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let host = NetlinkHost::new(HostConfig {
+        state_dir: dir.path().to_path_buf(),
+        ovs_vsctl: wrapper,
+        ..HostConfig::default()
+    })
+    .expect("host");
+    let br = BridgeName::try_from("nat-ovs-down").expect("name");
+    let err = host
+        .resolve(&br, SwitchType::OpenVswitch, &Segment::Plain)
+        .await
+        .expect_err("ovs is down");
+    assert_eq!(err.kind(), HostErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains("Open vSwitch is not answering"),
+        "{err}"
+    );
+    let err = host
+        .ovs_mirror_add(&br, "nat-port")
+        .await
+        .expect_err("ovs is down");
+    assert_eq!(err.kind(), HostErrorKind::Unavailable, "{err}");
 }

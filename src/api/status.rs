@@ -37,6 +37,7 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::Host(h) => match h.kind() {
             crate::host::HostErrorKind::NotFound => Code::NotFound,
             crate::host::HostErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            crate::host::HostErrorKind::Unavailable => Code::Unavailable,
             crate::host::HostErrorKind::Internal => Code::Internal,
         },
         HotplugError::DomainXml(_) | HotplugError::Internal(_) => Code::Internal,
@@ -79,5 +80,25 @@ pub fn code_name(c: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostError;
+
+    #[test]
+    fn host_errors_map_by_kind() {
+        let down = HotplugError::Host(HostError::OvsUnavailable {
+            args: "br-exists cloudbr0".into(),
+            detail: "exit Some(1): database connection failed".into(),
+        });
+        assert_eq!(code(&down), Code::Unavailable);
+        let failed = HotplugError::Host(HostError::Ovs {
+            args: "add-port".into(),
+            detail: "exit Some(1): no port".into(),
+        });
+        assert_eq!(code(&failed), Code::Internal);
     }
 }

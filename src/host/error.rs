@@ -9,6 +9,9 @@ pub enum HostErrorKind {
     NotFound,
     /// The host cannot do this as configured (gRPC `FAILED_PRECONDITION`).
     FailedPrecondition,
+    /// A host service the request needs is down; retrying later can work
+    /// (gRPC `UNAVAILABLE`).
+    Unavailable,
     /// Anything else (gRPC `INTERNAL`).
     Internal,
 }
@@ -78,6 +81,14 @@ pub enum HostError {
         /// Exit status and stderr.
         detail: String,
     },
+    /// ovsdb-server does not answer, so no OVS change can be made now.
+    #[error("Open vSwitch is not answering (ovs-vsctl {args}: {detail}); start ovsdb-server and ovs-vswitchd, then retry")]
+    OvsUnavailable {
+        /// Arguments of the command that failed, space-joined.
+        args: String,
+        /// Exit status and stderr.
+        detail: String,
+    },
     /// Local I/O (state file, spawning a tool) failed.
     #[error("{op}: {source}")]
     Io {
@@ -102,6 +113,7 @@ impl HostError {
             | HostError::KernelFeatureMissing { .. }
             | HostError::Unsupported(_)
             | HostError::Mtu(_) => HostErrorKind::FailedPrecondition,
+            HostError::OvsUnavailable { .. } => HostErrorKind::Unavailable,
             HostError::Netlink { .. }
             | HostError::Ovs { .. }
             | HostError::Io { .. }

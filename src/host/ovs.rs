@@ -48,10 +48,27 @@ pub(crate) async fn vsctl_ok(bin: &Path, args: &[&str]) -> Result<String, HostEr
     if out.code == Some(0) {
         Ok(out.stdout)
     } else {
-        Err(HostError::Ovs {
-            args: args.join(" "),
-            detail: format!("exit {:?}: {}", out.code, out.stderr),
-        })
+        Err(failure(bin, &args.join(" "), &out).await)
+    }
+}
+
+/// The error for a failed ovs-vsctl run. ovs-vsctl exits 1 both for a bad
+/// request and for a database it cannot reach, so instead of reading its
+/// message, ask ovsdb a question that always has an answer: if that fails
+/// too, OVS is down (UNAVAILABLE, worth a retry), not the request wrong.
+async fn failure(bin: &Path, args: &str, out: &OvsOutput) -> HostError {
+    let detail = format!("exit {:?}: {}", out.code, out.stderr);
+    // No exit code: killed by --timeout, ovsdb-server hangs.
+    let down = out.code.is_none()
+        || !matches!(
+            vsctl(bin, &["get", "Open_vSwitch", ".", "_uuid"]).await,
+            Ok(OvsOutput { code: Some(0), .. })
+        );
+    let args = args.to_string();
+    if down {
+        HostError::OvsUnavailable { args, detail }
+    } else {
+        HostError::Ovs { args, detail }
     }
 }
 
@@ -61,10 +78,7 @@ pub(crate) async fn bridge_exists(bin: &Path, bridge: &str) -> Result<bool, Host
     match out.code {
         Some(0) => Ok(true),
         Some(2) => Ok(false),
-        other => Err(HostError::Ovs {
-            args: format!("br-exists {bridge}"),
-            detail: format!("exit {other:?}: {}", out.stderr),
-        }),
+        _ => Err(failure(bin, &format!("br-exists {bridge}"), &out).await),
     }
 }
 
