@@ -39,8 +39,24 @@ async fn attach_bridge_nic_reports_what_libvirt_holds() {
         got.alias
     );
     assert!(got.in_live && !got.in_config);
+    // CloudStack's 100 Mbit/s, as libvirt stores it: 12500 KB/s average and peak.
+    let inbound = got.inbound.expect("inbound read back");
+    assert_eq!((inbound.average_kbps, inbound.peak_kbps), (12500, 12500));
+    assert_eq!(got.outbound, None);
+    // vhost=auto: vhost only where /dev/vhost-net exists; read back as written.
+    let want = if std::path::Path::new("/dev/vhost-net").exists() {
+        "vhost"
+    } else {
+        "qemu"
+    };
+    assert_eq!(got.driver, want);
     let after = nics(&mut c, "i-2-10-VM").await;
     assert_eq!(after.len(), before + 1);
+    let listed = after
+        .iter()
+        .find(|x| x.mac == "02:00:0a:00:10:01")
+        .expect("listed");
+    assert_eq!(listed.inbound, Some(inbound));
 }
 
 #[tokio::test]
@@ -54,6 +70,7 @@ async fn attach_ovs_vlan_nic_carries_the_tag() {
     let got = r.nic.expect("nic");
     assert_eq!(got.vlan, 200);
     assert_eq!(got.bridge, "br-ovs0");
+    assert_eq!(got.inbound, None);
     // 4 vCPUs and the default cap of 8: four queue pairs.
     assert_eq!(got.queues, 4);
 }

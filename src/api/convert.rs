@@ -6,6 +6,7 @@ use crate::hotplug::{AttachOutcome, NicReport, VmReport};
 use crate::hypervisor::Target;
 use crate::nic::{RawBandwidth, RawNic};
 use crate::pci::{Capacity, PciAddress};
+use crate::xml::domain::BandwidthView;
 
 /// proto `NicSpec` → unvalidated [`RawNic`]; validation happens in
 /// `NicSpec::try_from`.
@@ -77,6 +78,21 @@ pub fn nic(n: &NicReport) -> pb::Nic {
         vlan: n.vlan,
         in_live: n.in_live,
         in_config: n.in_config,
+        inbound: n.inbound.as_ref().map(bandwidth),
+        outbound: n.outbound.as_ref().map(bandwidth),
+        driver: n.driver.clone(),
+        acpi_index: n.acpi_index,
+        interface_id: n.interface_id.clone(),
+    }
+}
+
+/// libvirt's bandwidth figures → proto; a figure libvirt does not have is 0.
+fn bandwidth(b: &BandwidthView) -> pb::Bandwidth {
+    pb::Bandwidth {
+        average_kbps: b.average.unwrap_or(0),
+        peak_kbps: b.peak.unwrap_or(0),
+        burst_kb: b.burst.unwrap_or(0),
+        rate_mbps: 0,
     }
 }
 

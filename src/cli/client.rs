@@ -91,7 +91,13 @@ fn nic_json(n: &pb::Nic) -> serde_json::Value {
         "mac": n.mac, "alias": n.alias, "target_dev": n.target_dev, "pci": n.pci.as_ref().map(|_| pci_str(&n.pci)),
         "model": n.model, "queues": n.queues, "mtu": n.mtu, "bridge": n.bridge, "link_state": n.link_state,
         "interface_type": n.interface_type, "vlan": n.vlan, "in_live": n.in_live, "in_config": n.in_config,
+        "inbound": n.inbound.as_ref().map(bw_json), "outbound": n.outbound.as_ref().map(bw_json),
+        "driver": n.driver, "acpi_index": n.acpi_index, "interface_id": n.interface_id,
     })
+}
+
+fn bw_json(b: &pb::Bandwidth) -> serde_json::Value {
+    json!({"average_kbps": b.average_kbps, "peak_kbps": b.peak_kbps, "burst_kb": b.burst_kb})
 }
 
 fn nic_table(nics: &[pb::Nic]) -> String {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::hypervisor::DomainRef;
 use crate::pci::PciAddress;
-use crate::xml::domain::{DomainView, InterfaceView};
+use crate::xml::domain::{BandwidthView, DomainView, InterfaceView};
 
 /// A NIC as libvirt reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -38,6 +38,16 @@ pub struct NicReport {
     pub in_live: bool,
     /// Present in the persistent definition.
     pub in_config: bool,
+    /// Inbound QoS (`<bandwidth><inbound>`), if any.
+    pub inbound: Option<BandwidthView>,
+    /// Outbound QoS, if any.
+    pub outbound: Option<BandwidthView>,
+    /// `<driver name=>`: vhost or qemu; empty when not set.
+    pub driver: String,
+    /// `<acpi index=>`, 0 when not set.
+    pub acpi_index: u32,
+    /// OVS `<virtualport><parameters interfaceid=>`, empty when none.
+    pub interface_id: String,
 }
 
 impl NicReport {
@@ -56,6 +66,11 @@ impl NicReport {
             vlan: i.vlan.unwrap_or(0),
             in_live: false,
             in_config: false,
+            inbound: i.inbound.clone(),
+            outbound: i.outbound.clone(),
+            driver: i.driver.clone().unwrap_or_default(),
+            acpi_index: i.acpi_index.unwrap_or(0),
+            interface_id: i.interface_id.clone().unwrap_or_default(),
         }
     }
 }

@@ -79,12 +79,17 @@ class PythonClientTest(unittest.TestCase):
         self.assertIn("r-4-VM", names)
 
     def test_attach_then_idempotent_retry(self):
-        spec = pb.NicSpec(mac="02:00:0a:00:20:01", bridge="cloudbr0", mtu=1450, alias="ua-py-1")
+        spec = pb.NicSpec(mac="02:00:0a:00:20:01", bridge="cloudbr0", mtu=1450, alias="ua-py-1",
+                          outbound=pb.Bandwidth(average_kbps=1000, peak_kbps=2000, burst_kb=64))
         r = self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec, request_id="py-1"))
         self.assertFalse(r.already_present)
         self.assertEqual(r.nic.mac, "02:00:0a:00:20:01")
         self.assertEqual(r.nic.mtu, 1450)
         self.assertEqual(r.nic.alias, "ua-py-1")
+        self.assertTrue(r.nic.HasField("outbound"))
+        self.assertFalse(r.nic.HasField("inbound"))
+        self.assertEqual((r.nic.outbound.average_kbps, r.nic.outbound.peak_kbps,
+                          r.nic.outbound.burst_kb), (1000, 2000, 64))
         self.assertEqual(r.request_id, "py-1")
         again = self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
         self.assertTrue(again.already_present)
