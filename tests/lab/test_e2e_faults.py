@@ -142,6 +142,27 @@ def ensure_libvirtd():
                   interval=0.2, what="libvirtd to answer")
 
 
+def restart_libvirtd(killed):
+    """Starts libvirtd again after the test SIGKILLed pid `killed`. When the
+    lab had started that libvirtd (start-libvirtd.sh's marker names it), the
+    new one is the lab's too: the marker moves to it, so stop-services.sh
+    stops it at the end instead of leaving a daemon behind. A libvirtd that
+    was somebody else's is restarted and left running, as it was found."""
+    subprocess.run(["setsid", "/usr/sbin/libvirtd", "-d"], timeout=30)
+    ensure_libvirtd()
+    marker = os.path.join(lk.LAB_STATE, "libvirtd.started")
+    try:
+        with open(marker) as f:
+            ours = f.read().strip() == str(killed)
+    except OSError:
+        ours = False
+    new = libvirtd_pid()
+    if ours and new:
+        with open(marker, "w") as f:
+            f.write(f"{new}\n")
+    lk.log(f"libvirtd restarted as pid {new}" + (" (lab-owned)" if ours else ""))
+
+
 def cleanup_all():
     for a in AGENTS:
         if a.alive():
@@ -278,9 +299,7 @@ class FaultsE2E(unittest.TestCase):
                                   what="health NOT_SERVING")
                 finally:
                     # Never leave the shared libvirtd down.
-                    subprocess.run(["setsid", "/usr/sbin/libvirtd", "-d"], timeout=30)
-                    ensure_libvirtd()
-                    lk.log("libvirtd restarted")
+                    restart_libvirtd(pid)
                 for m, f in futs.items():
                     results[m] = f.result(timeout=RPC_TIMEOUT + 30)
             lk.wait_until(lambda: statuses and statuses[-1] == lk.SERVING, 30, interval=0.1,
