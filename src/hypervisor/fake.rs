@@ -255,13 +255,7 @@ impl Hypervisor for FakeHypervisor {
         })
     }
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
-        if let Ok(mut c) = self.calls.lock() {
-            c.push(Call {
-                op: "attach",
-                target,
-                mac: mac_of(xml),
-            });
-        }
+        self.record("attach", target, mac_of(xml));
         self.scripted_failure("attach", target)?;
         self.with(&dom.uuid, |d| {
             if let (Target::Live, Some((g, _))) = (target, d.ghosts.first()) {
@@ -281,13 +275,7 @@ impl Hypervisor for FakeHypervisor {
     }
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
-        if let Ok(mut c) = self.calls.lock() {
-            c.push(Call {
-                op: "detach",
-                target,
-                mac: mac.clone(),
-            });
-        }
+        self.record("detach", target, mac.clone());
         self.scripted_failure("detach", target)?;
         let unplug = self.unplug.lock().map(|u| *u).unwrap_or(Unplug::Immediate);
         self.with(&dom.uuid, |d| {
@@ -316,13 +304,7 @@ impl Hypervisor for FakeHypervisor {
     }
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
-        if let Ok(mut c) = self.calls.lock() {
-            c.push(Call {
-                op: "update",
-                target,
-                mac: mac.clone(),
-            });
-        }
+        self.record("update", target, mac.clone());
         self.scripted_failure("update", target)?;
         self.with(&dom.uuid, |d| {
             let list = match target {
