@@ -102,15 +102,9 @@ impl Libvirt {
 }
 
 impl Libvirt {
-    /// One QMP command through libvirt's QEMU monitor passthrough. QEMU's
-    /// own errors come back inside the reply, not as libvirt errors; a
-    /// DeviceNotFound there is [`HvErrorKind::DeviceMissing`].
-    fn qmp(
-        &self,
-        dom: &DomainRef,
-        op: &str,
-        cmd: serde_json::Value,
-    ) -> Result<serde_json::Value, HvError> {
+    /// The domain, for QMP commands through libvirt's QEMU monitor
+    /// passthrough; Unsupported where the driver has no QEMU.
+    fn monitor(&self, dom: &DomainRef, op: &str) -> Result<(Arc<Connect>, Domain), HvError> {
         if !self.driver.eq_ignore_ascii_case("qemu") {
             return Err(HvError::new(
                 HvErrorKind::Unsupported,
@@ -120,10 +114,35 @@ impl Libvirt {
         }
         let conn = self.conn()?;
         let d = self.domain(&conn, dom)?;
+        Ok((conn, d))
+    }
+
+    /// One QMP command on a domain found by [`Libvirt::monitor`]. QEMU's
+    /// own errors come back inside the reply, not as libvirt errors; a
+    /// DeviceNotFound there is [`HvErrorKind::DeviceMissing`].
+    fn qmp(
+        &self,
+        (conn, d): &(Arc<Connect>, Domain),
+        op: &str,
+        cmd: serde_json::Value,
+    ) -> Result<serde_json::Value, HvError> {
         let reply = d
             .qemu_monitor_command(&cmd.to_string(), 0)
-            .map_err(|e| self.fail(&conn, op, &e))?;
+            .map_err(|e| self.fail(conn, op, &e))?;
         qmp_reply(op, &reply)
+    }
+
+    /// A QMP command whose only argument is a device or netdev id
+    /// (`device_del`, `netdev_del`).
+    fn qmp_on_id(&self, dom: &DomainRef, command: &str, id: &str) -> Result<(), HvError> {
+        let op = format!("qemu-monitor {command}");
+        let m = self.monitor(dom, &op)?;
+        self.qmp(
+            &m,
+            &op,
+            serde_json::json!({"execute": command, "arguments": {"id": id}}),
+        )
+        .map(|_| ())
     }
 }
 
@@ -283,8 +302,9 @@ impl Hypervisor for Libvirt {
     fn qemu_nics(&self, dom: &DomainRef) -> Result<Vec<QemuNic>, HvError> {
         // Every device made with an id (libvirt gives all of them one) is a
         // child of /machine/peripheral; a NIC is one with a netdev property.
+        let m = self.monitor(dom, "qemu-monitor qom-list")?;
         let list = self.qmp(
-            dom,
+            &m,
             "qemu-monitor qom-list",
             serde_json::json!({"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}),
         )?;
@@ -301,7 +321,7 @@ impl Hypervisor for Libvirt {
             }
             let get = |property: &str| {
                 self.qmp(
-                    dom,
+                    &m,
                     "qemu-monitor qom-get",
                     serde_json::json!({"execute": "qom-get", "arguments": {
                         "path": format!("/machine/peripheral/{id}"), "property": property}}),
@@ -330,21 +350,11 @@ impl Hypervisor for Libvirt {
     }
 
     fn qemu_device_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {
-        self.qmp(
-            dom,
-            "qemu-monitor device_del",
-            serde_json::json!({"execute": "device_del", "arguments": {"id": id}}),
-        )
-        .map(|_| ())
+        self.qmp_on_id(dom, "device_del", id)
     }
 
     fn qemu_netdev_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {
-        self.qmp(
-            dom,
-            "qemu-monitor netdev_del",
-            serde_json::json!({"execute": "netdev_del", "arguments": {"id": id}}),
-        )
-        .map(|_| ())
+        self.qmp_on_id(dom, "netdev_del", id)
     }
 }
 
