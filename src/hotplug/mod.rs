@@ -463,47 +463,8 @@ impl Hotplug {
                 .to_xml()
                 .map_err(|e| HotplugError::Internal(format!("rendering interface XML: {e}")))?;
             tracing::debug!(vm = %dom.name, %target, xml = %xml, "attach device");
-            let d = dom.clone();
-            let x = xml.clone();
-            match self.blocking(move |hv| hv.attach(&d, &x, target)).await {
-                Ok(()) => undo.push(Undo::Device { target, xml }),
-                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
-                    return Err(HotplugError::VmNotFound(dom.name.clone()))
-                }
-                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::Unavailable => {
-                    // libvirtd went away mid-call. It may have recorded the
-                    // device before it died: then the step happened, and
-                    // undo must know it. If not, QEMU may still have run
-                    // device_add (see `ghosts`).
-                    if self.recorded(dom, target, &def).await {
-                        tracing::info!(vm = %dom.name, %target, "libvirtd went away after recording the attach; continuing");
-                        undo.push(Undo::Device { target, xml });
-                        continue;
-                    }
-                    if target == Target::Live {
-                        self.suspect(dom);
-                    }
-                    return Err(e.into());
-                }
-                Err(HotplugError::Hypervisor(e))
-                    if target == Target::Live && e.kind == HvErrorKind::Internal =>
-                {
-                    // QEMU refused a device that fits by libvirt's books.
-                    // The usual cause is a NIC libvirt lost holding the slot:
-                    // remove it and try once more.
-                    match self.remove_ghosts(dom).await {
-                        Ok(g) if !g.is_empty() => {
-                            let d = dom.clone();
-                            let x = xml.clone();
-                            self.blocking(move |hv| hv.attach(&d, &x, target)).await?;
-                            undo.push(Undo::Device { target, xml });
-                        }
-                        Err(ge @ HotplugError::Precondition(_)) => return Err(ge),
-                        _ => return Err(e.into()),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+            self.attach_step(dom, &def, &xml, target).await?;
+            undo.push(Undo::Device { target, xml });
         }
         if let (Some(host), Some(plan), true) = (&self.host, plan, promiscuous) {
             match plan.switch {
@@ -526,6 +487,57 @@ impl Hotplug {
             }
         }
         Ok(())
+    }
+
+    /// One virDomainAttachDeviceFlags of the attach; Ok when the device is
+    /// in `target`'s definition afterwards.
+    async fn attach_step(
+        &self,
+        dom: &DomainRef,
+        def: &InterfaceDef,
+        xml: &str,
+        target: Target,
+    ) -> Result<(), HotplugError> {
+        let mut ghosts_removed = false;
+        loop {
+            let d = dom.clone();
+            let x = xml.to_string();
+            match self.blocking(move |hv| hv.attach(&d, &x, target)).await {
+                Ok(()) => return Ok(()),
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                    return Err(HotplugError::VmNotFound(dom.name.clone()))
+                }
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::Unavailable => {
+                    // libvirtd went away mid-call. It may have recorded the
+                    // device before it died: then the step happened, and
+                    // undo must know it. If not, QEMU may still have run
+                    // device_add (see `ghosts`).
+                    if self.recorded(dom, target, def).await {
+                        tracing::info!(vm = %dom.name, %target, "libvirtd went away after recording the attach; continuing");
+                        return Ok(());
+                    }
+                    if target == Target::Live {
+                        self.suspect(dom);
+                    }
+                    return Err(e.into());
+                }
+                Err(HotplugError::Hypervisor(e))
+                    if target == Target::Live
+                        && e.kind == HvErrorKind::Internal
+                        && !ghosts_removed =>
+                {
+                    // QEMU refused a device that fits by libvirt's books.
+                    // The usual cause is a NIC libvirt lost holding the slot:
+                    // remove it and try once more.
+                    match self.remove_ghosts(dom).await {
+                        Ok(g) if !g.is_empty() => ghosts_removed = true,
+                        Err(ge @ HotplugError::Precondition(_)) => return Err(ge),
+                        _ => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Whether `target`'s definition has the NIC of `def` (by its alias,
