@@ -12,7 +12,29 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::api::server::Listen;
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address, e.g. 127.0.0.1:50051 (port 0 picks a free port).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Listen::Unix(p.into()));
+        }
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|e| format!("listen address {s:?}: {e}; use HOST:PORT or unix:PATH"))
+    }
+}
 
 /// Where `serve` looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/nic-agent/config.toml";

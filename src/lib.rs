@@ -9,6 +9,8 @@
 //! - [`hypervisor`]: the `Hypervisor` trait and its libvirt implementation.
 //! - [`host`]: host-side networking (bridges, VLAN, VXLAN, OVS, promiscuous mode).
 //! - [`hotplug`]: attach/detach as transactions with undo steps.
+//! - [`doctor`]: the read-only diagnosis of one NIC's path.
+//! - [`guest`]: the guest-side configuration renderer (pure).
 //! - [`api`]: the tonic gRPC service; proto types stop at `api::convert`.
 //! - [`cli`]: the command-line client and offline tools.
 //! - [`config`]: the configuration file merged with `serve` flags.
@@ -16,6 +18,8 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod doctor;
+pub mod guest;
 pub mod host;
 pub mod hotplug;
 pub mod hypervisor;

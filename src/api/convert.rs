@@ -154,8 +154,8 @@ pub fn capacity(
 // --- day-2: Diagnose ---
 
 /// A diagnosis → proto.
-pub fn diagnosis(d: &crate::hotplug::Diagnosis, request_id: &str) -> pb::DiagnoseResponse {
-    use crate::hotplug::HopStatus;
+pub fn diagnosis(d: &crate::doctor::Diagnosis, request_id: &str) -> pb::DiagnoseResponse {
+    use crate::doctor::HopStatus;
     pb::DiagnoseResponse {
         hops: d
             .hops

@@ -19,36 +19,13 @@ use tonic_health::ServingStatus;
 use super::pb;
 use super::service::NicAgentService;
 use super::tls::AllowList;
+use crate::config::Listen;
 use crate::config::SocketSettings;
 use crate::hotplug::Hotplug;
 
 /// Largest request accepted. A NicSpec is a few hundred bytes; anything
 /// near this is hostile.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// Where to listen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// A TCP address, e.g. 127.0.0.1:50051 (port 0 picks a free port).
-    Tcp(std::net::SocketAddr),
-    /// A unix socket path.
-    Unix(std::path::PathBuf),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("unix: needs a path".into());
-            }
-            return Ok(Listen::Unix(p.into()));
-        }
-        s.parse()
-            .map(Listen::Tcp)
-            .map_err(|e| format!("listen address {s:?}: {e}; use HOST:PORT or unix:PATH"))
-    }
-}
 
 const SERVICE_NAME: &str = "nicagent.v1.NicAgent";
 

@@ -5,7 +5,7 @@
 //! neighbour dump (the bridge FDB), and for Open vSwitch a few `ovs-vsctl`
 //! and `ovs-appctl fdb/show` runs. The result is plain data
 //! ([`HostFacts`]); judging it is the pure hop logic in
-//! `hotplug::diagnose`, so the verdicts are unit-tested without a kernel.
+//! `doctor`, so the verdicts are unit-tested without a kernel.
 //!
 //! Why a single link dump rather than one lookup per name: masters and
 //! underlays are reported as ifindexes, and a dump resolves them to names

@@ -1,4 +1,8 @@
-//! `Diagnose`: walk one NIC's path hop by hop and say which hop is broken.
+//! `Diagnose` (the CLI's `doctor`): walk one NIC's path hop by hop and say
+//! which hop is broken.
+//!
+//! It lives apart from [`crate::hotplug`] because it changes nothing: it is
+//! not a transaction, it only reads the domain and the host.
 //!
 //! The hops follow the troubleshooting matrix an operator would walk by
 //! hand: the NIC in the domain XML, its tap, the bridge, the bridge's
@@ -15,9 +19,9 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use super::report::{self, NicReport};
-use super::{Hotplug, HotplugError, IDS_ALIAS_PREFIX};
 use crate::host::{naming, HostFacts, InspectQuery, LinkFacts, VxlanSpec, VXLAN_PORT};
+use crate::hotplug::report::{self, NicReport};
+use crate::hotplug::{Hotplug, HotplugError, IDS_ALIAS_PREFIX};
 use crate::nic::{MacAddr, VlanId, Vni};
 use crate::xml::domain::InterfaceView;
 

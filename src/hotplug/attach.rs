@@ -1,0 +1,510 @@
+//! The attach transaction: plan against a fresh read of the domain
+//! (idempotency by MAC, PCI capacity, NIC limit, queue bounds, MTU), then
+//! apply step by step, pushing an undo for every change, and read back what
+//! libvirt really did.
+
+use super::report;
+use super::{named, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
+use crate::host::HostPlan;
+use crate::hypervisor::{DomainRef, HvErrorKind, Target};
+use crate::nic::{Alias, LinkState, NicSpec, QueueCount, Segment, SwitchType};
+use crate::pci::{self, Capacity, PciAddress};
+use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
+use crate::xml::interface::{choose_driver, InterfaceDef};
+
+/// Everything the apply phase of an attach needs, decided beforehand.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    dom: &'a DomainRef,
+    def: &'a InterfaceDef,
+    targets: &'a [Target],
+    plan: Option<&'a HostPlan>,
+    config: Option<&'a DomainView>,
+    promiscuous: bool,
+}
+
+impl Hotplug {
+    /// Attaches a NIC, or confirms it is already there with the same spec.
+    pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
+        let first = self.lookup(vm).await?;
+        let _guard = self.locks.lock(&first.uuid).await;
+        self.attach_locked(&first.uuid, spec)
+            .await
+            .map_err(|e| named(e, &first))
+    }
+
+    /// The body of [`Hotplug::attach`]; the caller holds the VM's lock.
+    pub(super) async fn attach_locked(
+        &self,
+        uuid: &str,
+        spec: &NicSpec,
+    ) -> Result<AttachOutcome, HotplugError> {
+        // Re-read after waiting for the lock: the state may have changed.
+        let dom = self.lookup(uuid).await?;
+        self.settle(&dom).await?;
+        let targets =
+            self.change_targets(&dom, "attaching to a stopped VM's persistent definition")?;
+        let (live, config) = self.views(&dom).await?;
+        let primary = live.as_ref().or(config.as_ref()).ok_or_else(|| {
+            HotplugError::Internal("domain has neither live nor config XML".into())
+        })?;
+
+        // Host side first, read-only: where does the NIC's traffic go?
+        let mut plan = match &self.host {
+            Some(h) => Some(h.resolve(&spec.bridge, spec.switch, &spec.segment).await?),
+            None => None,
+        };
+        let source = source_bridge(spec, plan.as_ref())?;
+        let vlan_tag = match (spec.switch, &spec.segment, &plan) {
+            (_, _, Some(p)) => p.ovs_vlan_tag,
+            (SwitchType::OpenVswitch, Segment::Vlan(v), None) => Some(*v),
+            _ => None,
+        };
+        // MTU preflight: the guest MTU must fit the bridge (and, for VXLAN,
+        // the underlay plus encapsulation). A request without an MTU gets
+        // the bridge's, because a NIC without <mtu> on a 1450 bridge makes
+        // the guest use 1500 silently.
+        let mtu = match (&mut plan, spec.model.is_virtio()) {
+            (Some(p), true) => Some(p.plan_mtu(spec.mtu, self.cfg.raise_bridge_mtu)?),
+            _ => spec.mtu,
+        };
+        let queues = self.queues(spec, primary)?;
+
+        // Idempotency by MAC, against the fresh read.
+        let mac = spec.mac.to_string();
+        let existing = primary.interface_by_mac(&mac);
+        if existing.len() > 1 {
+            return Err(HotplugError::Precondition(format!(
+                "vm {} already has {} NICs with MAC {mac}; detach them by alias first",
+                dom.name,
+                existing.len()
+            )));
+        }
+        if let Some(have) = existing.first() {
+            let diff = differences(
+                spec,
+                have,
+                source.as_str(),
+                vlan_tag.map(|v| v.get()),
+                mtu,
+                queues,
+            );
+            if !diff.is_empty() {
+                return Err(HotplugError::AlreadyExists {
+                    mac,
+                    vm: dom.name.clone(),
+                    fields: diff.join(", "),
+                });
+            }
+            return self
+                .complete_existing(&dom, live.as_ref(), config.as_ref(), &mac)
+                .await;
+        }
+
+        // Capacity, before libvirt is asked: libvirt's own "No more
+        // available PCI slots" must never be the answer an operator sees.
+        let nic_count = primary.interfaces.len() as u32;
+        if let Some(limit) = self.cfg.nic_limit {
+            if nic_count >= limit {
+                return Err(HotplugError::NoCapacity(format!(
+                    "NIC limit reached: vm {} has {nic_count} of {limit} NICs allowed by nic_limit; detach one or raise the limit",
+                    dom.name
+                )));
+            }
+        }
+        let mut pinned: Option<PciAddress> = None;
+        if let Some(lv) = &live {
+            let cap = pci::capacity(lv);
+            if cap.free == 0 {
+                return Err(HotplugError::NoCapacity(no_room_message(&dom.name, &cap)));
+            }
+            if let Some(slot) = spec.pci_slot {
+                if lv.family() == MachineFamily::Q35 {
+                    return Err(HotplugError::Precondition(
+                        "pci_slot pins a slot on bus 0, which q35 cannot hot-plug into; on q35 use acpi_index for a stable guest name".into(),
+                    ));
+                }
+                pinned = Some(pci::check_pinned(lv, slot.get()).map_err(|e| {
+                    HotplugError::Precondition(format!("pci_slot {}: {e}", slot.get()))
+                })?);
+            }
+        } else if let (Some(slot), Some(cv)) = (spec.pci_slot, &config) {
+            pinned = Some(pci::check_pinned(cv, slot.get()).map_err(|e| {
+                HotplugError::Precondition(format!("pci_slot {}: {e}", slot.get()))
+            })?);
+        }
+
+        let alias = ids_alias(spec)?;
+        if spec.promiscuous && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
+            return Err(HotplugError::Precondition(format!(
+                "promiscuous (IDS) NICs are forbidden on bridge {source} by configuration"
+            )));
+        }
+        let def = InterfaceDef {
+            mac: spec.mac,
+            source_bridge: source,
+            ovs: spec.switch == SwitchType::OpenVswitch,
+            interface_id: spec.interface_id,
+            vlan_tag: if spec.switch == SwitchType::OpenVswitch {
+                vlan_tag
+            } else {
+                None
+            },
+            model: spec.model,
+            driver: spec
+                .model
+                .is_virtio()
+                .then(|| choose_driver(spec.vhost, self.cfg.vhost_net_present)),
+            queues,
+            mtu,
+            link: spec.link,
+            inbound: spec.inbound,
+            outbound: spec.outbound,
+            alias,
+            pci: pinned,
+            acpi_index: spec.acpi_index,
+        };
+
+        let mut undo: Vec<Undo> = Vec::new();
+        let result = self
+            .apply(
+                &Step {
+                    dom: &dom,
+                    def: &def,
+                    targets: &targets,
+                    plan: plan.as_ref(),
+                    config: config.as_ref(),
+                    promiscuous: spec.promiscuous && dom.state.is_live(),
+                },
+                &mut undo,
+            )
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                // libvirtd went away during the live attach: once it is
+                // back, remove what QEMU may have kept, so the caller's
+                // UNAVAILABLE leaves nothing in the guest.
+                if let Err(ge) = self.until_reachable(|| self.settle(&dom)).await {
+                    tracing::warn!(vm = %dom.name, error = %ge, "could not check QEMU for a NIC libvirt lost; checked again before the next change");
+                }
+                self.rollback(&dom, undo).await;
+                return Err(self.reclassify(&dom, e).await);
+            }
+        }
+        let nic = self.until_reachable(|| self.read_back(&dom, &mac)).await?;
+        Ok(AttachOutcome {
+            nic,
+            already_present: false,
+            applied: targets,
+        })
+    }
+
+    /// The steps of an attach; each success pushes its undo.
+    async fn apply(&self, step: &Step<'_>, undo: &mut Vec<Undo>) -> Result<(), HotplugError> {
+        let Step {
+            dom,
+            def,
+            targets,
+            plan,
+            config,
+            promiscuous,
+        } = *step;
+        if let (Some(host), Some(plan)) = (&self.host, plan) {
+            for step in host.prepare(plan).await? {
+                undo.push(Undo::Host(step));
+            }
+        }
+        let mut def = def.clone();
+        for &target in targets {
+            if target == Target::Config && targets.contains(&Target::Live) {
+                // Give the persistent definition the address the live device
+                // really got, so the NIC keeps its slot (and guest name)
+                // across a reboot. If that slot is taken in the config, let
+                // libvirt pick.
+                let live = self.view(dom, Target::Live).await?;
+                let got = live
+                    .interface_by_mac(&def.mac.to_string())
+                    .first()
+                    .and_then(|i| i.pci);
+                def.pci = got.filter(|a| {
+                    config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a))
+                });
+            }
+            let xml = def
+                .to_xml()
+                .map_err(|e| HotplugError::Internal(format!("rendering interface XML: {e}")))?;
+            tracing::debug!(vm = %dom.name, %target, xml = %xml, "attach device");
+            self.attach_step(dom, &def, &xml, target).await?;
+            undo.push(Undo::Device { target, xml });
+        }
+        if let (Some(host), Some(plan), true) = (&self.host, plan, promiscuous) {
+            match plan.switch {
+                SwitchType::LinuxBridge => {
+                    if let Some(step) = host.promisc_enable(&plan.bridge).await? {
+                        undo.push(Undo::Host(step));
+                    }
+                }
+                SwitchType::OpenVswitch => {
+                    let live = self.view(dom, Target::Live).await?;
+                    let tap = live
+                        .interface_by_mac(&def.mac.to_string())
+                        .first()
+                        .and_then(|i| i.target.clone())
+                        .ok_or_else(|| {
+                            HotplugError::Internal("IDS NIC has no tap to mirror to".into())
+                        })?;
+                    undo.push(Undo::Host(host.ovs_mirror_add(&plan.bridge, &tap).await?));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One virDomainAttachDeviceFlags of the attach; Ok when the device is
+    /// in `target`'s definition afterwards.
+    async fn attach_step(
+        &self,
+        dom: &DomainRef,
+        def: &InterfaceDef,
+        xml: &str,
+        target: Target,
+    ) -> Result<(), HotplugError> {
+        let mut ghosts_removed = false;
+        loop {
+            let d = dom.clone();
+            let x = xml.to_string();
+            match self.blocking(move |hv| hv.attach(&d, &x, target)).await {
+                Ok(()) => return Ok(()),
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                    return Err(HotplugError::VmNotFound(dom.name.clone()))
+                }
+                Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::Unavailable => {
+                    // libvirtd went away mid-call. It may have recorded the
+                    // device before it died: then the step happened, and
+                    // undo must know it. If not, QEMU may still have run
+                    // device_add (see `ghosts`).
+                    if self.recorded(dom, target, def).await {
+                        tracing::info!(vm = %dom.name, %target, "libvirtd went away after recording the attach; continuing");
+                        return Ok(());
+                    }
+                    if target == Target::Live {
+                        self.suspect(dom);
+                    }
+                    return Err(e.into());
+                }
+                Err(HotplugError::Hypervisor(e))
+                    if target == Target::Live
+                        && e.kind == HvErrorKind::Internal
+                        && !ghosts_removed =>
+                {
+                    // QEMU refused a device that fits by libvirt's books.
+                    // The usual cause is a NIC libvirt lost holding the slot:
+                    // remove it and try once more.
+                    match self.remove_ghosts(dom).await {
+                        Ok(g) if !g.is_empty() => ghosts_removed = true,
+                        Err(ge @ HotplugError::Precondition(_)) => return Err(ge),
+                        _ => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether `target`'s definition has the NIC of `def` (by its alias,
+    /// unique to this request), once libvirtd answers again.
+    async fn recorded(&self, dom: &DomainRef, target: Target, def: &InterfaceDef) -> bool {
+        let alias = def.alias.as_str();
+        let found = self
+            .until_reachable(|| async {
+                let v = self.view(dom, target).await?;
+                Ok(v.interfaces
+                    .iter()
+                    .any(|i| i.alias.as_deref() == Some(alias)))
+            })
+            .await;
+        matches!(found, Ok(true))
+    }
+
+    /// Same MAC, same spec: nothing to attach, but finish a half-done
+    /// earlier attach (NIC live but missing from the persistent config).
+    async fn complete_existing(
+        &self,
+        dom: &DomainRef,
+        live: Option<&DomainView>,
+        config: Option<&DomainView>,
+        mac: &str,
+    ) -> Result<AttachOutcome, HotplugError> {
+        let mut applied = Vec::new();
+        if let (Some(_), Some(cv), true) = (live, config, self.hv.edits_config()) {
+            if cv.interface_by_mac(mac).is_empty() {
+                tracing::info!(vm = %dom.name, mac, "NIC is live but not in config; completing");
+                let xml = self
+                    .blocking({
+                        let d = dom.clone();
+                        move |hv| hv.xml(&d, Target::Live)
+                    })
+                    .await?;
+                let snippet = report::interface_snippet(&xml, mac).ok_or_else(|| {
+                    HotplugError::Internal("NIC vanished while completing attach".into())
+                })?;
+                let d = dom.clone();
+                self.blocking(move |hv| hv.attach(&d, &snippet, Target::Config))
+                    .await?;
+                applied.push(Target::Config);
+            }
+        }
+        let nic = self.read_back(dom, mac).await?;
+        Ok(AttachOutcome {
+            nic,
+            already_present: applied.is_empty(),
+            applied,
+        })
+    }
+
+    fn queues(&self, spec: &NicSpec, dom: &DomainView) -> Result<Option<QueueCount>, HotplugError> {
+        if !spec.model.is_virtio() {
+            return Ok(None);
+        }
+        let vcpus = dom.vcpus.max(1);
+        if let Some(q) = spec.queues {
+            if u32::from(q.get()) > vcpus {
+                return Err(HotplugError::OutOfRange {
+                    field: "queues",
+                    value: q.get().to_string(),
+                    allowed: format!("1-{vcpus} (vm has {vcpus} vCPUs)"),
+                });
+            }
+            return Ok(Some(q));
+        }
+        let n = vcpus.min(u32::from(self.cfg.queue_cap)).max(1);
+        // One queue pair is virtio's default; writing queues='1' would only
+        // make the XML differ from what libvirt reports back.
+        if n <= 1 {
+            return Ok(None);
+        }
+        Ok(QueueCount::try_from(n).ok())
+    }
+}
+
+/// The alias to write: the requested one, or a generated one; IDS NICs
+/// carry [`IDS_ALIAS_PREFIX`] and nothing else may.
+fn ids_alias(spec: &NicSpec) -> Result<Alias, HotplugError> {
+    let bad = |v: &str, allowed: &str| {
+        HotplugError::Invalid(crate::nic::NicError::Invalid {
+            field: "alias",
+            value: v.to_string(),
+            allowed: allowed.to_string(),
+        })
+    };
+    match (&spec.alias, spec.promiscuous) {
+        (Some(a), true) if !a.as_str().starts_with(IDS_ALIAS_PREFIX) => {
+            Err(bad(a.as_str(), "ua-ids-... for a promiscuous (IDS) NIC"))
+        }
+        (Some(a), false) if a.as_str().starts_with(IDS_ALIAS_PREFIX) => Err(bad(
+            a.as_str(),
+            "ua-... not starting with ua-ids- (reserved for promiscuous NICs)",
+        )),
+        (Some(a), _) => Ok(a.clone()),
+        (None, false) => Ok(Alias::generate()),
+        (None, true) => {
+            let id = Alias::generate();
+            let rest = id.as_str().trim_start_matches("ua-");
+            Alias::try_from(format!("{IDS_ALIAS_PREFIX}{rest}").as_str())
+                .map_err(|e| HotplugError::Internal(e.to_string()))
+        }
+    }
+}
+
+/// The bridge that goes into `<source bridge=...>`.
+fn source_bridge(
+    spec: &NicSpec,
+    plan: Option<&HostPlan>,
+) -> Result<crate::nic::BridgeName, HotplugError> {
+    if let Some(p) = plan {
+        return Ok(p.bridge.clone());
+    }
+    match (&spec.segment, spec.switch) {
+        (Segment::Plain | Segment::Untagged, _) => Ok(spec.bridge.clone()),
+        (Segment::Vlan(_), SwitchType::OpenVswitch) => Ok(spec.bridge.clone()),
+        (seg, _) => Err(HotplugError::Precondition(format!(
+            "{} on a Linux bridge needs host networking, which is off for this agent (test driver lab or --host-network off); attach to the segment's bridge directly",
+            match seg {
+                Segment::Vxlan(v) => format!("vxlan://{}", v.get()),
+                Segment::Vlan(v) => format!("vlan://{}", v.get()),
+                _ => String::new(),
+            }
+        ))),
+    }
+}
+
+/// Compares a request with the NIC already attached; returns the names of
+/// the fields that differ (empty when the request is a faithful retry).
+fn differences(
+    spec: &NicSpec,
+    have: &InterfaceView,
+    source: &str,
+    vlan: Option<u16>,
+    mtu: Option<crate::nic::Mtu>,
+    queues: Option<QueueCount>,
+) -> Vec<&'static str> {
+    let mut d = Vec::new();
+    if have.source.as_deref() != Some(source) {
+        d.push("bridge");
+    }
+    let ovs = have.virtualport.as_deref() == Some("openvswitch");
+    if ovs != (spec.switch == SwitchType::OpenVswitch) {
+        d.push("switch_type");
+    }
+    if have.vlan != vlan.map(u32::from) {
+        d.push("vlan");
+    }
+    if have.model.as_deref().unwrap_or("") != spec.model.as_str() {
+        d.push("model");
+    }
+    if let Some(m) = mtu {
+        if have.mtu.is_some_and(|h| h != m.get()) || (spec.mtu.is_some() && have.mtu.is_none()) {
+            d.push("mtu");
+        }
+    }
+    if spec.queues.is_some() {
+        let want = queues.map(|q| u32::from(q.get())).unwrap_or(1);
+        if have.queues.unwrap_or(1) != want {
+            d.push("queues");
+        }
+    }
+    let down = have.link.as_deref() == Some("down");
+    if down != (spec.link == LinkState::Down) {
+        d.push("link_down");
+    }
+    if let Some(a) = &spec.alias {
+        if have.alias.as_deref() != Some(a.as_str()) {
+            d.push("alias");
+        }
+    }
+    if let Some(b) = &spec.inbound {
+        if have.inbound.as_ref().and_then(|h| h.average) != Some(b.average()) {
+            d.push("inbound");
+        }
+    }
+    if let Some(b) = &spec.outbound {
+        if have.outbound.as_ref().and_then(|h| h.average) != Some(b.average()) {
+            d.push("outbound");
+        }
+    }
+    d
+}
+
+fn no_room_message(vm: &str, cap: &Capacity) -> String {
+    let hint = match cap.family {
+        MachineFamily::Pc => "stop the VM and add a pci-bridge controller to its definition",
+        MachineFamily::Q35 => {
+            "stop the VM and add pcie-root-port controllers (root ports cannot be hot-added)"
+        }
+    };
+    format!(
+        "no free PCI hot-plug slot in vm {vm}: {} of {} used; {hint}",
+        cap.used, cap.total
+    )
+}
