@@ -181,12 +181,19 @@ pub struct FileConfig {
     pub host_network: HostNetwork,
     /// State that must survive an agent restart.
     pub state_dir: PathBuf,
+    /// State that must survive a host reboot (what agent-made bridges carry).
+    pub persist_dir: PathBuf,
     /// MTU policy: raise a bridge's MTU instead of refusing a larger NIC.
     pub raise_bridge_mtu: bool,
     /// Bridges never removed on detach.
     pub keep_bridges: Vec<String>,
     /// Bridges on which promiscuous (IDS) NICs are refused.
     pub forbid_promisc: Vec<String>,
+    /// Seconds an agent-made bridge that changed is kept before removal.
+    pub bridge_grace_s: u64,
+    /// Seconds between background reconciles; 0 runs only the one at
+    /// start-up.
+    pub reconcile_interval_s: u64,
     /// Prometheus endpoint HOST:PORT; off when absent or empty.
     pub metrics_listen: Option<String>,
     /// Log output format.
@@ -207,9 +214,12 @@ impl Default for FileConfig {
             detach_timeout_ms: 30_000,
             host_network: HostNetwork::Auto,
             state_dir: "/run/nic-agent".into(),
+            persist_dir: "/var/lib/nic-agent".into(),
             raise_bridge_mtu: false,
             keep_bridges: Vec::new(),
             forbid_promisc: Vec::new(),
+            bridge_grace_s: 60,
+            reconcile_interval_s: 300,
             metrics_listen: None,
             log_format: LogFormat::Text,
             socket: SocketFile::default(),
@@ -245,6 +255,19 @@ pub struct Overrides {
     /// flags saved before IDS promiscuous mode) [default: /run/nic-agent].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Where the agent keeps what must survive a host reboot (which segment
+    /// each agent-made bridge carries) [default: /var/lib/nic-agent].
+    #[arg(long)]
+    pub persist_dir: Option<PathBuf>,
+    /// Seconds an agent-made bridge that was made or lost its last port is
+    /// kept before removal (cloudstack-agent may be about to use it); the
+    /// reconcile collects it later [default: 60].
+    #[arg(long)]
+    pub bridge_grace_s: Option<u64>,
+    /// Seconds between background reconciles of host objects; 0 runs only
+    /// the one at start-up [default: 300].
+    #[arg(long)]
+    pub reconcile_interval_s: Option<u64>,
     /// Raise a bridge's MTU (undoably) when a NIC asks for more, instead of
     /// refusing with FAILED_PRECONDITION.
     #[arg(long)]
@@ -412,6 +435,9 @@ impl FileConfig {
         set(&mut self.detach_timeout_ms, &o.detach_timeout_ms);
         set(&mut self.host_network, &o.host_network);
         set(&mut self.state_dir, &o.state_dir);
+        set(&mut self.persist_dir, &o.persist_dir);
+        set(&mut self.bridge_grace_s, &o.bridge_grace_s);
+        set(&mut self.reconcile_interval_s, &o.reconcile_interval_s);
         self.raise_bridge_mtu |= o.raise_bridge_mtu;
         set_list(&mut self.keep_bridges, &o.keep_bridges);
         set_list(&mut self.forbid_promisc, &o.forbid_promisc);
@@ -485,6 +511,12 @@ pub struct Settings {
     pub host_network: HostNetwork,
     /// State directory.
     pub state_dir: PathBuf,
+    /// Persistent state directory.
+    pub persist_dir: PathBuf,
+    /// Grace period before an agent-made bridge that changed is removed.
+    pub bridge_grace: Duration,
+    /// Period of the background reconcile; `None` runs it at start-up only.
+    pub reconcile_interval: Option<Duration>,
     /// MTU policy.
     pub raise_bridge_mtu: bool,
     /// Bridges never removed on detach.
@@ -615,10 +647,15 @@ impl TryFrom<FileConfig> for Settings {
         if f.detach_timeout_ms == 0 {
             return Err(invalid("detach_timeout_ms", "must be at least 1"));
         }
-        if f.state_dir.as_os_str().is_empty() || !f.state_dir.is_absolute() {
+        for (key, dir) in [("state_dir", &f.state_dir), ("persist_dir", &f.persist_dir)] {
+            if dir.as_os_str().is_empty() || !dir.is_absolute() {
+                return Err(invalid(key, format!("{dir:?} must be an absolute path")));
+            }
+        }
+        if f.bridge_grace_s > 86_400 {
             return Err(invalid(
-                "state_dir",
-                format!("{:?} must be an absolute path", f.state_dir),
+                "bridge_grace_s",
+                format!("{} is out of range 0-86400", f.bridge_grace_s),
             ));
         }
         check_bridges("keep_bridges", &f.keep_bridges)?;
@@ -649,6 +686,10 @@ impl TryFrom<FileConfig> for Settings {
             detach_timeout: Duration::from_millis(f.detach_timeout_ms),
             host_network: f.host_network,
             state_dir: f.state_dir,
+            persist_dir: f.persist_dir,
+            bridge_grace: Duration::from_secs(f.bridge_grace_s),
+            reconcile_interval: (f.reconcile_interval_s > 0)
+                .then(|| Duration::from_secs(f.reconcile_interval_s)),
             raise_bridge_mtu: f.raise_bridge_mtu,
             keep_bridges: f.keep_bridges,
             forbid_promisc: f.forbid_promisc,

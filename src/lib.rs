@@ -11,6 +11,7 @@
 //! - [`hotplug`]: attach/detach as transactions with undo steps.
 //! - [`doctor`]: the read-only diagnosis of one NIC's path.
 //! - [`guest`]: the guest-side configuration renderer (pure).
+//! - [`lifecycle`]: the host side following the VM (libvirt hook, reconcile).
 //! - [`api`]: the tonic gRPC service; proto types stop at `api::convert`.
 //! - [`cli`]: the command-line client and offline tools.
 //! - [`config`]: the configuration file merged with `serve` flags.
@@ -23,6 +24,7 @@ pub mod guest;
 pub mod host;
 pub mod hotplug;
 pub mod hypervisor;
+pub mod lifecycle;
 pub mod nic;
 pub mod pci;
 pub mod xml;

@@ -73,6 +73,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let host = if manage_host {
         let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
             state_dir: s.state_dir.clone(),
+            persist_dir: s.persist_dir.clone(),
             raise_bridge_mtu: s.raise_bridge_mtu,
             ..nic_agent::host::HostConfig::default()
         })?;
@@ -88,6 +89,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         raise_bridge_mtu: s.raise_bridge_mtu,
         keep_bridges: s.keep_bridges.clone(),
         forbid_promisc: s.forbid_promisc.clone(),
+        bridge_grace: s.bridge_grace,
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
@@ -104,6 +106,14 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
+    // The reconcile runs beside the server, not before it: start-up (exec
+    // to health SERVING) does not wait for a pass over every domain.
+    if manage_host {
+        tokio::spawn(nic_agent::lifecycle::reconcile::reconcile_loop(
+            hotplug.clone(),
+            s.reconcile_interval,
+        ));
+    }
     let opts = ServeOptions {
         listen: s.listen.clone(),
         tls,
@@ -111,6 +121,50 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         metrics_listen: s.metrics_listen,
     };
     server::serve(hotplug, opts, shutdown).await
+}
+
+/// `hook qemu ...`: libvirt's qemu hook. Reads the domain XML on stdin,
+/// logs to stderr (libvirt keeps it in its log), prints nothing on stdout.
+async fn hook(a: &nic_agent::cli::HookArgs) -> Result<String, String> {
+    use nic_agent::lifecycle::hook::{self, Action, HookInvocation};
+    let inv = HookInvocation::parse(&a.args).map_err(|e| e.to_string())?;
+    if inv.action() == Action::Ignore {
+        return Ok(String::new());
+    }
+    let overrides = nic_agent::config::Overrides {
+        state_dir: a.state_dir.clone(),
+        persist_dir: a.persist_dir.clone(),
+        bridge_grace_s: a.bridge_grace_s,
+        ..Default::default()
+    };
+    let f = FileConfig::load(a.config.as_deref())
+        .map_err(|e| format!("{e:#}"))?
+        .merge(&overrides);
+    let mut xml = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
+        .map_err(|e| format!("reading the domain XML on stdin: {e}"))?;
+    let host = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
+        state_dir: f.state_dir.clone(),
+        persist_dir: f.persist_dir.clone(),
+        ..nic_agent::host::HostConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let grace = std::time::Duration::from_secs(f.bridge_grace_s);
+    match hook::run(&inv, &xml, &host, grace).await {
+        Ok(o) => {
+            for c in &o.changes {
+                tracing::info!(domain = %inv.domain, op = %inv.operation, "{c}");
+            }
+            Ok(String::new())
+        }
+        // Only prepare may stop libvirt: a failing started/release must not
+        // turn into a killed or half-torn-down domain.
+        Err(e) if inv.action() == Action::Prepare => Err(e.to_string()),
+        Err(e) => {
+            tracing::warn!(domain = %inv.domain, op = %inv.operation, error = %e, "hook failed; the agent's reconcile retries");
+            Ok(String::new())
+        }
+    }
 }
 
 /// Runtime worker threads: one per core, at most this many. The agent's
@@ -203,6 +257,7 @@ fn main() -> ExitCode {
             Command::GuestConfig(a) => {
                 nic_agent::cli::guest_config::run(&a).map_err(|e| e.to_string())
             }
+            Command::Hook(a) => hook(&a).await,
         }
     });
     match out {

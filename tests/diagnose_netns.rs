@@ -109,6 +109,7 @@ impl Lab {
     fn agent(&self) -> Agent {
         let sock = self.dir.path().join("agent.sock");
         let state = self.dir.path().join("state");
+        let persist = self.dir.path().join("persist");
         start_agent_in_netns(
             &self.host,
             &lab_uri(),
@@ -118,6 +119,10 @@ impl Lab {
                 "on",
                 "--state-dir",
                 state.to_str().expect("utf8"),
+                "--persist-dir",
+                persist.to_str().expect("utf8"),
+                "--bridge-grace-s",
+                "0",
             ],
         )
     }

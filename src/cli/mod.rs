@@ -63,6 +63,33 @@ pub enum Command {
     Move(MoveArgs),
     /// Print the guest-side network files for a hot-plugged NIC (offline).
     GuestConfig(GuestConfigArgs),
+    /// libvirt's qemu hook (run by libvirtd from
+    /// /etc/libvirt/hooks/qemu.d/nic-agent, domain XML on stdin): builds
+    /// the host side of agent-made bridges before a domain starts, restores
+    /// or migrates in. Never calls libvirt; prints nothing on stdout.
+    #[command(hide = true)]
+    Hook(HookArgs),
+}
+
+/// `hook` options: where the daemon keeps its state (read from the same
+/// config file), then the five arguments libvirt passes.
+#[derive(Debug, Args)]
+pub struct HookArgs {
+    /// Configuration file [default: /etc/nic-agent/config.toml if present].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides the file's state_dir.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Overrides the file's persist_dir.
+    #[arg(long)]
+    pub persist_dir: Option<PathBuf>,
+    /// Overrides the file's bridge_grace_s.
+    #[arg(long)]
+    pub bridge_grace_s: Option<u64>,
+    /// `qemu <domain> <operation> <sub-op> <extra>`, as libvirt passes them.
+    #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+    pub args: Vec<String>,
 }
 
 /// `config` subcommands.

@@ -98,6 +98,10 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    /// A shared host object is locked by another process (the libvirt hook)
+    /// for longer than a request waits.
+    #[error("{0}")]
+    Busy(String),
     /// Internal invariant broken (a generated name did not validate, ...).
     #[error("internal: {0}")]
     Internal(String),
@@ -113,7 +117,7 @@ impl HostError {
             | HostError::KernelFeatureMissing { .. }
             | HostError::Unsupported(_)
             | HostError::Mtu(_) => HostErrorKind::FailedPrecondition,
-            HostError::OvsUnavailable { .. } => HostErrorKind::Unavailable,
+            HostError::OvsUnavailable { .. } | HostError::Busy(_) => HostErrorKind::Unavailable,
             HostError::Netlink { .. }
             | HostError::Ovs { .. }
             | HostError::Io { .. }

@@ -12,13 +12,15 @@
 //! Submodules: [`naming`] (kernel-safe names), [`mtu`] (pure preflight),
 //! `netlink` ([`NetlinkHost`], all link work through rtnetlink), `ovs`
 //! (ovs-vsctl with argument vectors), `promisc` (saved bridge state),
-//! `inspect` (read-only facts about one NIC's path, for `Diagnose`).
+//! `inspect` (read-only facts about one NIC's path, for `Diagnose`),
+//! [`objects`] (locks, intents and the "in use" rule for shared bridges).
 
 mod error;
 mod inspect;
 pub mod mtu;
 pub mod naming;
 mod netlink;
+pub mod objects;
 mod ovs;
 mod promisc;
 
@@ -63,6 +65,9 @@ pub struct HostConfig {
     pub raise_bridge_mtu: bool,
     /// The ovs-vsctl binary.
     pub ovs_vsctl: PathBuf,
+    /// What must survive a host reboot (segment records), unlike
+    /// `state_dir`, which is under `/run`.
+    pub persist_dir: PathBuf,
 }
 
 impl Default for HostConfig {
@@ -71,6 +76,7 @@ impl Default for HostConfig {
             state_dir: PathBuf::from("/run/nic-agent"),
             raise_bridge_mtu: false,
             ovs_vsctl: PathBuf::from("ovs-vsctl"),
+            persist_dir: PathBuf::from("/var/lib/nic-agent"),
         }
     }
 }
@@ -283,6 +289,17 @@ pub enum HostUndo {
     },
 }
 
+/// The ports of a bridge, as a deleter needs to see them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BridgePorts {
+    /// The bridge carries [`AGENT_ALIAS`].
+    pub ours: bool,
+    /// Agent-made VLAN/VXLAN devices enslaved to it.
+    pub segment_devices: Vec<String>,
+    /// Every other port (taps, uplinks, veths).
+    pub others: Vec<String>,
+}
+
 /// Host networking as the hot-plug transaction sees it.
 #[async_trait]
 pub trait HostNet: Send + Sync {
@@ -327,6 +344,18 @@ pub trait HostNet: Send + Sync {
 
     /// Remove a mirror made by [`HostNet::ovs_mirror_add`]. Missing is fine.
     async fn ovs_mirror_remove(&self, bridge: &BridgeName, mirror: &str) -> Result<(), HostError>;
+
+    /// Locks, intents and segment records of the shared host objects.
+    fn objects(&self) -> &objects::HostObjects;
+
+    /// Bridges carrying [`AGENT_ALIAS`] (made by this agent).
+    async fn agent_bridges(&self) -> Result<Vec<String>, HostError>;
+
+    /// Bridges whose pre-IDS state is saved (not restored yet).
+    async fn saved_promisc_bridges(&self) -> Result<Vec<String>, HostError>;
+
+    /// The ports of a bridge; `None` when there is no such bridge.
+    async fn bridge_ports(&self, bridge: &BridgeName) -> Result<Option<BridgePorts>, HostError>;
 
     /// Remove an agent-created VLAN/VXLAN bridge and its segment device when
     /// no other port is left, unless its name is in `keep`. `true` if removed.

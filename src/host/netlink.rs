@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::error::netlink_errno;
 use super::mtu::VXLAN_IPV4_OVERHEAD;
 use super::{
-    naming, ovs, promisc, HostConfig, HostError, HostNet, HostPlan, HostUndo, PlannedChange,
-    PromiscState, SegmentDevice, VxlanSpec, AGENT_ALIAS,
+    naming, ovs, promisc, BridgePorts, HostConfig, HostError, HostNet, HostPlan, HostUndo,
+    PlannedChange, PromiscState, SegmentDevice, VxlanSpec, AGENT_ALIAS,
 };
 use crate::nic::{BridgeName, Segment, SwitchType};
 
@@ -110,6 +110,7 @@ fn bridge_name(name: &str) -> Result<BridgeName, HostError> {
 pub struct NetlinkHost {
     handle: rtnetlink::Handle,
     config: HostConfig,
+    objects: super::objects::HostObjects,
 }
 
 impl NetlinkHost {
@@ -126,7 +127,12 @@ impl NetlinkHost {
             source,
         })?;
         tokio::spawn(conn);
-        Ok(Self { handle, config })
+        let objects = super::objects::HostObjects::new(&config.state_dir, &config.persist_dir);
+        Ok(Self {
+            handle,
+            config,
+            objects,
+        })
     }
 
     /// The configuration this host was built with.
@@ -554,11 +560,26 @@ impl NetlinkHost {
             }
         }
         for l in [&d, &b] {
-            self.set(
-                LinkUnspec::new_with_index(l.index).up().build(),
-                format!("set {} up", l.name),
-            )
-            .await?;
+            let r = self
+                .handle
+                .link()
+                .set(LinkUnspec::new_with_index(l.index).up().build())
+                .execute()
+                .await;
+            match r {
+                Ok(()) => {}
+                // A VXLAN device joins its multicast group when it comes
+                // up; past net.ipv4.igmp_max_memberships (20 by default)
+                // the kernel answers ENOBUFS. CloudStack hosts with many
+                // VNIs raise that limit.
+                Err(e) if has_errno(&e, Errno::ENOBUFS) && l.is(&InfoKind::Vxlan) => {
+                    return Err(HostError::Unsupported(format!(
+                        "{} cannot join its multicast group: this host has reached net.ipv4.igmp_max_memberships; raise it (sysctl -w net.ipv4.igmp_max_memberships=512) and retry",
+                        l.name
+                    )))
+                }
+                Err(e) => return Err(nl(format!("set {} up", l.name))(e)),
+            }
         }
         self.apply_mtu_raises(plan, undo).await
     }
@@ -750,6 +771,47 @@ impl HostNet for NetlinkHost {
 
     async fn inspect(&self, query: &super::InspectQuery) -> Result<super::HostFacts, HostError> {
         super::inspect::inspect(&self.handle, &self.config, query).await
+    }
+
+    fn objects(&self) -> &super::objects::HostObjects {
+        &self.objects
+    }
+
+    async fn agent_bridges(&self) -> Result<Vec<String>, HostError> {
+        let mut v: Vec<String> = self
+            .links()
+            .await?
+            .into_iter()
+            .filter(|l| l.is(&InfoKind::Bridge) && l.is_ours())
+            .map(|l| l.name)
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    async fn saved_promisc_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(promisc::saved_bridges(&self.config.state_dir).await)
+    }
+
+    async fn bridge_ports(&self, bridge: &BridgeName) -> Result<Option<BridgePorts>, HostError> {
+        let Some(b) = self.link(bridge.as_str()).await? else {
+            return Ok(None);
+        };
+        if !b.is(&InfoKind::Bridge) {
+            return Ok(None);
+        }
+        let mut out = BridgePorts {
+            ours: b.is_ours(),
+            ..BridgePorts::default()
+        };
+        for p in self.ports_of(&b).await? {
+            if p.is_ours() && (p.is(&InfoKind::Vlan) || p.is(&InfoKind::Vxlan)) {
+                out.segment_devices.push(p.name);
+            } else {
+                out.others.push(p.name);
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn remove_bridge_if_unused(

@@ -99,6 +99,26 @@ pub(crate) async fn forget(dir: &Path, bridge: &str) -> Result<(), HostError> {
     }
 }
 
+/// Bridges with a saved original, i.e. put into IDS state by this agent
+/// (or an earlier run of it) and not restored yet.
+pub(crate) async fn saved_bridges(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+        return out;
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let n = e.file_name().to_string_lossy().to_string();
+        if let Some(b) = n
+            .strip_prefix("promisc-")
+            .and_then(|r| r.strip_suffix(".json"))
+        {
+            out.push(b.to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,10 +4,11 @@
 //! libvirt really did.
 
 use super::report;
-use super::{named, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
-use crate::host::HostPlan;
+use super::{intent_record, named, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
+use crate::host::objects::SegmentRecord;
+use crate::host::{HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Target};
-use crate::nic::{Alias, LinkState, NicSpec, QueueCount, Segment, SwitchType};
+use crate::nic::{Alias, BridgeName, LinkState, NicSpec, QueueCount, Segment, SwitchType};
 use crate::pci::{self, Capacity, PciAddress};
 use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
 use crate::xml::interface::{choose_driver, InterfaceDef};
@@ -180,7 +181,9 @@ impl Hotplug {
             )
             .await;
         match result {
-            Ok(()) => {}
+            // The NIC is in the domain XML now, which keeps its bridge in
+            // use from here on: the intents have done their job.
+            Ok(()) => self.drop_intents(&undo).await,
             Err(e) => {
                 // libvirtd went away during the live attach: once it is
                 // back, remove what QEMU may have kept, so the caller's
@@ -211,9 +214,30 @@ impl Hotplug {
             promiscuous,
         } = *step;
         if let (Some(host), Some(plan)) = (&self.host, plan) {
+            // The bridge is shared: prepare it under its lock, and leave an
+            // intent on it so that no deleter takes it away between here
+            // and the moment the NIC is in the domain XML.
+            let objects = host.objects();
+            let guard = objects.lock(&[plan.bridge.as_str()]).await?;
+            let intent = objects
+                .add_intent(&guard, plan.bridge.as_str(), &intent_record(dom, def))
+                .await?;
+            undo.push(Undo::Intent(intent));
             for step in host.prepare(plan).await? {
                 undo.push(Undo::Host(step));
             }
+            if plan.segment_device.is_some() {
+                // Remember what the bridge carries, so the libvirt hook can
+                // rebuild it after a reboot from the domain XML alone.
+                objects
+                    .remember(&SegmentRecord {
+                        bridge: plan.bridge.to_string(),
+                        label: plan.label.to_string(),
+                        segment: plan_segment(plan),
+                    })
+                    .await?;
+            }
+            drop(guard);
         }
         let mut def = def.clone();
         for &target in targets {
@@ -238,27 +262,47 @@ impl Hotplug {
             self.attach_step(dom, &def, &xml, target).await?;
             undo.push(Undo::Device { target, xml });
         }
-        if let (Some(host), Some(plan), true) = (&self.host, plan, promiscuous) {
-            match plan.switch {
-                SwitchType::LinuxBridge => {
-                    if let Some(step) = host.promisc_enable(&plan.bridge).await? {
-                        undo.push(Undo::Host(step));
-                    }
-                }
-                SwitchType::OpenVswitch => {
-                    let live = self.view(dom, Target::Live).await?;
-                    let tap = live
-                        .interface_by_mac(&def.mac.to_string())
-                        .first()
-                        .and_then(|i| i.target.clone())
-                        .ok_or_else(|| {
-                            HotplugError::Internal("IDS NIC has no tap to mirror to".into())
-                        })?;
-                    undo.push(Undo::Host(host.ovs_mirror_add(&plan.bridge, &tap).await?));
-                }
+        if let (Some(_), Some(plan), true) = (&self.host, plan, promiscuous) {
+            let mac = def.mac.to_string();
+            if let Some(step) = self.ids_on(dom, plan.switch, &plan.bridge, &mac).await? {
+                undo.push(Undo::Host(step));
             }
         }
         Ok(())
+    }
+
+    /// Puts a bridge into IDS state for the sensor NIC `mac` of `dom`:
+    /// promiscuous for a Linux bridge, a mirror to the sensor's port on
+    /// OVS. Under the bridge's lock. Returns the undo, if anything changed.
+    pub(crate) async fn ids_on(
+        &self,
+        dom: &DomainRef,
+        switch: SwitchType,
+        bridge: &BridgeName,
+        mac: &str,
+    ) -> Result<Option<HostUndo>, HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(None);
+        };
+        // The tap name needs a libvirt read: do it before taking the lock.
+        let tap = match switch {
+            SwitchType::LinuxBridge => None,
+            SwitchType::OpenVswitch => Some(
+                self.view(dom, Target::Live)
+                    .await?
+                    .interface_by_mac(mac)
+                    .first()
+                    .and_then(|i| i.target.clone())
+                    .ok_or_else(|| {
+                        HotplugError::Internal("IDS NIC has no tap to mirror to".into())
+                    })?,
+            ),
+        };
+        let _guard = host.objects().lock(&[bridge.as_str()]).await?;
+        Ok(match tap {
+            None => host.promisc_enable(bridge).await?,
+            Some(tap) => Some(host.ovs_mirror_add(bridge, &tap).await?),
+        })
     }
 
     /// One virDomainAttachDeviceFlags of the attach; Ok when the device is
@@ -507,4 +551,13 @@ fn no_room_message(vm: &str, cap: &Capacity) -> String {
         "no free PCI hot-plug slot in vm {vm}: {} of {} used; {hint}",
         cap.used, cap.total
     )
+}
+
+/// The segment a plan's bridge carries, as a broadcast URI.
+fn plan_segment(plan: &HostPlan) -> String {
+    match &plan.segment_device {
+        Some(crate::host::SegmentDevice::Vxlan(v)) => format!("vxlan://{}", v.vni.get()),
+        Some(crate::host::SegmentDevice::Vlan { id, .. }) => format!("vlan://{}", id.get()),
+        None => "plain".into(),
+    }
 }

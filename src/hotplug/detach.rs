@@ -143,11 +143,12 @@ impl Hotplug {
         }
     }
 
-    /// Host clean-up once a NIC has really left: restore the bridge's flags
-    /// when the last IDS NIC on it is gone, and remove an agent-created
-    /// VLAN/VXLAN bridge with no ports left. Failures are logged: the NIC is
-    /// gone, which is what the operator asked for.
-    async fn host_after_detach(&self, nic: &InterfaceView) {
+    /// Host clean-up once a NIC has really left: remove the IDS mirror of
+    /// an OVS sensor, restore a Linux bridge's flags when the last IDS NIC
+    /// on it is gone, and collect an agent-made VLAN/VXLAN bridge nothing
+    /// uses any more. Failures are logged: the NIC is gone, which is what
+    /// the operator asked for.
+    pub(crate) async fn host_after_detach(&self, nic: &InterfaceView) {
         let Some(host) = &self.host else { return };
         let Some(bridge) = nic
             .source
@@ -164,43 +165,24 @@ impl Hotplug {
         {
             if ovs {
                 if let Some(tap) = &nic.target {
-                    if let Err(e) = host
-                        .ovs_mirror_remove(&bridge, &crate::host::mirror_name(tap))
-                        .await
-                    {
+                    let r = match host.objects().lock(&[bridge.as_str()]).await {
+                        Ok(_g) => {
+                            host.ovs_mirror_remove(&bridge, &crate::host::mirror_name(tap))
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
                         tracing::warn!(%bridge, error = %e, "removing IDS mirror failed");
                     }
                 }
-            } else {
-                match self.ids_count(bridge.as_str()).await {
-                    Ok(0) => match host.saved_promisc_state(&bridge).await {
-                        Ok(Some(orig)) => {
-                            if let Err(e) = host.promisc_restore(&bridge, orig).await {
-                                tracing::warn!(%bridge, error = %e, "restoring bridge flags failed");
-                            } else {
-                                tracing::info!(%bridge, "last IDS NIC left; bridge flags restored");
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(%bridge, error = %e, "reading saved bridge flags failed")
-                        }
-                    },
-                    Ok(n) => tracing::info!(%bridge, ids_nics = n, "bridge stays promiscuous"),
-                    Err(e) => tracing::warn!(%bridge, error = %e, "counting IDS NICs failed"),
-                }
+            } else if let Err(e) = self.restore_ids_if_unused(&bridge).await {
+                tracing::warn!(%bridge, error = %e, "restoring bridge flags failed");
             }
         }
         if !ovs {
-            match host
-                .remove_bridge_if_unused(&bridge, &self.cfg.keep_bridges)
-                .await
-            {
-                Ok(true) => {
-                    tracing::info!(%bridge, "removed agent-created bridge with no ports left")
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(%bridge, error = %e, "bridge clean-up failed"),
+            if let Err(e) = self.collect_bridge(&bridge).await {
+                tracing::warn!(%bridge, error = %e, "bridge clean-up failed");
             }
         }
     }

@@ -32,9 +32,10 @@ pub use moves::MoveOutcome;
 pub use report::{NicReport, VmReport};
 pub use update::{BandwidthChange, NicUpdate};
 
+use crate::host::objects::{decide_removal, Intent, IntentRecord, Removal, Usage};
 use crate::host::{HostNet, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
-use crate::nic::Alias;
+use crate::nic::{Alias, BridgeName};
 use crate::pci::{self, Capacity};
 use crate::xml::domain::{DomainView, InterfaceView};
 
@@ -61,6 +62,10 @@ pub struct HotplugConfig {
     pub keep_bridges: Vec<String>,
     /// Bridges on which promiscuous (IDS) NICs are refused.
     pub forbid_promisc: Vec<String>,
+    /// An agent-made bridge that was made or lost its last port less than
+    /// this long ago is not removed (cloudstack-agent may be about to use
+    /// it); the reconcile collects it later. Zero removes at once.
+    pub bridge_grace: Duration,
 }
 
 impl Default for HotplugConfig {
@@ -74,6 +79,7 @@ impl Default for HotplugConfig {
             raise_bridge_mtu: false,
             keep_bridges: Vec::new(),
             forbid_promisc: Vec::new(),
+            bridge_grace: Duration::from_secs(60),
         }
     }
 }
@@ -100,8 +106,14 @@ pub enum DetachState {
 
 /// A single undo step of the attach transaction.
 enum Undo {
-    Device { target: Target, xml: String },
+    Device {
+        target: Target,
+        xml: String,
+    },
     Host(HostUndo),
+    /// An intent on a shared bridge; undone by dropping it, after which the
+    /// bridge is collected if this attach had created links on it.
+    Intent(Intent),
 }
 
 /// The hot-plug engine: one per agent, shared by all requests.
@@ -199,6 +211,11 @@ impl Hotplug {
         Ok((live, config))
     }
 
+    /// Every domain on this host.
+    pub(crate) async fn domains(&self) -> Result<Vec<DomainRef>, HotplugError> {
+        self.blocking(|hv| hv.list()).await
+    }
+
     /// Lists the domains on this host with their NIC counts.
     pub async fn list_vms(&self) -> Result<Vec<VmReport>, HotplugError> {
         let doms = self.blocking(|hv| hv.list()).await?;
@@ -243,7 +260,17 @@ impl Hotplug {
 
     /// Runs undo steps in reverse. An undo failure is logged, not returned:
     /// the caller reports the original error.
+    ///
+    /// Links this attach created and the IDS state it set are shared
+    /// objects: another VM's attach may have started using them meanwhile.
+    /// So they are not deleted or restored blindly, but collected by the
+    /// one "in use" rule ([`Hotplug::collect_bridge`],
+    /// [`Hotplug::restore_ids_if_unused`]) once this attach's own intent
+    /// is gone.
     async fn rollback(&self, dom: &DomainRef, undo: Vec<Undo>) {
+        let mut created_links = false;
+        let mut restore_ids = Vec::new();
+        let mut objects = Vec::new();
         for step in undo.into_iter().rev() {
             match step {
                 Undo::Device { target, xml } => {
@@ -258,6 +285,8 @@ impl Hotplug {
                         tracing::warn!(vm = %dom.name, %target, error = %e, "undo: detach failed");
                     }
                 }
+                Undo::Host(HostUndo::DeleteLink { .. }) => created_links = true,
+                Undo::Host(HostUndo::RestorePromisc { bridge, .. }) => restore_ids.push(bridge),
                 Undo::Host(h) => {
                     if let Some(host) = &self.host {
                         if let Err(e) = host.undo(h).await {
@@ -265,8 +294,156 @@ impl Hotplug {
                         }
                     }
                 }
+                Undo::Intent(i) => {
+                    if let Some(host) = &self.host {
+                        host.objects().drop_intent(&i).await;
+                    }
+                    objects.push(i.object);
+                }
             }
         }
+        for b in restore_ids {
+            if let Ok(b) = BridgeName::try_from(b.as_str()) {
+                if let Err(e) = self.restore_ids_if_unused(&b).await {
+                    tracing::warn!(vm = %dom.name, bridge = %b, error = %e, "undo: restoring IDS state failed");
+                }
+            }
+        }
+        if created_links {
+            for b in objects {
+                if let Ok(b) = BridgeName::try_from(b.as_str()) {
+                    if let Err(e) = self.collect_bridge(&b).await {
+                        tracing::warn!(vm = %dom.name, bridge = %b, error = %e, "undo: bridge clean-up failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the intents of a finished attach.
+    async fn drop_intents(&self, undo: &[Undo]) {
+        let Some(host) = &self.host else { return };
+        for u in undo {
+            if let Undo::Intent(i) = u {
+                host.objects().drop_intent(i).await;
+            }
+        }
+    }
+
+    /// NICs in any domain's live or persistent XML whose source is `bridge`.
+    async fn xml_refs(&self, bridge: &str) -> Result<usize, HotplugError> {
+        let doms = self.blocking(|hv| hv.list()).await?;
+        let mut n = 0;
+        for d in doms {
+            let (live, config) = match self.views(&d).await {
+                Ok(v) => v,
+                Err(HotplugError::VmNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            for v in [live, config].into_iter().flatten() {
+                n += v
+                    .interfaces
+                    .iter()
+                    .filter(|i| i.source.as_deref() == Some(bridge))
+                    .count();
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes an agent-made bridge (and its segment device) when nothing
+    /// uses it, by the one rule in [`crate::host::objects::decide_removal`].
+    /// libvirt is read before the bridge's lock is taken, never under it;
+    /// the generation tells whether an attach came along in between.
+    pub(crate) async fn collect_bridge(
+        &self,
+        bridge: &BridgeName,
+    ) -> Result<Removal, HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(Removal::Keep("host networking is off".into()));
+        };
+        if self.cfg.keep_bridges.iter().any(|k| k == bridge.as_str()) {
+            return Ok(Removal::Keep("on the keep-list".into()));
+        }
+        let objects = host.objects();
+        let name = bridge.as_str();
+        match host.bridge_ports(bridge).await? {
+            None => return Ok(Removal::Keep("no such bridge".into())),
+            Some(p) if !p.ours => return Ok(Removal::Keep("not made by the agent".into())),
+            Some(p) if !p.others.is_empty() => {
+                objects.settled(name).await;
+                return Ok(Removal::Keep(format!("port {} is on it", p.others[0])));
+            }
+            Some(_) => {}
+        }
+        let g0 = objects.generation(name).await;
+        let xml_refs = self.xml_refs(name).await?;
+        let _guard = objects.lock(&[name]).await?;
+        let ports = match host.bridge_ports(bridge).await? {
+            Some(p) if p.ours => p.others,
+            _ => return Ok(Removal::Keep("gone or replaced meanwhile".into())),
+        };
+        let usage = Usage {
+            ports,
+            xml_refs,
+            intents: objects.live_intents(name).await.len(),
+            generation_moved: objects.generation(name).await != g0,
+            since_change: objects.since_change(name).await,
+        };
+        let verdict = decide_removal(&usage, self.cfg.bridge_grace);
+        match &verdict {
+            Removal::Delete => {
+                if host
+                    .remove_bridge_if_unused(bridge, &self.cfg.keep_bridges)
+                    .await?
+                {
+                    objects.settled(name).await;
+                    tracing::info!(%bridge, "removed agent-made bridge: nothing uses it");
+                }
+            }
+            Removal::Wait => {
+                if usage.since_change.is_none() {
+                    objects.touch(name).await?;
+                }
+                tracing::info!(%bridge, grace_s = self.cfg.bridge_grace.as_secs(), "bridge unused but changed recently; the reconcile collects it after the grace period");
+            }
+            Removal::Keep(why) => tracing::debug!(%bridge, why = %why, "bridge kept"),
+        }
+        Ok(verdict)
+    }
+
+    /// Puts a Linux bridge's saved pre-IDS state back once no IDS NIC on it
+    /// is left in any running domain and no attach is in flight on it.
+    /// Returns whether it restored.
+    pub(crate) async fn restore_ids_if_unused(
+        &self,
+        bridge: &BridgeName,
+    ) -> Result<bool, HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(false);
+        };
+        let objects = host.objects();
+        let name = bridge.as_str();
+        if host.saved_promisc_state(bridge).await?.is_none() {
+            return Ok(false);
+        }
+        let g0 = objects.generation(name).await;
+        let sensors = self.ids_count(name).await?;
+        if sensors > 0 {
+            tracing::info!(%bridge, ids_nics = sensors, "bridge stays in IDS state");
+            return Ok(false);
+        }
+        let _guard = objects.lock(&[name]).await?;
+        if objects.generation(name).await != g0 || !objects.live_intents(name).await.is_empty() {
+            tracing::info!(%bridge, "an attach came along; IDS state left for the reconcile to judge");
+            return Ok(false);
+        }
+        let Some(orig) = host.saved_promisc_state(bridge).await? else {
+            return Ok(false);
+        };
+        host.promisc_restore(bridge, orig).await?;
+        tracing::info!(%bridge, "no IDS NIC left; bridge flags restored");
+        Ok(true)
     }
 
     /// Runs a libvirt step, retrying while libvirtd is unreachable (it is
@@ -370,6 +547,19 @@ impl Hotplug {
 /// domain XML itself, so the per-bridge IDS count is recomputed from
 /// libvirt's live state after an agent restart, never from memory.
 pub const IDS_ALIAS_PREFIX: &str = "ua-ids-";
+
+/// The intent an attach leaves on its bridge while it works.
+fn intent_record(dom: &DomainRef, def: &crate::xml::interface::InterfaceDef) -> IntentRecord {
+    IntentRecord {
+        vm: dom.uuid.clone(),
+        what: def.mac.to_string(),
+        pid: std::process::id(),
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    }
+}
 
 /// A domain that vanished while a request waited for its lock was looked up
 /// by UUID; report it by the name the caller used.

@@ -139,6 +139,15 @@ fn parse_broadcast_uri(uri: &str) -> Result<Option<Segment>, NicError> {
     Err(bad())
 }
 
+/// A segment as [`Segment`]'s `Display` writes it (`plain`, `vlan://100`,
+/// `vxlan://5001`, `vlan://untagged`), read back.
+pub fn parse_segment_uri(uri: &str) -> Result<Segment, NicError> {
+    if uri == "plain" {
+        return Ok(Segment::Plain);
+    }
+    parse_broadcast_uri(uri)?.ok_or_else(|| NicError::invalid("broadcast_uri", uri, URI_ALLOWED))
+}
+
 /// Combines `vlan`, `vni` and `broadcast_uri` into one segment.
 fn segment(raw: &RawNic) -> Result<Segment, NicError> {
     let vlan = raw.vlan.map(VlanId::try_from).transpose()?;

@@ -202,11 +202,18 @@ pub mod netns {
         pub fn agent(&self, extra: &[&str]) -> Agent {
             let sock = self.dir.path().join("agent.sock");
             let state = self.dir.path().join("state");
+            let persist = self.dir.path().join("persist");
+            // No grace period: these tests check the removal rules
+            // themselves; the grace period has its own test.
             let mut args = vec![
                 "--host-network",
                 "on",
                 "--state-dir",
                 state.to_str().expect("utf8"),
+                "--persist-dir",
+                persist.to_str().expect("utf8"),
+                "--bridge-grace-s",
+                "0",
             ];
             args.extend_from_slice(extra);
             start_agent_in_netns(&self.name, &lab_uri(), sock.to_str().expect("utf8"), &args)

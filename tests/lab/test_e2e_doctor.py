@@ -75,7 +75,8 @@ class DoctorE2E(unittest.TestCase):
             log(f"{GUEST} booted in {took:.1f}s")
             cls.agent = labkit.Agent(os.path.join(cls.workdir, "agent.stderr"),
                                      "--host-network", "on",
-                                     "--state-dir", os.path.join(cls.workdir, "state"))
+                                     "--state-dir", os.path.join(cls.workdir, "state"),
+                                     "--persist-dir", os.path.join(cls.workdir, "persist"))
             _, cls.pb, _ = labkit.stubs()
         except BaseException:
             cls.tearDownClass()

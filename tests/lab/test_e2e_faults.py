@@ -93,7 +93,8 @@ def mac(test, n):
 
 def start_agent(tag):
     a = lk.Agent(os.path.join(WORKDIR, f"agent-{tag}.stderr"), "--host-network", "on",
-                 "--state-dir", STATE_DIR, "--detach-timeout-ms", "20000")
+                 "--state-dir", STATE_DIR, "--persist-dir", STATE_DIR + "-persist",
+                 "--bridge-grace-s", "0", "--detach-timeout-ms", "20000")
     AGENTS.append(a)
     return a
 

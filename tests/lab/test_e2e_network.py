@@ -171,6 +171,10 @@ class Agent(lk.Agent):
         super().__init__(
             os.path.join(workdir, "agent.stderr"),
             "--host-network", "on", "--state-dir", self.state_dir,
+            "--persist-dir", os.path.join(workdir, "persist"),
+            # This suite checks removal after the last NIC at once; the
+            # grace period is proven in test_e2e_lifecycle.py.
+            "--bridge-grace-s", "0",
             "--detach-timeout-ms", str(DETACH_MS),
             # Extra flags, e.g. to check that the suite can fail.
             *os.environ.get("LAB_AGENT_ARGS", "").split())

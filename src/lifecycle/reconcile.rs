@@ -1,0 +1,119 @@
+//! The reconcile: compare the host with libvirt's live and persistent state
+//! and repair what drifted, by the same rules as detach and the hook. It
+//! runs in the background once at start-up (so health is SERVING without
+//! waiting for it) and then every few minutes; it logs one line per repair.
+//!
+//! - Running domains get the host side they need (bridges rebuilt from
+//!   their records, IDS state and OVS mirrors for live sensor NICs).
+//! - Bridges whose saved IDS state has no sensor left get it back.
+//! - Agent-made bridges nothing uses are removed (after the grace period).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::{ensure_host_for_domain, ensure_ids_mirrors, Caller};
+use crate::host::objects::Removal;
+use crate::hotplug::{Hotplug, HotplugError};
+use crate::nic::BridgeName;
+
+/// What one reconcile repaired, one line per repair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Human-readable repairs, in the order made.
+    pub lines: Vec<String>,
+}
+
+/// One pass. `mirrors` re-applies OVS IDS mirrors too (at start-up only:
+/// re-adding replaces a mirror, which would drop a moment of copies every
+/// period).
+pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugError> {
+    let mut out = Repairs::default();
+    let Some(host) = hp.host.clone() else {
+        return Ok(out);
+    };
+    for d in hp.domains().await? {
+        if !d.state.is_live() {
+            continue;
+        }
+        let live = match hp.views(&d).await {
+            Ok((Some(live), _)) => live,
+            Ok((None, _)) | Err(HotplugError::VmNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        match ensure_host_for_domain(host.as_ref(), &live, Caller::Agent).await {
+            Ok(e) => {
+                for b in e.built {
+                    out.lines
+                        .push(format!("rebuilt {b} for running vm {}", d.name));
+                }
+                for b in e.ids {
+                    out.lines
+                        .push(format!("put {b} back into IDS state for vm {}", d.name));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %d.name, error = %e, "reconcile: host side of a running vm")
+            }
+        }
+        if mirrors {
+            match ensure_ids_mirrors(host.as_ref(), &live).await {
+                Ok(0) => {}
+                Ok(n) => out.lines.push(format!(
+                    "re-applied {n} OVS IDS mirror(s) for vm {}",
+                    d.name
+                )),
+                Err(e) => tracing::warn!(vm = %d.name, error = %e, "reconcile: IDS mirrors"),
+            }
+        }
+    }
+    for b in host.saved_promisc_bridges().await? {
+        let Ok(b) = BridgeName::try_from(b.as_str()) else {
+            continue;
+        };
+        match hp.restore_ids_if_unused(&b).await {
+            Ok(true) => out
+                .lines
+                .push(format!("restored {b}'s pre-IDS state: no sensor left")),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(bridge = %b, error = %e, "reconcile: IDS state"),
+        }
+    }
+    let mut candidates: BTreeSet<String> = host.agent_bridges().await?.into_iter().collect();
+    candidates.extend(
+        host.objects()
+            .remembered()
+            .await
+            .into_iter()
+            .map(|r| r.bridge),
+    );
+    for b in candidates {
+        let Ok(b) = BridgeName::try_from(b.as_str()) else {
+            continue;
+        };
+        match hp.collect_bridge(&b).await {
+            Ok(Removal::Delete) => out.lines.push(format!("removed unused bridge {b}")),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(bridge = %b, error = %e, "reconcile: bridge clean-up"),
+        }
+    }
+    for l in &out.lines {
+        tracing::info!("reconcile: {l}");
+    }
+    Ok(out)
+}
+
+/// Runs [`reconcile`] once now and then every `every` (never, when `None`),
+/// until the task is dropped.
+pub async fn reconcile_loop(hp: std::sync::Arc<Hotplug>, every: Option<Duration>) {
+    let mut first = true;
+    loop {
+        match reconcile(&hp, first).await {
+            Ok(r) if r.lines.is_empty() => tracing::debug!("reconcile: nothing to repair"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile failed; tried again next period"),
+        }
+        first = false;
+        let Some(p) = every else { return };
+        tokio::time::sleep(p).await;
+    }
+}
