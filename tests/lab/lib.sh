@@ -44,3 +44,17 @@ lab_wait() {
 # lab_now: seconds since the epoch with milliseconds, for timings.
 lab_now() { date +%s.%3N; }
 lab_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# lab_spawn CMD...: runs CMD with every file descriptor above 2 closed. A
+# daemon it starts must hold no lock: neither ours nor one a caller took
+# (`flock FILE bash tests/lab/start-ovs.sh` leaves FILE's descriptor open in
+# every child, and a daemon that inherits it holds that lock until it exits).
+lab_spawn() {
+  (
+    for fd in /proc/self/fd/*; do
+      n=${fd##*/}
+      [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null
+    done
+    exec "$@"
+  )
+}

@@ -35,8 +35,8 @@ start_daemon() {
     return 0
   fi
   # -d daemonizes; setsid detaches it from our session. (-l fails here.)
-  # 9>&-: the daemon must not inherit (and so hold) our lock.
-  setsid "/usr/sbin/$name" -d 9>&-
+  # lab_spawn: the daemon must not inherit (and so hold) any lock.
+  lab_spawn setsid "/usr/sbin/$name" -d
   lab_wait 20 lab_pidfile_live "$pidfile" "$name" || lab_die "$name did not write a live $pidfile"
   pid=$(tr -dc '0-9' <"$pidfile")
   echo "$pid" >"$LAB_STATE/$name.started"
