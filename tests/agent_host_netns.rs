@@ -124,3 +124,26 @@ async fn vlan_on_a_kernel_without_8021q_is_a_clear_precondition_and_leaves_nothi
         }
     }
 }
+
+#[tokio::test]
+async fn an_idempotent_retry_puts_a_sensors_lost_ids_state_back() {
+    let ns = Netns::new("idsre");
+    let a = ns.agent(&[]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0d:00:00:07", "cloudbr1");
+    n.promiscuous = true;
+    attach(&mut c, "i-2-10-VM", n.clone())
+        .await
+        .expect("attach");
+    assert!(ns.details("cloudbr1").contains("PROMISC"));
+    // Someone (a restart of networking, an operator) took it away.
+    common::netns::ip(&["-n", &ns.name, "link", "set", "cloudbr1", "promisc", "off"]);
+    assert!(!ns.details("cloudbr1").contains("PROMISC"));
+    let r = attach(&mut c, "i-2-10-VM", n).await.expect("retry");
+    assert!(r.already_present, "{r:?}");
+    let d = ns.details("cloudbr1");
+    assert!(
+        d.contains("PROMISC"),
+        "the retry left the sensor blind: {d}"
+    );
+}

@@ -399,6 +399,30 @@ impl Hotplug {
                 applied.push(Target::Config);
             }
         }
+        // An earlier attach of this sensor may have been cut short before
+        // its IDS step, or the bridge lost its state since: put it back.
+        if let Some(lv) = live {
+            if let Some(i) = lv.interface_by_mac(mac).first() {
+                let ids = i
+                    .alias
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with(IDS_ALIAS_PREFIX));
+                let bridge = i
+                    .source
+                    .as_deref()
+                    .and_then(|b| BridgeName::try_from(b).ok());
+                if let (true, Some(b)) = (ids, bridge) {
+                    let switch = if i.virtualport.as_deref() == Some("openvswitch") {
+                        SwitchType::OpenVswitch
+                    } else {
+                        SwitchType::LinuxBridge
+                    };
+                    if self.ids_on(dom, switch, &b, mac).await?.is_some() {
+                        tracing::info!(vm = %dom.name, mac, bridge = %b, "re-applied IDS state for an existing sensor NIC");
+                    }
+                }
+            }
+        }
         let nic = self.read_back(dom, mac).await?;
         Ok(AttachOutcome {
             nic,

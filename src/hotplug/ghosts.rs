@@ -73,7 +73,7 @@ impl Hotplug {
             .collect();
         Ok(in_qemu
             .into_iter()
-            .filter(|n| !known.contains(n.id.as_str()))
+            .filter(|n| is_ours(&n.id) && !known.contains(n.id.as_str()))
             .collect())
     }
 
@@ -151,4 +151,13 @@ impl Hotplug {
         }
         Ok(ghosts)
     }
+}
+
+/// Whether a QEMU device id can be one of ours: every NIC the agent plugs
+/// has a user alias, and libvirt names the QEMU device after it (`ua-...`).
+/// A `<qemu:commandline>` NIC, or one cloudstack-agent is hot-plugging at
+/// this moment (libvirt ids `net0`, `hostnet1`, ...), is never ours to
+/// unplug.
+fn is_ours(id: &str) -> bool {
+    id.starts_with("ua-")
 }

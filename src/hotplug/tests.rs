@@ -286,6 +286,28 @@ async fn a_nic_libvirt_lost_is_unplugged_and_the_attach_retried() {
 }
 
 #[tokio::test]
+async fn a_nic_that_is_not_ours_is_never_unplugged() {
+    // A <qemu:commandline> NIC, or one cloudstack-agent is plugging right
+    // now: QEMU has it, the live XML does not (yet), and its id is not ua-.
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    fake.add_ghost("vm1", "net7", "52:54:00:00:00:98", true);
+    *fake.fail_next.lock().expect("lock") = Some(("attach", Target::Live, HvErrorKind::Internal));
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect_err("QEMU refused, and no NIC of ours was lost");
+    assert!(matches!(err, HotplugError::Hypervisor(_)), "{err:?}");
+    assert_eq!(fake.ghosts("vm1").len(), 1, "a foreign NIC was unplugged");
+    assert!(
+        !fake.calls().iter().any(|c| c.op == "device_del"),
+        "{:?}",
+        fake.calls()
+    );
+}
+
+#[tokio::test]
 async fn a_lost_nic_the_guest_keeps_fails_the_attach_naming_it() {
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, false, 2);
