@@ -74,6 +74,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
             state_dir: s.state_dir.clone(),
             raise_bridge_mtu: s.raise_bridge_mtu,
+            vxlan: s.vxlan.clone(),
             ..nic_agent::host::HostConfig::default()
         })?;
         Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
@@ -203,6 +204,7 @@ fn main() -> ExitCode {
             Command::GuestConfig(a) => {
                 nic_agent::cli::guest_config::run(&a).map_err(|e| e.to_string())
             }
+            Command::RepairVxlan(a) => nic_agent::cli::repair::run(&a).await,
         }
     });
     match out {

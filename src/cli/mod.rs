@@ -5,6 +5,7 @@
 pub mod client;
 pub mod guest_config;
 pub mod offline;
+pub mod repair;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,10 @@ pub enum Command {
     Move(MoveArgs),
     /// Print the guest-side network files for a hot-plugged NIC (offline).
     GuestConfig(GuestConfigArgs),
+    /// Re-create the VXLAN devices this agent made whose port, group or
+    /// underlay differ from the configuration (runs on the host, as root;
+    /// the VNI is interrupted briefly on this host).
+    RepairVxlan(repair::RepairVxlanArgs),
 }
 
 /// `config` subcommands.
