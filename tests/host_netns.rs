@@ -1015,3 +1015,38 @@ fn vxlan_changes_wait_for_cloudstacks_lock() {
     });
     assert!(ns.exists("vxlan5005"));
 }
+
+#[test]
+fn vlan_parent_is_never_a_tap_even_one_named_like_a_nic() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "cloudbr0", "type", "bridge"]);
+    // A tap named like a NIC, listed first, and a tap named like CloudStack's.
+    ns.ip(&["tuntap", "add", "eth5", "mode", "tap"]);
+    ns.ip(&["tuntap", "add", "vnet7", "mode", "tap"]);
+    ns.ip(&["link", "set", "eth5", "master", "cloudbr0"]);
+    ns.ip(&["link", "set", "vnet7", "master", "cloudbr0"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let vlan = Segment::Vlan(VlanId::try_from(100).expect("vlan"));
+    let e = ns.run(config(&dir), move |host| async move {
+        host.resolve(&br("cloudbr0"), SwitchType::LinuxBridge, &vlan)
+            .await
+            .expect_err("only taps")
+    });
+    assert_eq!(e.kind(), HostErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("no physical port"), "{e}");
+    // The lab's stand-in uplink (a veth) is used when nothing better is there.
+    ns.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "up0-p",
+    ]);
+    ns.ip(&["link", "set", "up0", "master", "cloudbr0"]);
+    let plan = ns.run(config(&dir), move |host| async move {
+        host.resolve(&br("cloudbr0"), SwitchType::LinuxBridge, &vlan)
+            .await
+            .expect("veth stand-in")
+    });
+    assert_eq!(plan.bridge.as_str(), "brup0-100");
+    assert_eq!(
+        plan.segment_device.as_ref().map(|d| d.name()),
+        Some("up0.100")
+    );
+}

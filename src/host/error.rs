@@ -41,8 +41,8 @@ pub enum HostError {
     },
     /// A VLAN was requested but the label bridge has no physical port.
     #[error(
-        "bridge {bridge} has no physical port (eth*, en*, bond*, team*, vx*, veth*) to carry \
-         VLAN {vlan}; enslave the uplink NIC to {bridge}"
+        "bridge {bridge} has no physical port (a NIC, bond, team or VLAN device; a veth only \
+         where there is none) to carry VLAN {vlan}; enslave the uplink NIC to {bridge}"
     )]
     NoPhysicalPort {
         /// The label bridge.

@@ -617,10 +617,24 @@ impl NetlinkHost {
                 underlay_mtu: None,
             }),
             Segment::Vlan(id) => {
-                let ports = self.ports_of(&lb).await?;
-                let port = ports
-                    .into_iter()
-                    .find(|p| naming::looks_physical(&p.name))
+                let mut ports = self.ports_of(&lb).await?;
+                let classes: Vec<(String, naming::PortClass, u32)> = ports
+                    .iter()
+                    .map(|p| {
+                        let kind = p.kind.as_ref().map(|k| k.to_string());
+                        (
+                            p.name.clone(),
+                            naming::PortClass::of_kind(kind.as_deref()),
+                            p.index,
+                        )
+                    })
+                    .collect();
+                let chosen = naming::pick_uplink(&classes).map(str::to_string);
+                let port = chosen
+                    .and_then(|n| {
+                        let i = ports.iter().position(|p| p.name == n)?;
+                        Some(ports.swap_remove(i))
+                    })
                     .ok_or_else(|| HostError::NoPhysicalPort {
                         bridge: label.to_string(),
                         vlan: id.get(),
