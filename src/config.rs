@@ -6,6 +6,7 @@
 //! file is a valid configuration. Unknown keys are errors that name the key:
 //! a typo such as `raise_brige_mtu` must not silently keep the default.
 
+use crate::host::{VxlanFamily, VxlanFlavour, VxlanSettings};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -159,6 +160,35 @@ pub struct SocketFile {
     pub group: Option<String>,
 }
 
+/// The `[vxlan]` table: how VXLAN devices are made, so that they match
+/// what cloudstack-agent makes on this host and the others.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VxlanFile {
+    /// CloudStack's flavour: "multicast" (modifyvxlan.sh, the default) or
+    /// "evpn" (modifyvxlan-evpn.sh).
+    pub flavour: VxlanFlavour,
+    /// A UDP port pinned on every host. Absent: the flavour's (multicast:
+    /// no port, so the kernel default, 8472; evpn: 4789).
+    pub port: Option<u16>,
+    /// Underlay family: "auto", "inet" or "inet6".
+    pub family: VxlanFamily,
+    /// CloudStack's lock file, taken when its directory exists.
+    pub lock_file: PathBuf,
+}
+
+impl Default for VxlanFile {
+    fn default() -> Self {
+        let d = VxlanSettings::default();
+        VxlanFile {
+            flavour: d.flavour,
+            port: d.port,
+            family: d.family,
+            lock_file: d.lock_file,
+        }
+    }
+}
+
 /// The file as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -200,6 +230,8 @@ pub struct FileConfig {
     pub log_format: LogFormat,
     /// Unix socket ownership.
     pub socket: SocketFile,
+    /// VXLAN flavour, port, family and lock.
+    pub vxlan: VxlanFile,
 }
 
 impl Default for FileConfig {
@@ -223,6 +255,7 @@ impl Default for FileConfig {
             metrics_listen: None,
             log_format: LogFormat::Text,
             socket: SocketFile::default(),
+            vxlan: VxlanFile::default(),
         }
     }
 }
@@ -307,6 +340,22 @@ pub struct Overrides {
     /// Serve Prometheus metrics on HOST:PORT at /metrics (default: off).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// VXLAN as CloudStack's modifyvxlan.sh (multicast) or
+    /// modifyvxlan-evpn.sh (evpn) makes it [default: multicast].
+    #[arg(long, value_enum)]
+    pub vxlan_flavour: Option<VxlanFlavour>,
+    /// Pin the VXLAN UDP port (default: the flavour's; multicast gives no
+    /// port, so the kernel default applies, 8472).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_port: Option<u16>,
+    /// VXLAN underlay family [default: auto: IPv6 when the underlay has a
+    /// global IPv6 address and no IPv4 one].
+    #[arg(long, value_enum)]
+    pub vxlan_family: Option<VxlanFamily>,
+    /// CloudStack's VXLAN lock file, taken when its directory exists
+    /// [default: /var/run/cloud/vxlan.lock].
+    #[arg(long)]
+    pub vxlan_lock_file: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<SocketMode, String> {
@@ -462,6 +511,12 @@ impl FileConfig {
         if o.metrics_listen.is_some() {
             self.metrics_listen = o.metrics_listen.clone();
         }
+        set(&mut self.vxlan.flavour, &o.vxlan_flavour);
+        if o.vxlan_port.is_some() {
+            self.vxlan.port = o.vxlan_port;
+        }
+        set(&mut self.vxlan.family, &o.vxlan_family);
+        set(&mut self.vxlan.lock_file, &o.vxlan_lock_file);
         self
     }
 }
@@ -529,6 +584,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Unix socket ownership.
     pub socket: SocketSettings,
+    /// How VXLAN devices are made.
+    pub vxlan: VxlanSettings,
 }
 
 impl Default for Settings {
@@ -676,6 +733,16 @@ impl TryFrom<FileConfig> for Settings {
             }
         }
 
+        if f.vxlan.port == Some(0) {
+            return Err(invalid("vxlan.port", "0 is not a UDP port; use 1-65535"));
+        }
+        if !f.vxlan.lock_file.is_absolute() {
+            return Err(invalid(
+                "vxlan.lock_file",
+                format!("{:?} must be an absolute path", f.vxlan.lock_file),
+            ));
+        }
+
         Ok(Settings {
             listen,
             tls,
@@ -699,6 +766,13 @@ impl TryFrom<FileConfig> for Settings {
                 mode: f.socket.mode,
                 owner: f.socket.owner,
                 group: f.socket.group,
+            },
+            vxlan: VxlanSettings {
+                flavour: f.vxlan.flavour,
+                port: f.vxlan.port,
+                family: f.vxlan.family,
+                lock_file: f.vxlan.lock_file,
+                ..VxlanSettings::default()
             },
         })
     }
@@ -790,6 +864,31 @@ mod tests {
     }
 
     #[test]
+    fn vxlan_defaults_to_cloudstacks_multicast_flavour_without_a_port() {
+        let s = Settings::default();
+        assert_eq!(s.vxlan.flavour, VxlanFlavour::Multicast);
+        assert_eq!(
+            s.vxlan.port, None,
+            "no port: the kernel default, like modifyvxlan.sh"
+        );
+        assert_eq!(s.vxlan.family, VxlanFamily::Auto);
+        assert_eq!(
+            s.vxlan.lock_file,
+            PathBuf::from("/var/run/cloud/vxlan.lock")
+        );
+        let f = parse("[vxlan]\nflavour = \"evpn\"\nport = 4789\nfamily = \"inet6\"").unwrap();
+        let s = Settings::try_from(f).unwrap();
+        assert_eq!(
+            (s.vxlan.flavour, s.vxlan.port, s.vxlan.family),
+            (VxlanFlavour::Evpn, Some(4789), VxlanFamily::Inet6)
+        );
+        let e = parse("[vxlan]\nflavour = \"unicast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vxlan.flavour") || e.contains("flavour"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("queue_cap = 0", "queue_cap"),
@@ -798,6 +897,8 @@ mod tests {
             ("keep_bridges = [\"a b@\"]", "keep_bridges"),
             ("state_dir = \"rel\"", "state_dir"),
             ("listen = []", "listen"),
+            ("[vxlan]\nport = 0", "vxlan.port"),
+            ("[vxlan]\nlock_file = \"x.lock\"", "vxlan.lock_file"),
         ] {
             let e = Settings::try_from(parse(text).unwrap())
                 .unwrap_err()

@@ -75,6 +75,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             state_dir: s.state_dir.clone(),
             persist_dir: s.persist_dir.clone(),
             raise_bridge_mtu: s.raise_bridge_mtu,
+            vxlan: s.vxlan.clone(),
             ..nic_agent::host::HostConfig::default()
         })?;
         Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
@@ -143,9 +144,18 @@ async fn hook(a: &nic_agent::cli::HookArgs) -> Result<String, String> {
     let mut xml = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
         .map_err(|e| format!("reading the domain XML on stdin: {e}"))?;
+    // The same VXLAN settings as the daemon: a device the hook rebuilds
+    // must be the one the agent would have made.
     let host = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
         state_dir: f.state_dir.clone(),
         persist_dir: f.persist_dir.clone(),
+        vxlan: nic_agent::host::VxlanSettings {
+            flavour: f.vxlan.flavour,
+            port: f.vxlan.port,
+            family: f.vxlan.family,
+            lock_file: f.vxlan.lock_file.clone(),
+            ..nic_agent::host::VxlanSettings::default()
+        },
         ..nic_agent::host::HostConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -258,6 +268,7 @@ fn main() -> ExitCode {
                 nic_agent::cli::guest_config::run(&a).map_err(|e| e.to_string())
             }
             Command::Hook(a) => hook(&a).await,
+            Command::RepairVxlan(a) => nic_agent::cli::repair::run(&a).await,
         }
     });
     match out {

@@ -26,7 +26,13 @@ async fn vxlan_attach_builds_the_bridge_and_writes_the_bridge_mtu() {
     let d = ns.details("vxlan5000");
     assert!(d.contains("vxlan id 5000"), "{d}");
     assert!(d.contains("239.0.19.136"), "{d}");
-    assert!(d.contains("dstport 4789"), "{d}");
+    // Intended change (issue 12): no port is given, like CloudStack's
+    // modifyvxlan.sh, so the kernel default applies (8472 here).
+    let port = std::fs::read_to_string("/sys/module/vxlan/parameters/udp_port")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "8472".into());
+    assert!(d.contains(&format!("dstport {port} ")), "{d}");
+    assert!(!d.contains("dstport 4789"), "{d}");
     assert!(d.contains("master brvx-5000"), "{d}");
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use nic_agent::host::naming;
 use nic_agent::host::{
     mtu_preflight, HostConfig, HostErrorKind, HostNet, HostUndo, NetlinkHost, PlannedChange,
-    PromiscState, SegmentDevice,
+    PromiscState, SegmentDevice, VxlanFlavour, VxlanSettings,
 };
 use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
 use serde_json::Value;
@@ -49,6 +49,12 @@ impl Netns {
             .args(&a)
             .output()
             .expect("spawn ip netns exec")
+    }
+
+    /// A file under /proc/sys as seen from inside the namespace.
+    fn sysctl(&self, key: &str) -> String {
+        let out = self.exec(&["cat", &format!("/proc/sys/{key}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn exists(&self, link: &str) -> bool {
@@ -118,6 +124,14 @@ impl Drop for Netns {
     }
 }
 
+/// The port a VXLAN device without `dstport` gets on this kernel.
+fn kernel_port() -> u64 {
+    std::fs::read_to_string("/sys/module/vxlan/parameters/udp_port")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(8472)
+}
+
 fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("spawn");
     assert!(
@@ -131,6 +145,12 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 fn config(dir: &tempfile::TempDir) -> HostConfig {
     HostConfig {
         state_dir: dir.path().to_path_buf(),
+        // CloudStack's lock lives in a directory the test owns (absent
+        // unless a test creates it), never in the real /var/run/cloud.
+        vxlan: VxlanSettings {
+            lock_file: dir.path().join("cloud/vxlan.lock"),
+            ..VxlanSettings::default()
+        },
         ..HostConfig::default()
     }
 }
@@ -205,9 +225,13 @@ fn vxlan_resolve_plans_cloudstack_names_and_changes_nothing() {
             panic!("expected vxlan device, got {:?}", plan.segment_device)
         };
         assert_eq!(spec.name, "vxlan5000");
-        assert_eq!(spec.group.to_string(), "239.0.19.136");
-        assert_eq!((spec.ttl, spec.dstport, spec.learning), (10, 4789, true));
-        assert_eq!(spec.underlay, "cloudbr1");
+        assert_eq!(
+            spec.group.map(|g| g.to_string()).as_deref(),
+            Some("239.0.19.136")
+        );
+        // No port at all, like modifyvxlan.sh: the kernel default applies.
+        assert_eq!((spec.ttl, spec.port, spec.learning), (Some(10), None, true));
+        assert_eq!(spec.underlay.as_deref(), Some("cloudbr1"));
         assert_eq!(plan.underlay.as_deref(), Some("cloudbr1"));
         assert_eq!(plan.overhead, 50);
         assert_eq!(plan.underlay_mtu, Some(1500));
@@ -215,6 +239,10 @@ fn vxlan_resolve_plans_cloudstack_names_and_changes_nothing() {
         assert_eq!(
             plan.changes,
             vec![
+                PlannedChange::AddRoute {
+                    group: "239.0.19.136".parse().unwrap(),
+                    dev: "cloudbr1".into()
+                },
                 PlannedChange::CreateSegmentDevice("vxlan5000".into()),
                 PlannedChange::CreateBridge("brvx-5000".into()),
                 PlannedChange::Enslave {
@@ -243,6 +271,10 @@ fn vxlan_prepare_creates_marked_bridge_and_device_and_undo_removes_them() {
     assert_eq!(
         steps,
         vec![
+            HostUndo::DeleteRoute {
+                group: "239.0.19.136".parse().unwrap(),
+                dev: "cloudbr1".into()
+            },
             HostUndo::DeleteLink {
                 name: "vxlan5000".into()
             },
@@ -256,7 +288,15 @@ fn vxlan_prepare_creates_marked_bridge_and_device_and_undo_removes_them() {
     assert_eq!(vx["linkinfo"]["info_kind"], "vxlan");
     assert_eq!(data["id"], 5000);
     assert_eq!(data["group"], "239.0.19.136");
-    assert_eq!(data["port"], 4789);
+    // Intended change (issue 12): CloudStack's modifyvxlan.sh gives no
+    // dstport, so the device has the kernel's default, not 4789.
+    assert_eq!(data["port"], kernel_port());
+    assert_eq!(ns.sysctl("net/ipv6/conf/vxlan5000/disable_ipv6"), "1");
+    assert!(
+        ns.ip(&["route", "show", "239.0.19.136"])
+            .contains("dev cloudbr1"),
+        "modifyvxlan.sh's group route"
+    );
     assert_eq!(data["ttl"], 10);
     assert_eq!(data["learning"], true);
     assert_eq!(data["link"], "cloudbr1");
@@ -286,6 +326,11 @@ fn vxlan_prepare_creates_marked_bridge_and_device_and_undo_removes_them() {
     });
     assert!(again.is_empty(), "{again:?}");
     assert_eq!(ns.link_names(), before, "undo leaves the host as it was");
+    assert_eq!(
+        ns.ip(&["route", "show", "239.0.19.136"]),
+        "",
+        "route undone"
+    );
 }
 
 #[test]
@@ -705,4 +750,303 @@ fn long_port_names_get_the_deterministic_short_form() {
     );
     assert_ne!(dev, "enp0s31f6longx.4000");
     assert!(plan.bridge.as_str().starts_with("brenp0s31f"));
+}
+
+/// A VXLAN device the agent made before this version (port 4789), in its
+/// bridge: what `repair-vxlan` is for.
+fn old_agent_vxlan(ns: &Netns, vni: u32, alias: bool) {
+    let dev = format!("vxlan{vni}");
+    let br = format!("brvx-{vni}");
+    let group = format!("239.0.{}.{}", vni >> 8 & 255, vni & 255);
+    let id = vni.to_string();
+    ns.ip(&[
+        "link", "add", &dev, "type", "vxlan", "id", &id, "group", &group, "ttl", "10", "dstport",
+        "4789", "dev", "cloudbr1",
+    ]);
+    ns.ip(&["link", "add", &br, "type", "bridge"]);
+    if alias {
+        ns.ip(&["link", "set", &dev, "alias", "nic-agent"]);
+        ns.ip(&["link", "set", &br, "alias", "nic-agent"]);
+    }
+    ns.ip(&["link", "set", &dev, "master", &br, "up"]);
+    ns.ip(&["link", "set", &br, "up"]);
+}
+
+#[test]
+fn a_vxlan_device_with_another_port_is_refused_with_the_difference_and_the_fix() {
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr1", "veth1a", "veth1b");
+    old_agent_vxlan(&ns, 1001, true);
+    old_agent_vxlan(&ns, 1002, false);
+    let before = ns.link_names();
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ours, foreign) = ns.run(config(&dir), |host| async move {
+        let ours = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(1001))
+            .await
+            .expect_err("port 4789 differs");
+        let foreign = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(1002))
+            .await
+            .expect_err("port 4789 differs");
+        (ours, foreign)
+    });
+    let port = kernel_port();
+    assert_eq!(ours.kind(), HostErrorKind::FailedPrecondition, "{ours}");
+    let m = ours.to_string();
+    assert!(
+        m.starts_with(&format!(
+            "vxlan1001 uses UDP port 4789, this host is configured for {port}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("nic-agent repair-vxlan --vni 1001"), "{m}");
+    let m = foreign.to_string();
+    assert_eq!(foreign.kind(), HostErrorKind::FailedPrecondition, "{m}");
+    assert!(m.contains("not made by nic-agent"), "{m}");
+    assert!(
+        !m.contains("repair-vxlan"),
+        "repair never touches foreign devices: {m}"
+    );
+    assert_eq!(ns.link_names(), before, "nothing was changed");
+    assert_eq!(
+        ns.link_json("vxlan1001")["linkinfo"]["info_data"]["port"],
+        4789
+    );
+}
+
+#[test]
+fn repair_vxlan_recreates_only_agent_devices_in_the_same_bridge() {
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr1", "veth1a", "veth1b");
+    old_agent_vxlan(&ns, 1001, true);
+    old_agent_vxlan(&ns, 1003, true);
+    old_agent_vxlan(&ns, 1002, false);
+    let dir = tempfile::tempdir().expect("tmp");
+    let lock_dir = dir.path().join("cloud");
+    std::fs::create_dir(&lock_dir).expect("lock dir");
+    let lock = lock_dir.join("vxlan.lock");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            env!("CARGO_BIN_EXE_nic-agent"),
+            "repair-vxlan",
+            "--config",
+            "/dev/null",
+            "--vxlan-lock-file",
+            lock.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        let out = ns.exec(&args);
+        assert!(
+            out.status.success(),
+            "repair-vxlan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // --vni limits it to one device.
+    let out = run(&["--vni", "1003"]);
+    assert!(
+        out.contains("vxlan1003 in brvx-1003: uses UDP port 4789"),
+        "{out}"
+    );
+    assert!(out.contains("interrupted for"), "{out}");
+    assert!(!out.contains("vxlan1001"), "{out}");
+    assert_eq!(
+        ns.link_json("vxlan1001")["linkinfo"]["info_data"]["port"],
+        4789
+    );
+
+    let out = run(&[]);
+    let port = kernel_port();
+    assert!(
+        out.contains("vxlan1001 in brvx-1001: uses UDP port 4789"),
+        "{out}"
+    );
+    assert!(
+        out.contains("vxlan1003 in brvx-1003: as configured"),
+        "{out}"
+    );
+    assert!(
+        out.contains("vxlan1002 in brvx-1002: uses UDP port 4789"),
+        "{out}"
+    );
+    assert!(out.contains("not made by nic-agent, left alone"), "{out}");
+    for vni in [1001, 1003] {
+        let v = ns.link_json(&format!("vxlan{vni}"));
+        let data = &v["linkinfo"]["info_data"];
+        assert_eq!(data["port"], port, "{v}");
+        assert_eq!(data["id"], vni);
+        assert_eq!(data["link"], "cloudbr1");
+        assert_eq!(v["master"], format!("brvx-{vni}"), "re-enslaved: {v}");
+        assert_eq!(v["ifalias"], "nic-agent");
+        assert!(has_flag(&v, "UP"), "{v}");
+        assert_eq!(
+            ns.sysctl(&format!("net/ipv6/conf/vxlan{vni}/disable_ipv6")),
+            "1"
+        );
+    }
+    assert_eq!(
+        ns.link_json("vxlan1002")["linkinfo"]["info_data"]["port"],
+        4789
+    );
+    assert!(lock.exists(), "CloudStack's lock was taken");
+    // And an attach now accepts the repaired device.
+    ns.run(config(&dir), |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(1001))
+            .await
+            .expect("repaired device is accepted");
+        assert!(
+            plan.changes
+                .iter()
+                .all(|c| matches!(c, PlannedChange::AddRoute { .. })),
+            "{:?}",
+            plan.changes
+        );
+    });
+}
+
+#[test]
+fn ipv6_underlay_gets_cloudstacks_ff05_group_route_and_overhead() {
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr1", "veth1a", "veth1b");
+    ns.ip(&["addr", "add", "fd00:77::1/64", "dev", "cloudbr1", "nodad"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let before = ns.link_names();
+    let steps = ns.run(config(&dir), |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(1001))
+            .await
+            .expect("resolve");
+        assert_eq!(plan.overhead, 70, "IPv6 outer header");
+        assert_eq!(plan.bridge_mtu, 1430);
+        host.prepare(&plan).await.expect("prepare")
+    });
+    let data = ns.link_json("vxlan1001")["linkinfo"]["info_data"].clone();
+    assert_eq!(data["group6"], "ff05::3:233", "{data}");
+    assert_eq!(data["port"], kernel_port());
+    assert!(
+        ns.ip(&["-6", "route", "show", "ff05::3:233"])
+            .contains("dev cloudbr1"),
+        "{}",
+        ns.ip(&["-6", "route", "show"])
+    );
+    ns.run(config(&dir), |host| undo_all_owned(host, steps));
+    assert_eq!(ns.link_names(), before);
+    assert_eq!(ns.ip(&["-6", "route", "show", "ff05::3:233"]), "");
+}
+
+#[test]
+fn evpn_flavour_pins_4789_without_learning_group_or_route() {
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr1", "veth1a", "veth1b");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(&dir);
+    cfg.vxlan.flavour = VxlanFlavour::Evpn;
+    // No VTEP address on lo: refused, naming what to add.
+    let e = ns.run(cfg.clone(), |host| async move {
+        host.resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(7001))
+            .await
+            .expect_err("no VTEP on lo")
+    });
+    assert_eq!(e.kind(), HostErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("dev lo"), "{e}");
+    ns.ip(&["addr", "add", "10.255.0.7/32", "dev", "lo"]);
+    let steps = ns.run(cfg, |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(7001))
+            .await
+            .expect("resolve");
+        assert!(
+            !plan
+                .changes
+                .iter()
+                .any(|c| matches!(c, PlannedChange::AddRoute { .. })),
+            "{:?}",
+            plan.changes
+        );
+        host.prepare(&plan).await.expect("prepare")
+    });
+    let data = ns.link_json("vxlan7001")["linkinfo"]["info_data"].clone();
+    assert_eq!(data["port"], 4789, "{data}");
+    assert_eq!(data["learning"], false, "{data}");
+    assert_eq!(data["local"], "10.255.0.7", "{data}");
+    assert!(
+        data.get("group").is_none() && data.get("link").is_none(),
+        "{data}"
+    );
+    assert_eq!(ns.sysctl("net/ipv6/conf/vxlan7001/disable_ipv6"), "1");
+    assert_eq!(ns.sysctl("net/ipv6/conf/brvx-7001/disable_ipv6"), "1");
+    assert_eq!(steps.len(), 2, "{steps:?}");
+}
+
+#[test]
+fn vxlan_changes_wait_for_cloudstacks_lock() {
+    use nix::fcntl::{Flock, FlockArg};
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr1", "veth1a", "veth1b");
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("cloud")).expect("dir");
+    let mut cfg = config(&dir);
+    cfg.vxlan.lock_wait = std::time::Duration::from_millis(300);
+    let file = std::fs::File::create(&cfg.vxlan.lock_file).expect("lock file");
+    // cloudstack-agent's modifyvxlan.sh is running (holds the lock).
+    let held = Flock::lock(file, FlockArg::LockExclusive).expect("flock");
+    let before = ns.link_names();
+    let c = cfg.clone();
+    let e = ns.run(c, |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(5005))
+            .await
+            .expect("resolve only reads");
+        host.prepare(&plan).await.expect_err("lock held")
+    });
+    assert_eq!(e.kind(), HostErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("vxlan.lock"), "{e}");
+    assert_eq!(ns.link_names(), before, "nothing made without the lock");
+    drop(held);
+    ns.run(cfg, |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(5005))
+            .await
+            .expect("resolve");
+        host.prepare(&plan).await.expect("lock free");
+    });
+    assert!(ns.exists("vxlan5005"));
+}
+
+#[test]
+fn vlan_parent_is_never_a_tap_even_one_named_like_a_nic() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "cloudbr0", "type", "bridge"]);
+    // A tap named like a NIC, listed first, and a tap named like CloudStack's.
+    ns.ip(&["tuntap", "add", "eth5", "mode", "tap"]);
+    ns.ip(&["tuntap", "add", "vnet7", "mode", "tap"]);
+    ns.ip(&["link", "set", "eth5", "master", "cloudbr0"]);
+    ns.ip(&["link", "set", "vnet7", "master", "cloudbr0"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let vlan = Segment::Vlan(VlanId::try_from(100).expect("vlan"));
+    let e = ns.run(config(&dir), move |host| async move {
+        host.resolve(&br("cloudbr0"), SwitchType::LinuxBridge, &vlan)
+            .await
+            .expect_err("only taps")
+    });
+    assert_eq!(e.kind(), HostErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("no physical port"), "{e}");
+    // The lab's stand-in uplink (a veth) is used when nothing better is there.
+    ns.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "up0-p",
+    ]);
+    ns.ip(&["link", "set", "up0", "master", "cloudbr0"]);
+    let plan = ns.run(config(&dir), move |host| async move {
+        host.resolve(&br("cloudbr0"), SwitchType::LinuxBridge, &vlan)
+            .await
+            .expect("veth stand-in")
+    });
+    assert_eq!(plan.bridge.as_str(), "brup0-100");
+    assert_eq!(
+        plan.segment_device.as_ref().map(|d| d.name()),
+        Some("up0.100")
+    );
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod guest_config;
 pub mod offline;
+pub mod repair;
 
 use std::path::PathBuf;
 
@@ -69,6 +70,10 @@ pub enum Command {
     /// or migrates in. Never calls libvirt; prints nothing on stdout.
     #[command(hide = true)]
     Hook(HookArgs),
+    /// Re-create the VXLAN devices this agent made whose port, group or
+    /// underlay differ from the configuration (runs on the host, as root;
+    /// the VNI is interrupted briefly on this host).
+    RepairVxlan(repair::RepairVxlanArgs),
 }
 
 /// `hook` options: where the daemon keeps its state (read from the same

@@ -41,8 +41,8 @@ pub enum HostError {
     },
     /// A VLAN was requested but the label bridge has no physical port.
     #[error(
-        "bridge {bridge} has no physical port (eth*, en*, bond*, team*, vx*, veth*) to carry \
-         VLAN {vlan}; enslave the uplink NIC to {bridge}"
+        "bridge {bridge} has no physical port (a NIC, bond, team or VLAN device; a veth only \
+         where there is none) to carry VLAN {vlan}; enslave the uplink NIC to {bridge}"
     )]
     NoPhysicalPort {
         /// The label bridge.
@@ -102,6 +102,42 @@ pub enum HostError {
     /// for longer than a request waits.
     #[error("{0}")]
     Busy(String),
+    /// A segment device exists with the agent's name but is built
+    /// differently from what this host is configured for (another port,
+    /// group or underlay). Never fixed silently: NICs on it would stop
+    /// reaching the other hosts, or never have.
+    #[error("{device} {differences}; {fix}")]
+    SegmentMismatch {
+        /// The device (`vxlan1001`).
+        device: String,
+        /// The differences, `; `-joined ("uses UDP port 4789, this host is
+        /// configured for 8472").
+        differences: String,
+        /// What fixes it (the command to run).
+        fix: String,
+    },
+    /// CloudStack's VXLAN lock stayed taken for the whole wait.
+    #[error(
+        "VXLAN lock {path} is held by another process (cloudstack-agent's modifyvxlan.sh?) \
+         for more than {waited:?}; retry, or look for a stuck script holding it"
+    )]
+    LockBusy {
+        /// The lock file.
+        path: String,
+        /// How long the agent waited.
+        waited: std::time::Duration,
+    },
+    /// A write under /proc/sys failed (disabling IPv6 on a new device).
+    #[error("cannot write {path}: {source}{hint}")]
+    Sysctl {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+        /// What to do (may be empty; starts with "; ").
+        hint: String,
+    },
     /// Internal invariant broken (a generated name did not validate, ...).
     #[error("internal: {0}")]
     Internal(String),
@@ -116,8 +152,19 @@ impl HostError {
             | HostError::NoPhysicalPort { .. }
             | HostError::KernelFeatureMissing { .. }
             | HostError::Unsupported(_)
+            | HostError::SegmentMismatch { .. }
             | HostError::Mtu(_) => HostErrorKind::FailedPrecondition,
-            HostError::OvsUnavailable { .. } | HostError::Busy(_) => HostErrorKind::Unavailable,
+            // A read-only /proc/sys is the service's sandbox, which the
+            // operator must change; anything else there is unexpected.
+            HostError::Sysctl { source, .. } => match source.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    HostErrorKind::FailedPrecondition
+                }
+                _ => HostErrorKind::Internal,
+            },
+            HostError::OvsUnavailable { .. } | HostError::LockBusy { .. } | HostError::Busy(_) => {
+                HostErrorKind::Unavailable
+            }
             HostError::Netlink { .. }
             | HostError::Ovs { .. }
             | HostError::Io { .. }

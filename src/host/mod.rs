@@ -14,6 +14,9 @@
 //! (ovs-vsctl with argument vectors), `promisc` (saved bridge state),
 //! `inspect` (read-only facts about one NIC's path, for `Diagnose`),
 //! [`objects`] (locks, intents and the "in use" rule for shared bridges).
+//! [`vxlan`] (CloudStack's two VXLAN flavours, its group formulas and its
+//! lock file), `netlink::repair` (re-creating agent-made VXLAN devices that differ
+//! from the configuration, for `nic-agent repair-vxlan`).
 
 mod error;
 mod inspect;
@@ -23,8 +26,9 @@ mod netlink;
 pub mod objects;
 mod ovs;
 mod promisc;
+pub mod vxlan;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -37,9 +41,10 @@ pub use inspect::{
     VxlanFacts,
 };
 pub use mtu::{mtu_preflight, MtuError};
-pub use netlink::NetlinkHost;
+pub use netlink::{NetlinkHost, RepairAction, RepairOutcome, RepairReport};
 pub use ovs::mirror_name;
 pub use promisc::PromiscState;
+pub use vxlan::{VxlanDevice, VxlanFamily, VxlanFlavour, VxlanSettings};
 
 /// IFLA_IFALIAS written on every link the agent creates.
 ///
@@ -50,8 +55,10 @@ pub use promisc::PromiscState;
 /// names alone cannot, because we deliberately use the same names.
 pub const AGENT_ALIAS: &str = "nic-agent";
 
-/// VXLAN UDP destination port (IANA). Linux defaults to 8472 without it.
-pub const VXLAN_PORT: u16 = 4789;
+/// The IANA VXLAN port. Only CloudStack's EVPN flavour uses it; its default
+/// multicast flavour gives no port, so the kernel default (8472) applies.
+/// See [`vxlan`].
+pub const VXLAN_PORT: u16 = vxlan::IANA_PORT;
 /// TTL of VXLAN multicast packets on the underlay.
 pub const VXLAN_TTL: u8 = 10;
 
@@ -68,6 +75,8 @@ pub struct HostConfig {
     /// What must survive a host reboot (segment records), unlike
     /// `state_dir`, which is under `/run`.
     pub persist_dir: PathBuf,
+    /// How VXLAN devices are made (CloudStack flavour, port, family, lock).
+    pub vxlan: VxlanSettings,
 }
 
 impl Default for HostConfig {
@@ -77,11 +86,14 @@ impl Default for HostConfig {
             raise_bridge_mtu: false,
             ovs_vsctl: PathBuf::from("ovs-vsctl"),
             persist_dir: PathBuf::from("/var/lib/nic-agent"),
+            vxlan: VxlanSettings::default(),
         }
     }
 }
 
-/// Parameters of a VXLAN device, CloudStack style (multicast group from the VNI).
+/// CloudStack's name and IPv4 multicast group for a VNI, as `modifyvxlan.sh`
+/// derives them. The device the agent actually makes depends on the
+/// configuration and the underlay: see [`VxlanDevice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
     /// Device name (`vxlan<vni>`).
@@ -92,31 +104,19 @@ pub struct VxlanSpec {
     pub group: Ipv4Addr,
     /// Multicast TTL.
     pub ttl: u8,
-    /// UDP destination port.
-    pub dstport: u16,
     /// Underlay link (`dev`), the label bridge.
     pub underlay: String,
-    /// FDB learning.
-    pub learning: bool,
 }
 
 impl VxlanSpec {
-    /// The CloudStack-style spec for `vni` over `underlay`.
+    /// The CloudStack-style names for `vni` over `underlay`.
     pub fn for_vni(vni: Vni, underlay: &str) -> Self {
-        let n = vni.get();
         Self {
-            name: naming::vxlan_device(n),
+            name: naming::vxlan_device(vni.get()),
             vni,
-            group: Ipv4Addr::new(
-                239,
-                (n >> 16 & 255) as u8,
-                (n >> 8 & 255) as u8,
-                (n & 255) as u8,
-            ),
+            group: vxlan::group_v4(vni),
             ttl: VXLAN_TTL,
-            dstport: VXLAN_PORT,
             underlay: underlay.to_string(),
-            learning: true,
         }
     }
 }
@@ -134,7 +134,7 @@ pub enum SegmentDevice {
         id: VlanId,
     },
     /// A VXLAN device.
-    Vxlan(VxlanSpec),
+    Vxlan(VxlanDevice),
 }
 
 impl SegmentDevice {
@@ -150,6 +150,14 @@ impl SegmentDevice {
 /// One change [`HostNet::prepare`] will make (as seen by resolve).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlannedChange {
+    /// Add the route `<group> dev <underlay>` (multicast VXLAN), as
+    /// `modifyvxlan.sh` does when the group is not already routed there.
+    AddRoute {
+        /// The multicast group.
+        group: IpAddr,
+        /// The underlay link.
+        dev: String,
+    },
     /// Create the segment device.
     CreateSegmentDevice(String),
     /// Create the bridge.
@@ -260,6 +268,13 @@ pub enum HostUndo {
     DeleteLink {
         /// Link name.
         name: String,
+    },
+    /// Delete a route the agent added (`<group> dev <underlay>`).
+    DeleteRoute {
+        /// The multicast group.
+        group: IpAddr,
+        /// The underlay link.
+        dev: String,
     },
     /// Detach a port from its bridge.
     Release {

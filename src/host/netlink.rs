@@ -1,21 +1,35 @@
 //! [`NetlinkHost`]: the [`HostNet`] implementation that does all link work
 //! through rtnetlink (no `ip`/`brctl` subprocesses) and OVS through ovs-vsctl.
+//!
+//! The few things netlink cannot do are files: disabling IPv6 on a device
+//! is a write under `/proc/sys/net/ipv6/conf/`, and CloudStack's VXLAN lock
+//! is a flock on `/var/run/cloud/vxlan.lock`.
+
+use std::net::IpAddr;
+use std::path::Path;
 
 use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressScope};
 use netlink_packet_route::link::{
-    InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
 use nix::errno::Errno;
-use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan};
-use tracing::{info, warn};
+use rtnetlink::{
+    LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan, RouteMessageBuilder,
+};
+use tracing::{debug, info, warn};
 
 use super::error::netlink_errno;
-use super::mtu::VXLAN_IPV4_OVERHEAD;
+use super::vxlan::{self, Family, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour, VxlanLock};
 use super::{
     naming, ovs, promisc, BridgePorts, HostConfig, HostError, HostNet, HostPlan, HostUndo,
-    PlannedChange, PromiscState, SegmentDevice, VxlanSpec, AGENT_ALIAS,
+    PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
 };
-use crate::nic::{BridgeName, Segment, SwitchType};
+use crate::nic::{BridgeName, Segment, SwitchType, Vni};
+
+mod repair;
+pub use repair::{RepairAction, RepairOutcome, RepairReport};
 
 /// Kernel default bridge FDB ageing (300 s in centiseconds).
 const DEFAULT_AGEING: u32 = 30000;
@@ -32,6 +46,10 @@ struct Link {
     alias: Option<String>,
     flags: LinkFlags,
     ageing: Option<u32>,
+    /// VXLAN attributes (vxlan links only); `underlay` is not resolved yet,
+    /// its ifindex is in `vxlan_dev`.
+    vxlan: Option<VxlanAttrs>,
+    vxlan_dev: Option<u32>,
 }
 
 impl Link {
@@ -46,6 +64,8 @@ impl Link {
             alias: None,
             flags: msg.header.flags,
             ageing: None,
+            vxlan: None,
+            vxlan_dev: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -64,6 +84,30 @@ impl Link {
                                         l.ageing = Some(a);
                                     }
                                 }
+                            }
+                            LinkInfo::Data(InfoData::Vxlan(opts)) => {
+                                let mut v = VxlanAttrs::default();
+                                for o in opts {
+                                    match o {
+                                        InfoVxlan::Id(id) => v.vni = Some(id),
+                                        InfoVxlan::Group(g) => v.group = Some(g.into()),
+                                        InfoVxlan::Group6(g) => v.group = Some(g.into()),
+                                        InfoVxlan::Local(a) => v.local = Some(a.into()),
+                                        InfoVxlan::Local6(a) => v.local = Some(a.into()),
+                                        InfoVxlan::Port(p) => v.port = Some(p),
+                                        InfoVxlan::Learning(b) => v.learning = Some(b),
+                                        InfoVxlan::Link(i) => l.vxlan_dev = Some(i),
+                                        _ => {}
+                                    }
+                                }
+                                // The kernel reports "no group" as 0.0.0.0 / ::.
+                                if v.group.is_some_and(|g| g.is_unspecified()) {
+                                    v.group = None;
+                                }
+                                if v.local.is_some_and(|a| a.is_unspecified()) {
+                                    v.local = None;
+                                }
+                                l.vxlan = Some(v);
                             }
                             _ => {}
                         }
@@ -100,6 +144,39 @@ fn has_errno(e: &rtnetlink::Error, errno: Errno) -> bool {
     netlink_errno(e) == Some(errno as i32)
 }
 
+/// Where the kernel keeps per-device IPv6 switches.
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// `sysctl -w net.ipv6.conf.<dev>.disable_ipv6=1`, which netlink cannot do.
+///
+/// A kernel without IPv6 has no such directory and nothing to disable. The
+/// write is a plain synchronous one: it is a procfs write that never waits
+/// on I/O, and a blocking-pool thread might not share the network namespace
+/// of the caller (tests run the host backend on a thread that `setns`-ed).
+pub(crate) fn disable_ipv6(dev: &str) -> Result<(), HostError> {
+    if !Path::new(IPV6_CONF).is_dir() {
+        return Ok(());
+    }
+    let path = Path::new(IPV6_CONF).join(dev).join("disable_ipv6");
+    std::fs::write(&path, b"1").map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                "; the agent must be able to write /proc/sys/net/ipv6/conf (in the systemd \
+                 unit: no ProtectKernelTunables=, or ReadWritePaths=/proc/sys/net/ipv6/conf)"
+                    .to_string()
+            }
+            _ => String::new(),
+        };
+        HostError::Sysctl {
+            path: path.display().to_string(),
+            source,
+            hint,
+        }
+    })?;
+    debug!(dev, "disabled IPv6");
+    Ok(())
+}
+
 fn bridge_name(name: &str) -> Result<BridgeName, HostError> {
     BridgeName::try_from(name)
         .map_err(|_| HostError::Internal(format!("generated bridge name {name:?} is not valid")))
@@ -111,6 +188,10 @@ pub struct NetlinkHost {
     handle: rtnetlink::Handle,
     config: HostConfig,
     objects: super::objects::HostObjects,
+    /// The kernel runs one dump at a time per netlink socket and answers a
+    /// second one with EBUSY; requests of concurrent attaches share this
+    /// socket, so dumps take turns.
+    dump: tokio::sync::Mutex<()>,
 }
 
 impl NetlinkHost {
@@ -132,6 +213,7 @@ impl NetlinkHost {
             handle,
             config,
             objects,
+            dump: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -157,6 +239,7 @@ impl NetlinkHost {
     }
 
     async fn links(&self) -> Result<Vec<Link>, HostError> {
+        let _turn = self.dump.lock().await;
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -227,6 +310,211 @@ impl NetlinkHost {
         }
     }
 
+    /// CloudStack's VXLAN lock (a no-op guard where CloudStack is absent).
+    pub(crate) async fn vxlan_lock(&self) -> Result<VxlanLock, HostError> {
+        let cfg = &self.config.vxlan;
+        let lock = VxlanLock::acquire(&cfg.lock_file, cfg.lock_wait).await?;
+        if lock.is_held() {
+            debug!(path = %cfg.lock_file.display(), "holding CloudStack's VXLAN lock");
+        }
+        Ok(lock)
+    }
+
+    /// Addresses on link `index`, with their scope.
+    async fn addresses(&self, index: u32) -> Result<Vec<(IpAddr, AddressScope)>, HostError> {
+        let _turn = self.dump.lock().await;
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("dump addresses"))?;
+        Ok(msgs
+            .into_iter()
+            // The dump filter is applied in user space by rtnetlink only
+            // for some kernels; check the index again.
+            .filter(|m| m.header.index == index)
+            .flat_map(|m| {
+                let scope = m.header.scope;
+                m.attributes.into_iter().filter_map(move |a| match a {
+                    AddressAttribute::Address(ip) => Some((ip, scope)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// The underlay family of a multicast VXLAN over `underlay`.
+    async fn underlay_family(&self, underlay: &Link) -> Result<Family, HostError> {
+        Ok(match self.config.vxlan.family {
+            VxlanFamily::Inet => Family::V4,
+            VxlanFamily::Inet6 => Family::V6,
+            VxlanFamily::Auto => {
+                let addrs = self.addresses(underlay.index).await?;
+                Family::auto(
+                    addrs.iter().any(|(a, _)| a.is_ipv4()),
+                    addrs
+                        .iter()
+                        .any(|(a, s)| a.is_ipv6() && *s == AddressScope::Universe),
+                )
+            }
+        })
+    }
+
+    /// The EVPN VTEP address: the first global address on `lo` of the
+    /// configured family, as `modifyvxlan-evpn.sh` reads it.
+    async fn loopback_vtep(&self) -> Result<IpAddr, HostError> {
+        let lo = self.need_link("lo").await?;
+        let global: Vec<IpAddr> = self
+            .addresses(lo.index)
+            .await?
+            .into_iter()
+            .filter(|(a, s)| *s == AddressScope::Universe && !a.is_loopback())
+            .map(|(a, _)| a)
+            .collect();
+        let has4 = global.iter().any(IpAddr::is_ipv4);
+        let has6 = global.iter().any(IpAddr::is_ipv6);
+        let family = match self.config.vxlan.family {
+            VxlanFamily::Inet => Family::V4,
+            VxlanFamily::Inet6 => Family::V6,
+            VxlanFamily::Auto => Family::auto(has4, has6),
+        };
+        global
+            .into_iter()
+            .find(|a| a.is_ipv6() == (family == Family::V6))
+            .ok_or_else(|| {
+                HostError::Unsupported(format!(
+                    "vxlan.flavour = \"evpn\" needs this host's VTEP address ({}) with scope \
+                     global on lo, as CloudStack's modifyvxlan-evpn.sh does; add it \
+                     (ip addr add ADDR/32 dev lo) or set vxlan.flavour = \"multicast\"",
+                    if family == Family::V6 { "IPv6" } else { "IPv4" }
+                ))
+            })
+    }
+
+    /// Whether traffic to `dst` already leaves through link `index`
+    /// (`ip route get DST | grep "dev UNDERLAY"`, the script's test).
+    async fn routed_via(&self, dst: IpAddr, index: u32) -> bool {
+        let msg = match RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, if dst.is_ipv4() { 32 } else { 128 })
+        {
+            Ok(b) => b.build(),
+            Err(_) => return false,
+        };
+        // Unreachable is the usual answer on a fresh host: not routed.
+        match self.handle.route().get(msg).execute().try_next().await {
+            Ok(Some(r)) => r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index)),
+            _ => false,
+        }
+    }
+
+    /// `ip route add GROUP/32 dev DEV` (scope link, proto boot, as `ip`
+    /// makes it). `false` when it already existed.
+    async fn add_route(&self, group: IpAddr, dev: &str) -> Result<bool, HostError> {
+        let l = self.need_link(dev).await?;
+        let op = format!("add route {group} dev {dev}");
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(group, if group.is_ipv4() { 32 } else { 128 })
+            .map_err(|e| HostError::Internal(format!("{op}: {e}")))?
+            .output_interface(l.index)
+            .protocol(RouteProtocol::Boot);
+        if group.is_ipv4() {
+            b = b.scope(RouteScope::Link);
+        }
+        match self.handle.route().add(b.build()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if has_errno(&e, Errno::EEXIST) => Ok(false),
+            Err(e) => Err(nl(op)(e)),
+        }
+    }
+
+    /// `ip route del GROUP/32 dev DEV`; a route that is not there is fine.
+    async fn del_route(&self, group: IpAddr, dev_index: u32) -> Result<(), HostError> {
+        let op = format!("delete route {group} dev #{dev_index}");
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(group, if group.is_ipv4() { 32 } else { 128 })
+            .map_err(|e| HostError::Internal(format!("{op}: {e}")))?
+            .output_interface(dev_index)
+            // The builder defaults to proto static, which the kernel would
+            // match against the route's proto boot and find nothing;
+            // unspecified matches any, like `ip route del`.
+            .protocol(RouteProtocol::Unspec);
+        if group.is_ipv4() {
+            b = b.scope(RouteScope::Link);
+        }
+        match self.handle.route().del(b.build()).execute().await {
+            Ok(()) => {
+                info!(%group, "removed multicast route");
+                Ok(())
+            }
+            Err(e) if has_errno(&e, Errno::ESRCH) || has_errno(&e, Errno::ENOENT) => Ok(()),
+            Err(e) => Err(nl(op)(e)),
+        }
+    }
+
+    /// The VXLAN attributes of `l` with its underlay resolved to a name.
+    async fn vxlan_attrs(&self, l: &Link) -> Result<VxlanAttrs, HostError> {
+        let mut v = l.vxlan.clone().unwrap_or_default();
+        if let Some(i) = l.vxlan_dev {
+            v.underlay = self
+                .links()
+                .await?
+                .into_iter()
+                .find(|x| x.index == i)
+                .map(|x| x.name);
+        }
+        Ok(v)
+    }
+
+    /// Refuse an existing VXLAN device that is not what this host makes.
+    async fn check_vxlan(&self, found: &Link, want: &VxlanDevice) -> Result<(), HostError> {
+        let attrs = self.vxlan_attrs(found).await?;
+        let diffs = want.differences(&attrs, vxlan::kernel_default_port());
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        let vni = want.vni.get();
+        let fix = if found.is_ours() {
+            format!(
+                "it was made by nic-agent: run `nic-agent repair-vxlan --vni {vni}` to re-create \
+                 it as configured (VNI {vni} is interrupted briefly on this host)"
+            )
+        } else {
+            format!(
+                "it was not made by nic-agent (no alias {AGENT_ALIAS}), so the agent leaves it \
+                 alone: make the VXLAN settings of all hosts agree (vxlan.flavour, vxlan.port, \
+                 vxlan.family), or re-create it with `{}`",
+                want.ip_command()
+            )
+        };
+        Err(HostError::SegmentMismatch {
+            device: found.name.clone(),
+            differences: diffs.join("; "),
+            fix,
+        })
+    }
+
+    /// The VXLAN device this host's configuration makes for `vni` over the
+    /// label bridge `label`.
+    async fn vxlan_device(&self, vni: Vni, label: &Link) -> Result<VxlanDevice, HostError> {
+        let cfg = &self.config.vxlan;
+        Ok(match cfg.flavour {
+            VxlanFlavour::Multicast => VxlanDevice::multicast(
+                vni,
+                &label.name,
+                self.underlay_family(label).await?,
+                cfg.port,
+            ),
+            VxlanFlavour::Evpn => VxlanDevice::evpn(vni, self.loopback_vtep().await?, cfg.port),
+        })
+    }
+
     /// Resolve a Linux-bridge segment device + bridge into a plan.
     async fn plan_segment(
         &self,
@@ -260,6 +548,25 @@ impl NetlinkHost {
                 None
             }
         };
+        if let SegmentDevice::Vxlan(want) = &dev {
+            if let Some(found) = &existing_dev {
+                self.check_vxlan(found, want).await?;
+            }
+            // modifyvxlan.sh routes the group first, unless it already
+            // leaves through the underlay.
+            if let Some((group, _, underlay)) = want.route() {
+                let u = self.need_link(underlay).await?;
+                if !self.routed_via(group, u.index).await {
+                    changes.insert(
+                        0,
+                        PlannedChange::AddRoute {
+                            group,
+                            dev: underlay.to_string(),
+                        },
+                    );
+                }
+            }
+        }
         let existing_br = match self.link(&bridge).await? {
             Some(l) if l.is(&InfoKind::Bridge) => Some(l),
             Some(l) => {
@@ -323,10 +630,24 @@ impl NetlinkHost {
                 underlay_mtu: None,
             }),
             Segment::Vlan(id) => {
-                let ports = self.ports_of(&lb).await?;
-                let port = ports
-                    .into_iter()
-                    .find(|p| naming::looks_physical(&p.name))
+                let mut ports = self.ports_of(&lb).await?;
+                let classes: Vec<(String, naming::PortClass, u32)> = ports
+                    .iter()
+                    .map(|p| {
+                        let kind = p.kind.as_ref().map(|k| k.to_string());
+                        (
+                            p.name.clone(),
+                            naming::PortClass::of_kind(kind.as_deref()),
+                            p.index,
+                        )
+                    })
+                    .collect();
+                let chosen = naming::pick_uplink(&classes).map(str::to_string);
+                let port = chosen
+                    .and_then(|n| {
+                        let i = ports.iter().position(|p| p.name == n)?;
+                        Some(ports.swap_remove(i))
+                    })
                     .ok_or_else(|| HostError::NoPhysicalPort {
                         bridge: label.to_string(),
                         vlan: id.get(),
@@ -360,16 +681,18 @@ impl NetlinkHost {
                     .await
             }
             Segment::Vxlan(vni) => {
-                let spec = VxlanSpec::for_vni(*vni, label.as_str());
-                // The group is always IPv4 (239.x.y.z), so the outer header is
-                // IPv4: 50 bytes. An IPv6 group would cost 70.
-                let overhead = VXLAN_IPV4_OVERHEAD;
+                let dev = self.vxlan_device(*vni, &lb).await?;
+                // The outer header is IPv4 (50 bytes) or IPv6 (70 bytes).
+                let overhead = dev.overhead();
                 let bridge = naming::vxlan_bridge(vni.get());
                 let mtu = lb.mtu.saturating_sub(overhead);
+                // EVPN gives no `dev`, but its packets still leave through
+                // the label's uplink in CloudStack's layout; the label is
+                // the best MTU bound the agent knows.
                 let underlay = Some((label.to_string(), lb.mtu));
                 self.plan_segment(
                     label,
-                    SegmentDevice::Vxlan(spec),
+                    SegmentDevice::Vxlan(dev),
                     bridge,
                     mtu,
                     underlay,
@@ -437,6 +760,9 @@ impl NetlinkHost {
                     wanted: "segment device",
                 });
             }
+            if let SegmentDevice::Vxlan(want) = dev {
+                self.check_vxlan(&l, want).await?;
+            }
             return Ok((l, false));
         }
         let (msg, op, feature) = match dev {
@@ -449,16 +775,35 @@ impl NetlinkHost {
                 )
             }
             SegmentDevice::Vxlan(v) => {
-                let u = self.need_link(&v.underlay).await?;
+                // Exactly the attributes the CloudStack script gives, and no
+                // others: an attribute the script leaves out (the port, for
+                // the multicast flavour) must stay the kernel's default.
+                let mut b = LinkVxlan::new(&v.name, v.vni.get());
+                if let Some(u) = &v.underlay {
+                    b = b.dev(self.need_link(u).await?.index);
+                }
+                match v.group {
+                    Some(IpAddr::V4(g)) => b = b.group(g),
+                    Some(IpAddr::V6(g)) => b = b.group6(g),
+                    None => {}
+                }
+                match v.local {
+                    Some(IpAddr::V4(a)) => b = b.local(a),
+                    Some(IpAddr::V6(a)) => b = b.local6(a),
+                    None => {}
+                }
+                if let Some(t) = v.ttl {
+                    b = b.ttl(t);
+                }
+                if let Some(p) = v.port {
+                    b = b.port(p);
+                }
+                if !v.learning {
+                    b = b.learning(false);
+                }
                 (
-                    LinkVxlan::new(&v.name, v.vni.get())
-                        .dev(u.index)
-                        .group(v.group)
-                        .ttl(v.ttl)
-                        .port(v.dstport)
-                        .learning(v.learning)
-                        .build(),
-                    format!("create VXLAN device {} over {}", v.name, v.underlay),
+                    b.build(),
+                    format!("create VXLAN device: {}", v.ip_command()),
                     "VXLAN (vxlan)",
                 )
             }
@@ -470,8 +815,12 @@ impl NetlinkHost {
                 return Err(HostError::KernelFeatureMissing { op, feature })
             }
             Err(e) if has_errno(&e, Errno::EEXIST) => {
-                // Lost a race with a concurrent attach: use theirs.
+                // Lost a race with a concurrent attach: use theirs, if it is
+                // what this host makes.
                 let l = self.need_link(dev.name()).await?;
+                if let SegmentDevice::Vxlan(want) = dev {
+                    self.check_vxlan(&l, want).await?;
+                }
                 return Ok((l, false));
             }
             Err(e) => return Err(nl(op)(e)),
@@ -481,12 +830,17 @@ impl NetlinkHost {
         });
         info!(link = dev.name(), "created segment device");
         let l = self.mark(dev.name()).await?;
+        // Both CloudStack scripts disable IPv6 on the devices they make: a
+        // segment device is a bridge port and must not autoconfigure
+        // addresses or answer neighbour discovery on the tenant's segment.
+        disable_ipv6(dev.name())?;
         Ok((l, true))
     }
 
     async fn ensure_bridge(
         &self,
         name: &str,
+        no_ipv6: bool,
         undo: &mut Vec<HostUndo>,
     ) -> Result<(Link, bool), HostError> {
         if let Some(l) = self.link(name).await? {
@@ -513,6 +867,9 @@ impl NetlinkHost {
         });
         info!(bridge = name, "created bridge");
         let l = self.mark(name).await?;
+        if no_ipv6 {
+            disable_ipv6(name)?;
+        }
         Ok((l, true))
     }
 
@@ -543,8 +900,27 @@ impl NetlinkHost {
             self.need_bridge(plan.bridge.as_str()).await?;
             return self.apply_mtu_raises(plan, undo).await;
         };
+        for c in &plan.changes {
+            if let PlannedChange::AddRoute { group, dev } = c {
+                if self.add_route(*group, dev).await? {
+                    info!(%group, dev = %dev, "added multicast route");
+                    undo.push(HostUndo::DeleteRoute {
+                        group: *group,
+                        dev: dev.clone(),
+                    });
+                }
+            }
+        }
         let (d, d_new) = self.ensure_segment_device(dev, undo).await?;
-        let (b, b_new) = self.ensure_bridge(plan.bridge.as_str(), undo).await?;
+        // modifyvlan.sh and modifyvxlan-evpn.sh disable IPv6 on the bridge
+        // they make; modifyvxlan.sh (multicast) does not.
+        let bridge_no_ipv6 = match dev {
+            SegmentDevice::Vlan { .. } => true,
+            SegmentDevice::Vxlan(v) => v.flavour == VxlanFlavour::Evpn,
+        };
+        let (b, b_new) = self
+            .ensure_bridge(plan.bridge.as_str(), bridge_no_ipv6, undo)
+            .await?;
         if d.controller != Some(b.index) {
             self.set(
                 LinkUnspec::new_with_index(d.index)
@@ -610,50 +986,15 @@ impl NetlinkHost {
         Ok(())
     }
 
-    async fn apply_promisc(&self, bridge: &Link, state: PromiscState) -> Result<(), HostError> {
-        self.set(
-            LinkUnspec::new_with_index(bridge.index)
-                .promiscuous(state.promisc)
-                .build(),
-            format!("set promisc {} on {}", state.promisc, bridge.name),
-        )
-        .await?;
-        self.set_ageing(bridge, state.ageing_time).await
-    }
-}
-
-#[async_trait::async_trait]
-impl HostNet for NetlinkHost {
-    async fn resolve(
-        &self,
-        label: &BridgeName,
-        switch: SwitchType,
-        segment: &Segment,
-    ) -> Result<HostPlan, HostError> {
-        match switch {
-            SwitchType::LinuxBridge => self.resolve_linux(label, segment).await,
-            SwitchType::OpenVswitch => self.resolve_ovs(label, segment).await,
-        }
-    }
-
-    async fn prepare(&self, plan: &HostPlan) -> Result<Vec<HostUndo>, HostError> {
-        let mut undo = Vec::new();
-        match self.prepare_steps(plan, &mut undo).await {
-            Ok(()) => Ok(undo),
-            Err(e) => {
-                for step in undo.into_iter().rev() {
-                    let desc = format!("{step:?}");
-                    if let Err(u) = self.undo(step).await {
-                        warn!(step = %desc, error = %u, "undo after failed prepare failed");
-                    }
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn undo(&self, step: HostUndo) -> Result<(), HostError> {
+    /// One undo step, without taking CloudStack's lock (the caller holds
+    /// it when the step touches VXLAN).
+    async fn undo_step(&self, step: HostUndo) -> Result<(), HostError> {
         match step {
+            HostUndo::DeleteRoute { group, dev } => match self.link(&dev).await? {
+                None => Ok(()),
+                Some(l) => self.del_route(group, l.index).await,
+            },
+
             HostUndo::DeleteLink { name } => match self.link(&name).await? {
                 None => Ok(()),
                 Some(l) if l.is_ours() => {
@@ -695,6 +1036,79 @@ impl HostNet for NetlinkHost {
                 self.ovs_mirror_remove(&b, &mirror).await
             }
         }
+    }
+
+    async fn apply_promisc(&self, bridge: &Link, state: PromiscState) -> Result<(), HostError> {
+        self.set(
+            LinkUnspec::new_with_index(bridge.index)
+                .promiscuous(state.promisc)
+                .build(),
+            format!("set promisc {} on {}", state.promisc, bridge.name),
+        )
+        .await?;
+        self.set_ageing(bridge, state.ageing_time).await
+    }
+}
+
+#[async_trait::async_trait]
+impl HostNet for NetlinkHost {
+    async fn resolve(
+        &self,
+        label: &BridgeName,
+        switch: SwitchType,
+        segment: &Segment,
+    ) -> Result<HostPlan, HostError> {
+        match switch {
+            SwitchType::LinuxBridge => self.resolve_linux(label, segment).await,
+            SwitchType::OpenVswitch => self.resolve_ovs(label, segment).await,
+        }
+    }
+
+    async fn prepare(&self, plan: &HostPlan) -> Result<Vec<HostUndo>, HostError> {
+        // CloudStack's lock covers creating the device and its route, and
+        // the rollback of both; an already prepared segment takes nothing.
+        let vxlan_change = matches!(plan.segment_device, Some(SegmentDevice::Vxlan(_)))
+            && plan.changes.iter().any(|c| {
+                matches!(
+                    c,
+                    PlannedChange::CreateSegmentDevice(_) | PlannedChange::AddRoute { .. }
+                )
+            });
+        let _lock = if vxlan_change {
+            Some(self.vxlan_lock().await?)
+        } else {
+            None
+        };
+        let mut undo = Vec::new();
+        match self.prepare_steps(plan, &mut undo).await {
+            Ok(()) => Ok(undo),
+            Err(e) => {
+                for step in undo.into_iter().rev() {
+                    let desc = format!("{step:?}");
+                    if let Err(u) = self.undo_step(step).await {
+                        warn!(step = %desc, error = %u, "undo after failed prepare failed");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn undo(&self, step: HostUndo) -> Result<(), HostError> {
+        let vxlan = match &step {
+            HostUndo::DeleteRoute { .. } => true,
+            HostUndo::DeleteLink { name } => self
+                .link(name)
+                .await?
+                .is_some_and(|l| l.is(&InfoKind::Vxlan)),
+            _ => false,
+        };
+        let _lock = if vxlan {
+            Some(self.vxlan_lock().await?)
+        } else {
+            None
+        };
+        self.undo_step(step).await
     }
 
     async fn promisc_state(&self, bridge: &BridgeName) -> Result<PromiscState, HostError> {
@@ -770,6 +1184,7 @@ impl HostNet for NetlinkHost {
     }
 
     async fn inspect(&self, query: &super::InspectQuery) -> Result<super::HostFacts, HostError> {
+        let _turn = self.dump.lock().await;
         super::inspect::inspect(&self.handle, &self.config, query).await
     }
 
@@ -836,7 +1251,18 @@ impl HostNet for NetlinkHost {
                 return Ok(false);
             }
         }
+        let _lock = if segment_devices.iter().any(|d| d.is(&InfoKind::Vxlan)) {
+            Some(self.vxlan_lock().await?)
+        } else {
+            None
+        };
         for d in &segment_devices {
+            // modifyvxlan.sh's delete: the group's route, then the device.
+            if let (Some(v), Some(dev)) = (&d.vxlan, d.vxlan_dev) {
+                if let Some(group) = v.group.filter(|g| g.is_multicast()) {
+                    self.del_route(group, dev).await?;
+                }
+            }
             self.delete(d).await?;
             info!(link = %d.name, "removed segment device");
         }
