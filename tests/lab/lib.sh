@@ -41,16 +41,16 @@ lab_wait() {
   done
 }
 
-# lab_detach CMD...: runs CMD under setsid with only stdin, stdout and
-# stderr open. A daemon must not inherit our other descriptors: one of them
-# is the lock of `flock /tmp/nic-agent-lab.lock ...`, and a libvirtd holding
-# it keeps every later lab run waiting for as long as it lives. (Python
-# closes them: bash cannot list and close its inherited descriptors without
-# touching its own.)
-lab_detach() {
+# lab_stdio_only CMD...: runs CMD with only stdin, stdout and stderr open.
+# For anything that starts a daemon: it must not inherit our other
+# descriptors, one of which is the lock of `flock /tmp/nic-agent-lab.lock
+# ...`; a libvirtd or ovsdb-server holding it keeps every later lab run
+# waiting for as long as the daemon lives. (Python closes them: bash cannot
+# list and close its inherited descriptors without touching its own.)
+lab_stdio_only() {
   python3 -c 'import os, sys
 os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-os.execvp("setsid", ["setsid", *sys.argv[1:]])' "$@"
+os.execvp(sys.argv[1], sys.argv[1:])' "$@"
 }
 
 # lab_now: seconds since the epoch with milliseconds, for timings.
