@@ -697,6 +697,29 @@ async fn send(c: &mut NicAgentClient<Channel>, req: &Req) -> Outcome {
     }
 }
 
+/// The number of inputs the README promises: "`cargo test --test
+/// catalogue`: N hostile inputs".
+fn readme_catalogue_count() -> usize {
+    const MARK: &str = "`cargo test --test catalogue`: ";
+    let readme = include_str!("../README.md");
+    let at = readme.find(MARK).expect("README names the catalogue") + MARK.len();
+    let rest = &readme[at..];
+    assert!(
+        rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains(" hostile inputs"),
+        "README: {MARK}N hostile inputs"
+    );
+    rest.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a number of hostile inputs in the README")
+}
+
+#[test]
+fn readme_states_the_catalogue_size() {
+    // Runs without root: a new case must come with the README's new count.
+    assert_eq!(readme_catalogue_count(), catalogue().len());
+}
+
 #[tokio::test]
 async fn hostile_inputs_get_their_codes_and_change_nothing() {
     let ns = Netns::new("cat");
@@ -730,7 +753,11 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
     }
 
     let cases = catalogue();
-    assert!(cases.len() >= 40, "catalogue has {} inputs", cases.len());
+    assert_eq!(
+        cases.len(),
+        readme_catalogue_count(),
+        "the README's count of catalogue inputs is not the catalogue's; update one"
+    );
     let mut table = Vec::new();
     let mut failures = Vec::new();
     for case in &cases {
@@ -793,9 +820,10 @@ async fn hostile_inputs_get_their_codes_and_change_nothing() {
 /// Hostile text in request fields must not forge log lines: the default
 /// text log of a rejected request may quote a newline, never emit one.
 ///
-/// Fails today: the request span carries `vm`, `mac` and `request_id` with
-/// `Display` (`vm = %r.vm` in src/api/service.rs) before validation, so a
-/// vm `"x\nFORGED ..."` prints a line of the caller's choosing.
+/// The request span is opened before validation, so it carries the caller's
+/// raw `vm`, `mac` and `request_id`; they go through `log_safe` there
+/// (src/api/service.rs). Without it a vm `"x\nFORGED ..."` would print a
+/// line of the caller's choosing.
 #[tokio::test]
 async fn hostile_fields_cannot_forge_log_lines() {
     use std::io::{BufRead, BufReader};

@@ -255,3 +255,51 @@ fn client_errors_exit_non_zero_with_the_grpc_code() {
     assert!(!ok);
     assert!(err.contains("UNAVAILABLE"), "{err}");
 }
+
+/// The value under `header` in a fixed-width table row (columns as wide as
+/// their header's slot in the header line; right-aligned ones end there).
+fn column(table: &str, header: &str, row_key: &str) -> String {
+    let mut lines = table.lines();
+    let head = lines.next().expect("header line");
+    let end = head.find(&format!(" {header} ")).expect("column") + 1 + header.len();
+    let start = head[..end - header.len()].trim_end().len();
+    let row = lines
+        .find(|l| l.starts_with(row_key))
+        .unwrap_or_else(|| panic!("no row {row_key} in:\n{table}"));
+    row[start..end].trim().to_string()
+}
+
+#[test]
+fn list_table_prints_an_unknown_mtu_as_a_dash() {
+    let a = common::start_agent(&common::lab_uri(), &[]);
+    let (ok, _, err) = run(&[
+        "attach",
+        "--server",
+        &a.addr,
+        "--vm",
+        "i-2-10-VM",
+        "--mac",
+        "02:00:0a:00:77:11",
+        "--bridge",
+        "cloudbr0",
+        "--mtu",
+        "1450",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["list", "--server", &a.addr, "--vm", "i-2-10-VM"]);
+    assert!(ok, "{err}");
+    // The lab node's own NIC has no <mtu>: the agent reports 0, "unknown".
+    assert_eq!(column(&out, "MTU", "02:00:0a:00:00:01"), "-", "{out}");
+    assert_eq!(column(&out, "MTU", "02:00:0a:00:77:11"), "1450", "{out}");
+    // JSON keeps the number: 0 there is proto3's "not reported".
+    let (ok, out, _) = run(&["list", "--server", &a.addr, "--vm", "i-2-10-VM", "--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let own = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|n| n["mac"] == "02:00:0a:00:00:01")
+        .expect("the lab node's NIC");
+    assert_eq!(own["mtu"], 0);
+}

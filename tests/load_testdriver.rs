@@ -3,15 +3,17 @@
 //! operations each, after a warm-up of 1000 operations.
 //!
 //! Asserts:
-//! - every answer's code is one its operation may return (table below);
+//! - every answer's code is the one code its operation must return (table
+//!   below);
 //! - a new MAC is attached (`already_present = false`), a retry of the same
 //!   spec is idempotent (`already_present = true`);
 //! - at the end each VM has exactly its NICs from before plus one per
 //!   successful distinct attach, each of those MACs exactly once;
-//! - the agent's RSS after the run is at most 2 × (RSS after warm-up) +
-//!   8 MiB: memory stays flat rather than growing with the request count.
-//!   The test driver keeps every attached NIC in memory, so some growth is
-//!   real; the bound is loose so that it is not timing-sensitive.
+//! - the agent's RSS (VmRSS) after the 16,000 operations of the run is at
+//!   most 10 % above its RSS after the warm-up: memory stays flat rather
+//!   than growing with the request count. The test driver keeps every
+//!   attached NIC (about 100 in the run) in the agent's memory, so a little
+//!   growth is real: measured +3 % (43.8 to 45.1 MiB, debug build).
 //!
 //! The numbers (time, ops/s, RSS, code counts) are printed for the record.
 
@@ -31,6 +33,9 @@ use tonic::Code;
 const CLIENTS: u8 = 16;
 const OPS_PER_CLIENT: usize = 1000;
 const WARMUP_OPS: usize = 1000;
+/// Allowed RSS growth from the end of the warm-up to the end of the run, in
+/// per cent of the RSS after the warm-up.
+const RSS_GROWTH_PERCENT: u64 = 10;
 
 /// Running VMs of the lab node that take hot-plugged NICs.
 const ATTACHABLE: [&str; 4] = ["i-2-10-VM", "i-2-12-VM", "i-3-20-VM", "r-4-VM"];
@@ -57,19 +62,22 @@ enum Op {
     InvalidAttach,
     /// Detach of a MAC nobody attached.
     DetachAbsent,
-    /// Attach to a VM that cannot take it: the stopped VM (the test driver
-    /// cannot edit a persistent definition) or the one with no PCI room.
-    AttachUnfit,
+    /// Attach to the stopped VM: the test driver cannot edit a persistent
+    /// definition.
+    AttachStopped,
+    /// Attach to the running VM whose bus 0 has no free slot.
+    AttachFull,
 }
 
-/// The codes each operation may return. Anything else fails the test.
-fn allowed(op: Op) -> &'static [Code] {
+/// The one code each operation must return. Anything else fails the test.
+fn expected(op: Op) -> Code {
     match op {
-        Op::AttachNew | Op::ReAttach => &[Code::Ok],
-        Op::ListNics | Op::ListVms | Op::Capacity => &[Code::Ok],
-        Op::InvalidAttach => &[Code::InvalidArgument],
-        Op::DetachAbsent => &[Code::Ok],
-        Op::AttachUnfit => &[Code::ResourceExhausted, Code::Unimplemented],
+        Op::AttachNew | Op::ReAttach => Code::Ok,
+        Op::ListNics | Op::ListVms | Op::Capacity => Code::Ok,
+        Op::InvalidAttach => Code::InvalidArgument,
+        Op::DetachAbsent => Code::Ok,
+        Op::AttachStopped => Code::Unimplemented,
+        Op::AttachFull => Code::ResourceExhausted,
     }
 }
 
@@ -87,7 +95,8 @@ fn pick_op(rng: &mut StdRng) -> Op {
         550..=699 => Op::Capacity,
         700..=799 => Op::InvalidAttach,
         800..=899 => Op::DetachAbsent,
-        _ => Op::AttachUnfit,
+        900..=949 => Op::AttachStopped,
+        _ => Op::AttachFull,
     }
 }
 
@@ -228,8 +237,12 @@ async fn client_run(addr: String, phase: u8, id: u8, ops: usize) -> Report {
                     }
                     None
                 }),
-            Op::AttachUnfit => {
-                let vm = if i % 2 == 0 { "i-2-11-VM" } else { "i-2-99-VM" };
+            Op::AttachStopped | Op::AttachFull => {
+                let vm = if op == Op::AttachStopped {
+                    "i-2-11-VM"
+                } else {
+                    "i-2-99-VM"
+                };
                 c.attach_nic(pb::AttachNicRequest {
                     vm: vm.into(),
                     nic: Some(nic(
@@ -247,13 +260,14 @@ async fn client_run(addr: String, phase: u8, id: u8, ops: usize) -> Report {
             Ok(_) => Code::Ok,
             Err(e) => e.code(),
         };
-        if !allowed(op).contains(&code) {
+        if code != expected(op) {
             let msg = result
                 .err()
                 .map(|e| e.message().to_string())
                 .unwrap_or_default();
             report.violations.push(format!(
-                "client {id} op {i} {op:?}: unexpected {code:?}: {msg}"
+                "client {id} op {i} {op:?}: {code:?}, want {:?}: {msg}",
+                expected(op)
             ));
         }
         *report.codes.entry((op, format!("{code:?}"))).or_default() += 1;
@@ -309,6 +323,7 @@ async fn sixteen_clients_thousand_mixed_ops_keep_codes_counts_and_flat_rss() {
     // Let the runtime release per-connection buffers of finished clients.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_end = rss_kib(pid);
+    let rss_bound = rss_warm + rss_warm * RSS_GROWTH_PERCENT / 100;
 
     let mut codes: BTreeMap<(Op, String), usize> = BTreeMap::new();
     let mut latency: BTreeMap<Op, Duration> = BTreeMap::new();
@@ -356,7 +371,7 @@ async fn sixteen_clients_thousand_mixed_ops_keep_codes_counts_and_flat_rss() {
         (usize::from(CLIENTS) * OPS_PER_CLIENT) as f64 / run_time.as_secs_f64());
     eprintln!(
         "load: agent RSS start {rss_start} KiB, after warm-up {rss_warm} KiB, after run {rss_end} KiB (bound {} KiB)",
-        2 * rss_warm + 8 * 1024
+        rss_bound
     );
     eprintln!(
         "{:<14} {:<20} {:>6} {:>12}",
@@ -400,12 +415,14 @@ async fn sixteen_clients_thousand_mixed_ops_keep_codes_counts_and_flat_rss() {
         Op::Capacity,
         Op::InvalidAttach,
         Op::DetachAbsent,
-        Op::AttachUnfit,
+        Op::AttachStopped,
+        Op::AttachFull,
     ] {
         assert!(codes.keys().any(|(o, _)| *o == op), "{op:?} never ran");
     }
     assert!(
-        rss_end <= 2 * rss_warm + 8 * 1024,
-        "agent RSS grew from {rss_warm} KiB after warm-up to {rss_end} KiB"
+        rss_end <= rss_bound,
+        "agent RSS grew from {rss_warm} KiB after warm-up to {rss_end} KiB, \
+         more than {RSS_GROWTH_PERCENT} %"
     );
 }

@@ -108,8 +108,35 @@ enum Outcome {
     Serving,
     /// The server answered with a gRPC status.
     Refused(Code),
-    /// No gRPC answer at all: the TLS handshake or connection failed.
+    /// The server refused the TLS handshake: the client received this fatal
+    /// alert (rustls's name for it, e.g. `CertificateRequired`).
+    Alert(String),
+    /// No answer within the deadline: never a refusal, whatever the test.
+    TimedOut,
+    /// Any other failure to connect.
     NoConnection(String),
+}
+
+/// The TLS alert the peer sent, if that is what `err` comes down to.
+///
+/// rustls reports a received alert as `received fatal alert: <Name>` inside
+/// an `io::Error` of kind `InvalidData`; hyper and tonic wrap that io error,
+/// so walk the source chain to it.
+fn tls_alert(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                if let Some(inner) = io.get_ref() {
+                    if let Some(name) = inner.to_string().strip_prefix("received fatal alert: ") {
+                        return Some(name.to_string());
+                    }
+                }
+            }
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// A health check as a client trusting `server_ca`, presenting `client`.
@@ -127,7 +154,10 @@ async fn health(addr: &str, server_ca: &str, client: Option<&(String, String)>) 
             .expect("client tls")
             .connect()
             .await
-            .map_err(|e| Outcome::NoConnection(format!("connect: {e:?}")))?;
+            .map_err(|e| match tls_alert(&e) {
+                Some(alert) => Outcome::Alert(alert),
+                None => Outcome::NoConnection(format!("connect: {e:?}")),
+            })?;
         let st = HealthClient::new(ch)
             .check(HealthCheckRequest {
                 service: String::new(),
@@ -139,15 +169,18 @@ async fn health(addr: &str, server_ca: &str, client: Option<&(String, String)>) 
                 // Anything else is the connection failing under the call
                 // (with TLS 1.3 the server's verdict on a client
                 // certificate arrives after the client thinks the
-                // handshake is done).
-                _ => Outcome::NoConnection(format!("{st:?}")),
+                // handshake is done, so its alert shows up here).
+                _ => match tls_alert(&st) {
+                    Some(alert) => Outcome::Alert(alert),
+                    None => Outcome::NoConnection(format!("{st:?}")),
+                },
             })?
             .into_inner()
             .status;
         Ok(st)
     };
     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-        Err(_) => Outcome::NoConnection("timed out".into()),
+        Err(_) => Outcome::TimedOut,
         Ok(Ok(st)) if st == ServingStatus::Serving as i32 => Outcome::Serving,
         Ok(Ok(st)) => panic!("health answered {st}"),
         Ok(Err(o)) => o,
@@ -197,9 +230,12 @@ async fn valid_client_not_on_the_allow_list_is_permission_denied() {
 async fn client_without_certificate_is_refused_in_the_handshake() {
     let pki = Pki::new();
     let agent = pki.agent(&["mgmt-1"]);
-    let out = health(&agent.addr, &pki.ca.pem, None).await;
-    eprintln!("no client certificate: {out:?}");
-    assert!(matches!(out, Outcome::NoConnection(_)), "{out:?}");
+    // TLS 1.3's alert for "you sent no certificate"; a timeout or a reset
+    // connection would not prove that the handshake was refused.
+    assert_eq!(
+        health(&agent.addr, &pki.ca.pem, None).await,
+        Outcome::Alert("CertificateRequired".into())
+    );
 }
 
 #[tokio::test]
@@ -208,9 +244,11 @@ async fn client_certificate_from_another_ca_is_refused_in_the_handshake() {
     let agent = pki.agent(&["mgmt-1"]);
     // Right name, wrong issuer: only the CA check can refuse it.
     let rogue = Ca::new("rogue CA").leaf("mgmt-1", &[], false);
-    let out = health(&agent.addr, &pki.ca.pem, Some(&rogue)).await;
-    eprintln!("rogue CA: {out:?}");
-    assert!(matches!(out, Outcome::NoConnection(_)), "{out:?}");
+    // rustls answers an issuer it does not know with the unknown_ca alert.
+    assert_eq!(
+        health(&agent.addr, &pki.ca.pem, Some(&rogue)).await,
+        Outcome::Alert("UnknownCA".into())
+    );
 }
 
 #[tokio::test]

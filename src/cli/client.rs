@@ -124,7 +124,12 @@ fn nic_table(nics: &[pb::Nic]) -> String {
             n.bridge,
             n.model,
             n.queues,
-            n.mtu,
+            // 0 is proto3's "not reported": no <mtu> in the domain XML.
+            if n.mtu == 0 {
+                "-".to_string()
+            } else {
+                n.mtu.to_string()
+            },
             n.link_state,
             pci_str(&n.pci),
             inn

@@ -289,3 +289,77 @@ def health(channel, timeout=2.0):
         return raw[1]
     # An empty reply is status 0 (UNKNOWN) in proto3.
     return 0
+
+
+# ---------------------------------------------------------------- skips
+
+# A skipped test proves nothing, so a skip fails its suite unless it is
+# listed here with the reason it may be skipped. One line per skip:
+#   SUITE::TEST  REASON
+# SUITE is the file name without .py (test_e2e_faults); TEST the test
+# method (or setUpClass for a skip of the whole class).
+ALLOWED_SKIPS = os.environ.get("LAB_ALLOWED_SKIPS", os.path.join(LAB_DIR, "allowed-skips.txt"))
+
+
+def allowed_skips(path=None):
+    """{'suite::test': reason} from the allowed-skips file (a missing file allows none)."""
+    path = path or ALLOWED_SKIPS
+    allowed = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return allowed
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, reason = line.partition(" ")
+        if "::" not in key or not reason.strip():
+            raise ValueError(f"{path}:{n}: want 'suite::test reason', got {line!r}")
+        allowed[key] = reason.strip()
+    return allowed
+
+
+def _test_name(test):
+    """The method name of a test, a subtest's test, or 'setUpClass' for a class-level skip."""
+    case = getattr(test, "test_case", test)
+    name = getattr(case, "_testMethodName", None)
+    if name:
+        return name
+    # unittest's _ErrorHolder for a skip raised in setUpClass: "setUpClass (module.Class)".
+    return str(case).split(" ", 1)[0]
+
+
+def finish(suite, result, label=None, failed=None):
+    """Prints a suite's summary and returns its exit status.
+
+    suite: the file name without .py; label: the summary's prefix (default
+    suite); failed: the number of failed tests when the caller counts them
+    itself (default failures + errors). Non-zero when a test failed, when no
+    test passed, or when a test was skipped without an entry in the
+    allowed-skips file. Every skip is printed with its reason, allowed or not."""
+    label = label or suite
+    if failed is None:
+        failed = len(result.failures) + len(result.errors)
+    allowed = allowed_skips()
+    skipped_ids = set()
+    refused = []
+    for test, reason in result.skipped:
+        key = f"{suite}::{_test_name(test)}"
+        skipped_ids.add(key)
+        if key in allowed:
+            print(f"{label}: skipped {key} (allowed: {allowed[key]}): {reason}")
+        else:
+            refused.append(key)
+            print(f"{label}: SKIP NOT ALLOWED {key}: {reason}\n"
+                  f"{label}:   make it run, or list it with a reason in {ALLOWED_SKIPS}")
+    # A skip raised in setUpClass is not in testsRun; a skipped test is.
+    skipped_run = {getattr(t, "test_case", t).id() for t, _ in result.skipped
+                   if hasattr(getattr(t, "test_case", t), "_testMethodName")}
+    passed = result.testsRun - failed - len(skipped_run)
+    print(f"{label}: {max(passed, 0)} passed, {failed} failed, {len(skipped_ids)} skipped"
+          + (f" ({len(refused)} not allowed)" if refused else ""))
+    if passed <= 0:
+        print(f"{label}: no test passed: the suite proved nothing")
+    return 1 if failed or refused or passed <= 0 else 0

@@ -41,20 +41,18 @@ lab_wait() {
   done
 }
 
+# lab_stdio_only CMD...: runs CMD with only stdin, stdout and stderr open.
+# For anything that starts a daemon: it must not inherit our other
+# descriptors, one of which is the lock of `flock /tmp/nic-agent-lab.lock
+# ...`; a libvirtd or ovsdb-server holding it keeps every later lab run
+# waiting for as long as the daemon lives. (Python closes them: bash cannot
+# list and close its inherited descriptors without touching its own.)
+lab_stdio_only() {
+  python3 -c 'import os, sys
+os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
+
 # lab_now: seconds since the epoch with milliseconds, for timings.
 lab_now() { date +%s.%3N; }
 lab_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-
-# lab_spawn CMD...: runs CMD with every file descriptor above 2 closed. A
-# daemon it starts must hold no lock: neither ours nor one a caller took
-# (`flock FILE bash tests/lab/start-ovs.sh` leaves FILE's descriptor open in
-# every child, and a daemon that inherits it holds that lock until it exits).
-lab_spawn() {
-  (
-    for fd in /proc/self/fd/*; do
-      n=${fd##*/}
-      [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null
-    done
-    exec "$@"
-  )
-}

@@ -35,8 +35,9 @@ start_daemon() {
     return 0
   fi
   # -d daemonizes; setsid detaches it from our session. (-l fails here.)
-  # lab_spawn: the daemon must not inherit (and so hold) any lock.
-  lab_spawn setsid "/usr/sbin/$name" -d
+  # lab_stdio_only: the daemon must not hold our lock (fd 9) or the caller's
+  # `flock /tmp/nic-agent-lab.lock`.
+  lab_stdio_only setsid "/usr/sbin/$name" -d
   lab_wait 20 lab_pidfile_live "$pidfile" "$name" || lab_die "$name did not write a live $pidfile"
   pid=$(tr -dc '0-9' <"$pidfile")
   echo "$pid" >"$LAB_STATE/$name.started"

@@ -17,8 +17,9 @@ if timeout 5 ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
   lab_log "ovs already running"
   exit 0
 fi
-# lab_spawn: the daemons must not inherit (and so hold) any lock.
-lab_spawn /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >&2
+# lab_stdio_only: the daemons must not inherit (and so hold) our lock or the
+# caller's `flock /tmp/nic-agent-lab.lock`.
+lab_stdio_only /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >&2
 lab_wait "$TIMEOUT" timeout 5 ovs-vsctl --timeout=3 show || lab_die "ovs-vsctl show still fails after ${TIMEOUT}s"
 : >"$LAB_STATE/ovs.started.tmp"
 for d in ovsdb-server ovs-vswitchd; do

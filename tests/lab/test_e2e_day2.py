@@ -321,6 +321,7 @@ class Day2E2E(unittest.TestCase):
 
 if __name__ == "__main__":
     try:
-        unittest.main(verbosity=2)
+        result = unittest.main(exit=False, verbosity=2).result
     finally:
         cleanup_all()
+    sys.exit(lk.finish("test_e2e_day2", result, label="lab-day2"))

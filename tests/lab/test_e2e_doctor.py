@@ -235,6 +235,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
         labkit.BIN = sys.argv.pop(1)
     result = unittest.main(exit=False, verbosity=2).result
-    failed = len(result.failures) + len(result.errors)
-    print(f"lab-doctor: {result.testsRun - failed} passed, {failed} failed")
-    sys.exit(1 if failed or result.testsRun == 0 else 0)
+    sys.exit(labkit.finish("test_e2e_doctor", result, label="lab-doctor"))

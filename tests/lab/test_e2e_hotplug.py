@@ -493,8 +493,7 @@ def main():
     # Subtest failures are listed per subtest; count each test once.
     failed = len({getattr(t, "test_case", t).id() for t, _ in result.failures + result.errors})
     print(f"lab-hotplug: total {time.monotonic() - t0:.1f}s")
-    print(f"lab-hotplug: {result.testsRun - failed} passed, {failed} failed")
-    return 1 if failed or result.testsRun == 0 else 0
+    return lk.finish("test_e2e_hotplug", result, label="lab-hotplug", failed=failed)
 
 
 if __name__ == "__main__":

@@ -291,7 +291,5 @@ if __name__ == "__main__":
     print(f"timing: total {time.monotonic() - T_START:.2f}s")
     if leftovers:
         print(f"cleanup FAILED, left: {', '.join(leftovers)}")
-    failed = len(result.failures) + len(result.errors) + (1 if leftovers else 0)
-    passed = result.testsRun - len(result.failures) - len(result.errors)
-    print(f"lab-vlan: {passed} passed, {failed} failed")
-    sys.exit(1 if failed or result.testsRun == 0 else 0)
+    status = labkit.finish("test_e2e_vlan", result, label="lab-vlan")
+    sys.exit(1 if leftovers else status)
