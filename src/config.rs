@@ -37,6 +37,10 @@ impl std::str::FromStr for Listen {
     }
 }
 
+/// The longest wait a request or the configuration may ask for (5 min): a
+/// client must not be able to hold a VM's lock for days.
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
+
 /// Where `serve` looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/nic-agent/config.toml";
 
@@ -207,6 +211,9 @@ pub struct FileConfig {
     pub nic_limit: Option<u32>,
     /// Default detach wait in milliseconds.
     pub detach_timeout_ms: u64,
+    /// Subscribe to libvirt's domain events (detach waits on
+    /// DEVICE_REMOVED); false polls the live XML instead.
+    pub events: bool,
     /// Host networking management.
     pub host_network: HostNetwork,
     /// State that must survive an agent restart.
@@ -244,6 +251,7 @@ impl Default for FileConfig {
             queue_cap: 8,
             nic_limit: None,
             detach_timeout_ms: 30_000,
+            events: true,
             host_network: HostNetwork::Auto,
             state_dir: "/run/nic-agent".into(),
             persist_dir: "/var/lib/nic-agent".into(),
@@ -278,9 +286,13 @@ pub struct Overrides {
     /// Per-VM NIC limit (default: none beyond PCI capacity).
     #[arg(long)]
     pub nic_limit: Option<u32>,
-    /// Default detach wait in milliseconds [default: 30000].
+    /// Default detach wait in milliseconds, 1-300000 [default: 30000].
     #[arg(long)]
     pub detach_timeout_ms: Option<u64>,
+    /// Wait for libvirt's device-removed event on detach (true), or poll
+    /// the live XML (false) [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub events: Option<bool>,
     /// Host networking management [default: auto].
     #[arg(long, value_enum)]
     pub host_network: Option<HostNetwork>,
@@ -482,6 +494,7 @@ impl FileConfig {
             self.nic_limit = o.nic_limit;
         }
         set(&mut self.detach_timeout_ms, &o.detach_timeout_ms);
+        set(&mut self.events, &o.events);
         set(&mut self.host_network, &o.host_network);
         set(&mut self.state_dir, &o.state_dir);
         set(&mut self.persist_dir, &o.persist_dir);
@@ -562,6 +575,8 @@ pub struct Settings {
     pub nic_limit: Option<u32>,
     /// Default detach wait.
     pub detach_timeout: Duration,
+    /// Whether detach waits on libvirt events.
+    pub events: bool,
     /// Host networking management.
     pub host_network: HostNetwork,
     /// State directory.
@@ -701,8 +716,11 @@ impl TryFrom<FileConfig> for Settings {
                 format!("{} is out of range 1-256", f.queue_cap),
             ));
         }
-        if f.detach_timeout_ms == 0 {
-            return Err(invalid("detach_timeout_ms", "must be at least 1"));
+        if !(1..=MAX_TIMEOUT_MS).contains(&f.detach_timeout_ms) {
+            return Err(invalid(
+                "detach_timeout_ms",
+                format!("{} is out of range 1-{MAX_TIMEOUT_MS}", f.detach_timeout_ms),
+            ));
         }
         for (key, dir) in [("state_dir", &f.state_dir), ("persist_dir", &f.persist_dir)] {
             if dir.as_os_str().is_empty() || !dir.is_absolute() {
@@ -751,6 +769,7 @@ impl TryFrom<FileConfig> for Settings {
             queue_cap: f.queue_cap,
             nic_limit: f.nic_limit,
             detach_timeout: Duration::from_millis(f.detach_timeout_ms),
+            events: f.events,
             host_network: f.host_network,
             state_dir: f.state_dir,
             persist_dir: f.persist_dir,
@@ -893,6 +912,7 @@ mod tests {
         for (text, key) in [
             ("queue_cap = 0", "queue_cap"),
             ("detach_timeout_ms = 0", "detach_timeout_ms"),
+            ("detach_timeout_ms = 300001", "detach_timeout_ms"),
             ("metrics_listen = \"nowhere\"", "metrics_listen"),
             ("keep_bridges = [\"a b@\"]", "keep_bridges"),
             ("state_dir = \"rel\"", "state_dir"),

@@ -13,7 +13,8 @@ use nic_agent::cli::{
 };
 use nic_agent::config::{FileConfig, Settings};
 use nic_agent::hotplug::{Hotplug, HotplugConfig};
-use nic_agent::hypervisor::libvirt::Libvirt;
+use nic_agent::hypervisor::libvirt::{Libvirt, LibvirtOptions};
+use nic_agent::hypervisor::Hypervisor;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -64,7 +65,8 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     // should not wait for a connection to fail.
     let tls = tls_server(&s)?;
     let uri = s.connect.clone();
-    let hv = tokio::task::spawn_blocking(move || Libvirt::connect(&uri)).await??;
+    let opts = LibvirtOptions { events: s.events };
+    let hv = tokio::task::spawn_blocking(move || Libvirt::connect_with(&uri, opts)).await??;
     let manage_host = match s.host_network {
         HostNetwork::On => true,
         HostNetwork::Off => false,
@@ -82,7 +84,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     } else {
         None
     };
-    tracing::info!(uri = %s.connect, host_network = manage_host, "connected to libvirt");
+    tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), "connected to libvirt");
     let cfg = HotplugConfig {
         queue_cap: s.queue_cap,
         nic_limit: s.nic_limit,

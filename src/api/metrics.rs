@@ -1,6 +1,7 @@
 //! Prometheus metrics: request counts and latencies by operation and gRPC
-//! code, libvirt connectivity, and how many bridges IDS NICs hold in
-//! promiscuous mode. Served as text on `GET /metrics` when
+//! code, libvirt connectivity, libvirt API calls by function, libvirt
+//! events received, the live-XML reads detach made to poll for an unplug,
+//! and how many bridges IDS NICs hold in promiscuous mode. Served as text on `GET /metrics` when
 //! `metrics_listen` is set.
 //!
 //! The registry is process-wide: request outcomes are recorded where the
@@ -34,6 +35,16 @@ struct Op {
     op: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Api {
+    api: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Event {
+    event: String,
+}
+
 type HistogramFamily = Family<Op, Histogram, fn() -> Histogram>;
 
 /// The agent's metrics.
@@ -43,6 +54,9 @@ pub struct Metrics {
     durations: HistogramFamily,
     libvirt_connected: Gauge,
     ids_bridges: Gauge,
+    libvirt_calls: Family<Api, Counter>,
+    libvirt_events: Family<Event, Counter>,
+    detach_poll_reads: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -78,12 +92,33 @@ impl Default for Metrics {
             "Bridges with at least one live IDS (promiscuous) NIC",
             ids_bridges.clone(),
         );
+        let libvirt_calls = Family::<Api, Counter>::default();
+        let libvirt_events = Family::<Event, Counter>::default();
+        let detach_poll_reads = Counter::default();
+        registry.register(
+            "nic_agent_libvirt_calls",
+            "libvirt API calls made (every virConnect*/virDomain* call, lookups included), by C function",
+            libvirt_calls.clone(),
+        );
+        registry.register(
+            "nic_agent_libvirt_events",
+            "libvirt events received (device-removed, device-removal-failed, lifecycle, resubscribed)",
+            libvirt_events.clone(),
+        );
+        registry.register(
+            "nic_agent_detach_poll_reads",
+            "Live XML reads made to see whether an unplugged NIC is gone; none while events flow",
+            detach_poll_reads.clone(),
+        );
         Metrics {
             registry,
             requests,
             durations,
             libvirt_connected,
             ids_bridges,
+            libvirt_calls,
+            libvirt_events,
+            detach_poll_reads,
         }
     }
 }
@@ -121,8 +156,37 @@ impl Metrics {
         self.ids_bridges.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Brings the counters kept outside the registry (by the hypervisor
+    /// and the detach wait, which know nothing of Prometheus) up to date.
+    fn sync_counters(&self) {
+        fn catch_up(c: &Counter, total: u64) {
+            let now = c.get();
+            if total > now {
+                c.inc_by(total - now);
+            }
+        }
+        for (api, n) in crate::hypervisor::calls::calls() {
+            catch_up(
+                &self.libvirt_calls.get_or_create(&Api {
+                    api: api.to_string(),
+                }),
+                n,
+            );
+        }
+        for (event, n) in crate::hypervisor::calls::events() {
+            catch_up(
+                &self.libvirt_events.get_or_create(&Event {
+                    event: event.to_string(),
+                }),
+                n,
+            );
+        }
+        catch_up(&self.detach_poll_reads, crate::hotplug::detach_poll_reads());
+    }
+
     /// The exposition text (OpenMetrics, which Prometheus reads).
     pub fn render(&self) -> String {
+        self.sync_counters();
         let mut s = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
@@ -252,5 +316,31 @@ mod tests {
         );
         assert!(t.contains("nic_agent_libvirt_connected 1"), "{t}");
         assert!(t.contains("nic_agent_ids_promiscuous_bridges 0"), "{t}");
+        assert!(t.contains("nic_agent_detach_poll_reads_total"), "{t}");
+    }
+
+    #[test]
+    fn libvirt_calls_are_exported_by_function() {
+        crate::hypervisor::calls::count("virDomainGetXMLDesc");
+        let m = Metrics::default();
+        let t = m.render();
+        assert!(
+            t.contains(r#"nic_agent_libvirt_calls_total{api="virDomainGetXMLDesc"}"#),
+            "{t}"
+        );
+        // Rendering twice does not count twice.
+        let before = crate::hypervisor::calls::calls();
+        let again = m.render();
+        let n = before
+            .iter()
+            .find(|(a, _)| *a == "virDomainGetXMLDesc")
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        assert!(
+            again.contains(&format!(
+                "nic_agent_libvirt_calls_total{{api=\"virDomainGetXMLDesc\"}} {n}"
+            )),
+            "{again}"
+        );
     }
 }

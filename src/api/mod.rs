@@ -2,6 +2,7 @@
 //! statuses in exactly one place, [`status`].
 
 pub mod convert;
+pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod service;

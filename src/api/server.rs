@@ -147,16 +147,23 @@ pub async fn serve(
         None => None,
     };
 
-    // Health follows the libvirt connection: SERVING only while it is
-    // alive. The check reconnects after a libvirtd restart.
-    let hv = hotplug.hypervisor().clone();
+    // Health follows libvirt: SERVING only while a real round trip
+    // answers within PROBE_DEADLINE (a stuck libvirtd is NOT_SERVING within
+    // a few seconds, not only a dead connection). The probe also reconnects
+    // after a libvirtd restart, which re-subscribes the events.
+    let prober = super::health::Prober::start(
+        hotplug.hypervisor().clone(),
+        super::health::PROBE_EVERY,
+        super::health::PROBE_DEADLINE,
+    );
     let watcher = tokio::spawn(async move {
         let mut last: Option<bool> = None;
         loop {
-            let h = hv.clone();
-            let alive = tokio::task::spawn_blocking(move || h.is_alive())
-                .await
-                .unwrap_or(false);
+            let Some(alive) = prober.serving() else {
+                // No answer yet from the first probe.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             super::metrics::global().set_libvirt_connected(alive);
             if last != Some(alive) {
                 let st = if alive {
@@ -167,13 +174,13 @@ pub async fn serve(
                 reporter.set_service_status("", st).await;
                 reporter.set_service_status(SERVICE_NAME, st).await;
                 if alive {
-                    tracing::info!("libvirt connection alive: SERVING");
+                    tracing::info!("libvirt answers: SERVING");
                 } else {
-                    tracing::warn!("libvirt connection down: NOT_SERVING");
+                    tracing::warn!("libvirt does not answer: NOT_SERVING");
                 }
                 last = Some(alive);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
 

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{convert, metrics, pb, status};
+use crate::config::MAX_TIMEOUT_MS;
 use crate::hotplug::{DetachState, Hotplug, HotplugError};
 use crate::nic::{Alias, MacAddr, NicError, NicSpec};
 
@@ -49,6 +50,34 @@ fn request_id<T>(req: &Request<T>, field: &str) -> String {
 /// so they must never carry raw input.
 fn log_safe(s: &str) -> String {
     s.chars().take(128).flat_map(char::escape_debug).collect()
+}
+
+/// A request's `timeout_ms`: 0 is the agent's default; more than
+/// [`MAX_TIMEOUT_MS`] is refused, so that a client cannot hold a VM's lock
+/// for days.
+fn request_timeout(ms: u32) -> Result<Option<Duration>, HotplugError> {
+    if u64::from(ms) > MAX_TIMEOUT_MS {
+        return Err(HotplugError::Invalid(NicError::Invalid {
+            field: "timeout_ms",
+            value: ms.to_string(),
+            allowed: format!("0 (the agent's default) or 1-{MAX_TIMEOUT_MS}"),
+        }));
+    }
+    Ok((ms > 0).then(|| Duration::from_millis(ms.into())))
+}
+
+/// Runs a change to its end even when the client stops waiting. tonic
+/// drops a handler whose `grpc-timeout` passed; a transaction dropped
+/// between two steps would skip its undo, and its libvirt call would leave
+/// the VM in doubt for nothing.
+async fn to_completion<T, F>(fut: F) -> Result<T, HotplugError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, HotplugError>> + Send + 'static,
+{
+    tokio::spawn(fut.in_current_span())
+        .await
+        .map_err(|e| HotplugError::Internal(format!("request task failed: {e}")))?
 }
 
 fn check_vm(vm: &str) -> Result<(), HotplugError> {
@@ -106,7 +135,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 })?;
                 convert::check_switch_type(nic.switch_type)?;
                 let spec = NicSpec::try_from(convert::raw_nic(nic))?;
-                self.hotplug.attach(&r.vm, &spec).await
+                let (h, vm) = (self.hotplug.clone(), r.vm.clone());
+                to_completion(async move { h.attach(&vm, &spec).await }).await
             }
             .await;
             finish("attach", start, result)
@@ -134,11 +164,12 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 } else {
                     Some(Alias::try_from(r.alias.as_str())?)
                 };
-                let timeout =
-                    (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
-                let st = self
-                    .hotplug
-                    .detach(&r.vm, &mac, alias.as_ref(), timeout)
+                let timeout = request_timeout(r.timeout_ms)?;
+                let (h, vm) = (self.hotplug.clone(), r.vm.clone());
+                let st =
+                    to_completion(
+                        async move { h.detach(&vm, &mac, alias.as_ref(), timeout).await },
+                    )
                     .await?;
                 Ok((mac, st))
             }
@@ -263,8 +294,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 let mac = MacAddr::try_from(r.mac.as_str())?;
                 let alias = optional_alias(&r.alias)?;
                 let change = convert::nic_update(&r)?;
-                self.hotplug
-                    .update(&r.vm, &mac, alias.as_ref(), &change)
+                let (h, vm) = (self.hotplug.clone(), r.vm.clone());
+                to_completion(async move { h.update(&vm, &mac, alias.as_ref(), &change).await })
                     .await
             }
             .await;
@@ -294,11 +325,12 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 check_vm(&r.to_vm).map_err(|e| rename_vm_field(e, "to_vm"))?;
                 let mac = MacAddr::try_from(r.mac.as_str())?;
                 let alias = optional_alias(&r.alias)?;
-                let timeout =
-                    (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
-                self.hotplug
-                    .move_nic(&r.from_vm, &r.to_vm, &mac, alias.as_ref(), timeout)
-                    .await
+                let timeout = request_timeout(r.timeout_ms)?;
+                let (h, from, to) = (self.hotplug.clone(), r.from_vm.clone(), r.to_vm.clone());
+                to_completion(
+                    async move { h.move_nic(&from, &to, &mac, alias.as_ref(), timeout).await },
+                )
+                .await
             }
             .await;
             finish("move", start, result).map(|o| {
@@ -335,5 +367,23 @@ fn rename_vm_field(e: HotplugError, field: &'static str) -> HotplugError {
             })
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_ms_is_capped_with_field_and_range_named() {
+        assert_eq!(request_timeout(0).unwrap(), None);
+        assert_eq!(
+            request_timeout(300_000).unwrap(),
+            Some(Duration::from_secs(300))
+        );
+        let e = request_timeout(300_001).unwrap_err();
+        assert_eq!(status::code(&e), tonic::Code::InvalidArgument);
+        let m = e.to_string();
+        assert!(m.contains("timeout_ms") && m.contains("1-300000"), "{m}");
     }
 }

@@ -19,7 +19,9 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::MovedBack { cause, .. } => code(cause),
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
         HotplugError::NoCapacity(_) => Code::ResourceExhausted,
-        HotplugError::Precondition(_) | HotplugError::Mtu(_) => Code::FailedPrecondition,
+        HotplugError::Precondition(_)
+        | HotplugError::Mtu(_)
+        | HotplugError::DetachRefused { .. } => Code::FailedPrecondition,
         HotplugError::DetachPending { .. } | HotplugError::MovePending { .. } => {
             Code::DeadlineExceeded
         }

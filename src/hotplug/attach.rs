@@ -182,8 +182,13 @@ impl Hotplug {
             .await;
         match result {
             // The NIC is in the domain XML now, which keeps its bridge in
-            // use from here on: the intents have done their job.
-            Ok(()) => self.drop_intents(&undo).await,
+            // use from here on: the intents have done their job. An unplug
+            // of an earlier NIC with this MAC that is still pending is not
+            // this NIC's (CloudStack reuses MACs): forget it.
+            Ok(()) => {
+                self.drop_intents(&undo).await;
+                self.forget_pending(&dom.uuid, &mac);
+            }
             Err(e) => {
                 // libvirtd went away during the live attach: once it is
                 // back, remove what QEMU may have kept, so the caller's

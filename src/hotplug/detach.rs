@@ -1,12 +1,18 @@
 //! The detach transaction: the persistent definition first, then the live
 //! unplug, then a wait until the guest has really released the device, and
 //! the host clean-up once it has.
+//!
+//! The wait listens for libvirt's DEVICE_REMOVED event for the device's
+//! alias when the driver has events, and polls the live XML otherwise (see
+//! `pending`). An unplug still pending at the deadline is followed in the
+//! background, so its clean-up runs when it lands.
 
 use std::time::{Duration, Instant};
 
+use super::pending::{self, Wait};
 use super::report;
 use super::{named, pick, DetachState, Hotplug, HotplugError, IDS_ALIAS_PREFIX};
-use crate::hypervisor::Target;
+use crate::hypervisor::{DomainRef, Target};
 use crate::nic::{Alias, MacAddr};
 use crate::xml::domain::InterfaceView;
 
@@ -55,7 +61,13 @@ impl Hotplug {
             None => None,
         };
         if in_live.is_none() && in_config.is_none() {
-            self.pending_remove(&dom.uuid, &mac_s);
+            // An unplug that timed out earlier has landed since; its host
+            // clean-up is still due if the background watch has not run it.
+            for p in self.pending_take_mac(&dom.uuid, &mac_s) {
+                if p.host_cleanup && host_cleanup {
+                    self.host_after_detach(&p.nic).await;
+                }
+            }
             return Ok(DetachState::AlreadyAbsent);
         }
 
@@ -80,13 +92,16 @@ impl Hotplug {
         let Some(iface) = in_live else {
             return Ok(DetachState::Removed);
         };
-        let removed = iface.clone();
-        let key = (dom.uuid.clone(), mac_s.clone());
-        let already_pending = self
-            .pending
-            .lock()
-            .map(|p| p.contains(&key))
-            .unwrap_or(false);
+        let key = pending::key(&dom.uuid, &iface, &mac_s);
+        let already_pending = self.is_pending(&key);
+        // Subscribe before the unplug request: a guest that acks at once is
+        // announced while libvirt's detach call is still returning. Events
+        // need the device's alias; libvirt gives every live device one.
+        let events = iface
+            .alias
+            .as_ref()
+            .and_then(|_| self.hv.events())
+            .map(|h| h.subscribe());
         // The wait is counted from here, before the unplug request: libvirt
         // itself blocks about 5 s on a guest that cannot ack (paused), and a
         // caller's timeout_ms must bound the whole wait it sees.
@@ -99,47 +114,69 @@ impl Hotplug {
                 .await
             {
                 // Put the config half back so the VM stays consistent.
-                if let Some(cx) = config_removed {
-                    let d = dom.clone();
-                    if let Err(u) = self
-                        .blocking(move |hv| hv.attach(&d, &cx, Target::Config))
-                        .await
-                    {
-                        tracing::warn!(vm = %dom.name, error = %u, "undo: re-adding config NIC failed");
-                    }
-                }
+                self.restore_config(&dom, config_removed).await;
                 return Err(self.unsupported("detach", e));
             }
-            if let Ok(mut p) = self.pending.lock() {
-                p.insert(key.clone());
-            }
+            self.pending_insert(
+                key.clone(),
+                pending::Pending::new(mac_s.clone(), iface.clone(), host_cleanup),
+            );
         } else {
             tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting without a second device_del");
         }
 
-        loop {
-            let v = self.view(&dom, Target::Live).await;
-            let gone = match &v {
-                Ok(v) => v.interface_by_mac(&mac_s).is_empty(),
-                // The domain stopped: its live NICs are gone with it.
-                Err(HotplugError::VmNotFound(_)) => true,
-                Err(_) => false,
-            };
-            if gone {
-                self.pending_remove(&dom.uuid, &mac_s);
-                if host_cleanup {
-                    self.host_after_detach(&removed).await;
-                }
-                return Ok(DetachState::Removed);
+        let deadline = tokio::time::Instant::from_std(start + timeout);
+        let end = match events {
+            // A pending unplug's state was read before the subscription:
+            // read it once more now that nothing can be missed.
+            Some(rx) => {
+                self.wait_by_events(&dom, &key, &mac_s, rx, deadline, already_pending)
+                    .await?
             }
-            if start.elapsed() >= timeout {
-                return Err(HotplugError::DetachPending {
+            None => self.wait_by_polling(&dom, &key, &mac_s, deadline).await?,
+        };
+        match end {
+            Wait::Removed => {
+                self.pending_take(&key);
+                if host_cleanup {
+                    self.host_after_detach(&iface).await;
+                }
+                Ok(DetachState::Removed)
+            }
+            Wait::Refused => {
+                // Nothing is pending any more: the guest said no, and the
+                // NIC stays. Its persistent definition comes back with it.
+                self.pending_take(&key);
+                self.restore_config(&dom, config_removed).await;
+                Err(HotplugError::DetachRefused {
+                    mac: mac_s,
+                    vm: dom.name.clone(),
+                    alias: key.1,
+                })
+            }
+            Wait::TimedOut(rx) => {
+                // The clean-up runs when the removal lands, without waiting
+                // for the caller to retry.
+                self.watch_pending(&dom, key, rx);
+                Err(HotplugError::DetachPending {
                     mac: mac_s,
                     vm: dom.name.clone(),
                     waited_ms: start.elapsed().as_millis() as u64,
-                });
+                })
             }
-            tokio::time::sleep(self.cfg.poll_interval).await;
+        }
+    }
+
+    /// Puts back a NIC's persistent definition removed by this detach,
+    /// when its live half did not go.
+    async fn restore_config(&self, dom: &DomainRef, config_removed: Option<String>) {
+        let Some(cx) = config_removed else { return };
+        let d = dom.clone();
+        if let Err(u) = self
+            .blocking(move |hv| hv.attach(&d, &cx, Target::Config))
+            .await
+        {
+            tracing::warn!(vm = %dom.name, error = %u, "undo: re-adding config NIC failed");
         }
     }
 

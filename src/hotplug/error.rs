@@ -71,6 +71,17 @@ pub enum HotplugError {
         /// How long we waited.
         waited_ms: u64,
     },
+    /// The guest refused to release the device (libvirt's
+    /// DEVICE_REMOVAL_FAILED): it stays attached, live and persistent.
+    #[error("the guest in {vm} refused to release NIC {mac} ({alias}): it stays attached; check the guest's PCI hot-plug support, then retry DetachNic")]
+    DetachRefused {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+        /// The device's alias.
+        alias: String,
+    },
     /// A move's unplug from the source VM is still pending; nothing was
     /// attached to the target.
     #[error("NIC {mac} is still in {from_vm} after {waited_ms} ms: the guest has not released it, so nothing was attached to {to_vm}; the unplug stays pending, retry MoveNic to finish the move")]

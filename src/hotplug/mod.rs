@@ -10,25 +10,33 @@
 //! All libvirt calls run on tokio's blocking pool; work on one domain is
 //! serialised by [`locks::VmLocks`], different domains run in parallel.
 //!
+//! Every libvirt call has a deadline ([`HotplugConfig::call_timeout`]); a
+//! call that outlives it leaves its VM "in doubt" (see `doubt`).
+//!
 //! One file per transaction: `attach`, `detach`, `update`, `moves`, plus
-//! `ghosts` (NICs QEMU holds but libvirt lost). This file holds what they
-//! share: domain lookups and views, the undo runner, and the engine itself.
+//! `ghosts` (NICs QEMU holds but libvirt lost), `pending` (unplugs the
+//! guest has not finished yet) and `doubt` (calls past their deadline).
+//! This file holds what they share: domain lookups and views, the undo
+//! runner, and the engine itself.
 
 mod attach;
 mod detach;
+mod doubt;
 mod error;
 mod ghosts;
 pub mod locks;
 mod moves;
+mod pending;
 pub(crate) mod report;
 mod update;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use error::HotplugError;
 pub use moves::MoveOutcome;
+pub use pending::detach_poll_reads;
 pub use report::{NicReport, VmReport};
 pub use update::{BandwidthChange, NicUpdate};
 
@@ -66,6 +74,13 @@ pub struct HotplugConfig {
     /// this long ago is not removed (cloudstack-agent may be about to use
     /// it); the reconcile collects it later. Zero removes at once.
     pub bridge_grace: Duration,
+    /// Deadline of one libvirt call. Past it the caller gets UNAVAILABLE
+    /// and the VM is in doubt until the call returns. Longer than the
+    /// ~5 s libvirt itself blocks in a detach from a guest that cannot ack.
+    pub call_timeout: Duration,
+    /// How often a timed-out unplug is checked in the background when the
+    /// driver has no events (with events, DEVICE_REMOVED ends it).
+    pub pending_recheck: Duration,
 }
 
 impl Default for HotplugConfig {
@@ -80,6 +95,8 @@ impl Default for HotplugConfig {
             keep_bridges: Vec::new(),
             forbid_promisc: Vec::new(),
             bridge_grace: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(10),
+            pending_recheck: Duration::from_secs(2),
         }
     }
 }
@@ -121,14 +138,18 @@ pub struct Hotplug {
     hv: Arc<dyn Hypervisor>,
     pub(crate) host: Option<Arc<dyn HostNet>>,
     cfg: HotplugConfig,
-    locks: locks::VmLocks,
-    /// Unplugs sent to a guest and not yet completed, by (domain UUID, MAC).
-    /// A retried detach waits on these instead of sending a second
-    /// device_del, which QEMU would reject or queue twice.
-    pending: Mutex<HashSet<(String, String)>>,
+    // The state below is behind Arcs so that background work (a pending
+    // unplug's clean-up) can run on an engine that shares it; see `share`.
+    locks: Arc<locks::VmLocks>,
+    /// Unplugs sent to a guest and not yet completed, by (domain UUID,
+    /// device alias). A retried detach waits on these instead of sending a
+    /// second device_del, which QEMU would reject or queue twice.
+    pending: Arc<Mutex<HashMap<pending::Key, pending::Pending>>>,
     /// VMs (by UUID) whose live attach lost libvirtd mid-call: QEMU may
     /// hold a NIC libvirt never recorded. See `ghosts`.
-    suspects: Mutex<HashSet<String>>,
+    suspects: Arc<Mutex<HashSet<String>>>,
+    /// VMs with a libvirt call still outstanding past its deadline.
+    doubt: Arc<doubt::InDoubt>,
 }
 
 impl Hotplug {
@@ -143,9 +164,24 @@ impl Hotplug {
             hv,
             host,
             cfg,
-            locks: locks::VmLocks::default(),
-            pending: Mutex::new(HashSet::new()),
-            suspects: Mutex::new(HashSet::new()),
+            locks: Arc::default(),
+            pending: Arc::default(),
+            suspects: Arc::default(),
+            doubt: Arc::default(),
+        }
+    }
+
+    /// Another handle on the same engine: same hypervisor, host, locks
+    /// and bookkeeping. For background tasks, which need an owned engine.
+    fn share(&self) -> Hotplug {
+        Hotplug {
+            hv: self.hv.clone(),
+            host: self.host.clone(),
+            cfg: self.cfg.clone(),
+            locks: self.locks.clone(),
+            pending: self.pending.clone(),
+            suspects: self.suspects.clone(),
+            doubt: self.doubt.clone(),
         }
     }
 
@@ -159,16 +195,15 @@ impl Hotplug {
         &self.cfg
     }
 
+    /// Runs one libvirt call on the blocking pool, with the call deadline.
+    /// Past it the caller gets UNAVAILABLE while the call may still
+    /// complete: its VM is in doubt until it has (see `doubt`).
     async fn blocking<T, F>(&self, f: F) -> Result<T, HotplugError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Hypervisor) -> Result<T, crate::hypervisor::HvError> + Send + 'static,
     {
-        let hv = self.hv.clone();
-        tokio::task::spawn_blocking(move || f(hv.as_ref()))
-            .await
-            .map_err(|e| HotplugError::Internal(format!("blocking task failed: {e}")))?
-            .map_err(HotplugError::from)
+        doubt::run(&self.hv, &self.doubt, self.cfg.call_timeout, f).await
     }
 
     pub(crate) async fn lookup(&self, vm: &str) -> Result<DomainRef, HotplugError> {
@@ -177,6 +212,9 @@ impl Hotplug {
             Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
                 Err(HotplugError::VmNotFound(vm.to_string()))
             }
+            // Every request starts with a lookup: a VM in doubt is refused
+            // here, before the request waits for its lock.
+            Ok(d) => self.doubt.check(&d).map(|_| d),
             other => other,
         }
     }
@@ -524,12 +562,6 @@ impl Hotplug {
         Ok(n)
     }
 
-    fn pending_remove(&self, uuid: &str, mac: &str) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.remove(&(uuid.to_string(), mac.to_string()));
-        }
-    }
-
     fn unsupported(&self, op: &'static str, e: HotplugError) -> HotplugError {
         match e {
             HotplugError::Hypervisor(h) if h.kind == HvErrorKind::Unsupported => {
@@ -593,5 +625,7 @@ fn pick(
     }
 }
 
+#[cfg(test)]
+mod event_tests;
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,18 @@
 //! An in-memory [`Hypervisor`] for orchestration tests of `hotplug`.
 //!
-//! It records every call and can be scripted to fail or to delay an unplug.
-//! It is never the only proof of a feature: the same paths run against the
-//! libvirt test driver and real QEMU in `tests/`.
+//! It records every call and can be scripted to fail, to delay an unplug,
+//! or to hang like a stopped libvirtd. Built with [`FakeHypervisor::with_events`]
+//! it publishes DEVICE_REMOVED when a device leaves, and tests can publish
+//! any other event. It is never the only proof of a feature: the same paths
+//! run against the libvirt test driver and real QEMU in `tests/`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
-use super::{DomainRef, HvError, HvErrorKind, Hypervisor, QemuNic, RunState, Target};
+use super::{
+    DomainRef, EventHub, HvError, HvErrorKind, HvEvent, Hypervisor, QemuNic, RunState, Target,
+};
 
 /// How the fake guest answers a live unplug.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +61,13 @@ pub struct FakeHypervisor {
     /// Unavailable, like libvirtd dying after recording a change and before
     /// replying. Consumed in order.
     pub lose_reply: Mutex<Vec<(&'static str, Target)>>,
+    /// Calls of this (op, target) that block, like a call to a SIGSTOPped
+    /// libvirtd, until [`FakeHypervisor::release_hangs`]. "probe" hangs
+    /// the health probe. Every matching call hangs while listed.
+    hang: Mutex<Vec<(&'static str, Target)>>,
+    released: (Mutex<u64>, Condvar),
+    events: Option<EventHub>,
+    live_reads: AtomicU64,
 }
 
 fn mac_of(xml: &str) -> String {
@@ -77,11 +89,113 @@ impl Default for FakeHypervisor {
             fail_next: Mutex::new(None),
             fail_queue: Mutex::new(Vec::new()),
             lose_reply: Mutex::new(Vec::new()),
+            hang: Mutex::new(Vec::new()),
+            released: (Mutex::new(0), Condvar::new()),
+            events: None,
+            live_reads: AtomicU64::new(0),
         }
     }
 }
 
+/// The alias (`<alias name='...'/>`) in a device's XML.
+fn alias_of(xml: &str) -> Option<String> {
+    let at = xml.find("<alias name=")? + "<alias name=".len() + 1;
+    let end = xml[at..].find(['"', '\''])?;
+    Some(xml[at..at + end].to_string())
+}
+
 impl FakeHypervisor {
+    /// A fake whose driver has events: a device that leaves the live
+    /// domain is announced with DEVICE_REMOVED.
+    pub fn with_events() -> Self {
+        FakeHypervisor {
+            events: Some(EventHub::default()),
+            ..FakeHypervisor::default()
+        }
+    }
+
+    /// Publishes an event as libvirt would (e.g. a removal-failed, or a
+    /// resubscription after a reconnect).
+    pub fn emit(&self, ev: HvEvent) {
+        if let Some(h) = &self.events {
+            h.publish(ev);
+        }
+    }
+
+    /// The UUID of a domain by name.
+    pub fn uuid_of(&self, vm: &str) -> String {
+        self.with(vm, |d| Ok(d.dom.uuid.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The alias of a live NIC by MAC.
+    pub fn live_alias(&self, vm: &str, mac: &str) -> Option<String> {
+        self.with(vm, |d| {
+            Ok(d.live
+                .iter()
+                .find(|x| mac_of(x) == mac)
+                .and_then(|x| alias_of(x)))
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// How many times the live XML was read.
+    pub fn live_reads(&self) -> u64 {
+        self.live_reads.load(Ordering::SeqCst)
+    }
+
+    /// Makes every later call of (op, target) block until
+    /// [`FakeHypervisor::release_hangs`].
+    pub fn hang(&self, op: &'static str, target: Target) {
+        if let Ok(mut h) = self.hang.lock() {
+            h.push((op, target));
+        }
+    }
+
+    /// Lets every hanging call go on, and stops hanging new ones.
+    pub fn release_hangs(&self) {
+        if let Ok(mut h) = self.hang.lock() {
+            h.clear();
+        }
+        let (m, cv) = &self.released;
+        if let Ok(mut n) = m.lock() {
+            *n += 1;
+        }
+        cv.notify_all();
+    }
+
+    fn maybe_hang(&self, op: &'static str, target: Target) {
+        let hangs = self
+            .hang
+            .lock()
+            .map(|h| h.contains(&(op, target)))
+            .unwrap_or(false);
+        if !hangs {
+            return;
+        }
+        let (m, cv) = &self.released;
+        let Ok(g) = m.lock() else { return };
+        let start = *g;
+        let _g = cv.wait_while(g, |n| *n == start);
+    }
+
+    /// Removes a live device and, with events, announces it.
+    fn remove_live(&self, d: &mut FakeDomain, mac: &str, announce: bool) {
+        let alias = d
+            .live
+            .iter()
+            .find(|x| mac_of(x) == mac)
+            .and_then(|x| alias_of(x));
+        d.live.retain(|x| mac_of(x) != mac);
+        if let (true, Some(alias)) = (announce, alias) {
+            self.emit(HvEvent::DeviceRemoved {
+                uuid: d.dom.uuid.clone(),
+                alias,
+            });
+        }
+    }
+
     /// Adds a domain with no NICs.
     pub fn add(&self, name: &str, state: RunState, persistent: bool, vcpus: u32) {
         let uuid = format!(
@@ -110,7 +224,37 @@ impl FakeHypervisor {
     pub fn guest_release(&self, vm: &str, mac: &str) {
         let _ = self.with(vm, |d| {
             d.unplug_countdown.remove(mac);
-            d.live.retain(|x| mac_of(x) != mac);
+            self.remove_live(d, mac, true);
+            Ok(())
+        });
+    }
+
+    /// Like [`FakeHypervisor::guest_release`], but the event is lost (it
+    /// happened while the connection was down).
+    pub fn guest_release_unannounced(&self, vm: &str, mac: &str) {
+        let _ = self.with(vm, |d| {
+            d.unplug_countdown.remove(mac);
+            self.remove_live(d, mac, false);
+            Ok(())
+        });
+    }
+
+    /// The guest refuses a pending unplug: the device stays, and libvirt
+    /// announces DEVICE_REMOVAL_FAILED.
+    pub fn guest_refuse(&self, vm: &str, mac: &str) {
+        let _ = self.with(vm, |d| {
+            d.unplug_countdown.remove(mac);
+            if let Some(alias) = d
+                .live
+                .iter()
+                .find(|x| mac_of(x) == mac)
+                .and_then(|x| alias_of(x))
+            {
+                self.emit(HvEvent::DeviceRemovalFailed {
+                    uuid: d.dom.uuid.clone(),
+                    alias,
+                });
+            }
             Ok(())
         });
     }
@@ -217,7 +361,15 @@ impl Hypervisor for FakeHypervisor {
     fn is_alive(&self) -> bool {
         true
     }
+    fn probe(&self) -> Result<(), HvError> {
+        self.maybe_hang("probe", Target::Live);
+        Ok(())
+    }
+    fn events(&self) -> Option<EventHub> {
+        self.events.clone()
+    }
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
+        self.maybe_hang("lookup", Target::Live);
         self.with(vm, |d| Ok(d.dom.clone()))
     }
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
@@ -228,6 +380,10 @@ impl Hypervisor for FakeHypervisor {
             .unwrap_or_default())
     }
     fn xml(&self, dom: &DomainRef, target: Target) -> Result<String, HvError> {
+        self.maybe_hang("xml", target);
+        if target == Target::Live {
+            self.live_reads.fetch_add(1, Ordering::SeqCst);
+        }
         self.with(&dom.uuid, |d| {
             if target == Target::Live {
                 // A pending unplug completes after a number of reads.
@@ -241,7 +397,7 @@ impl Hypervisor for FakeHypervisor {
                     .collect();
                 for mac in done {
                     d.unplug_countdown.remove(&mac);
-                    d.live.retain(|x| mac_of(x) != mac);
+                    self.remove_live(d, &mac, true);
                 }
             }
             let nics = match target {
@@ -256,6 +412,7 @@ impl Hypervisor for FakeHypervisor {
     }
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         self.record("attach", target, mac_of(xml));
+        self.maybe_hang("attach", target);
         self.scripted_failure("attach", target)?;
         self.with(&dom.uuid, |d| {
             if let (Target::Live, Some((g, _))) = (target, d.ghosts.first()) {
@@ -276,6 +433,7 @@ impl Hypervisor for FakeHypervisor {
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
         self.record("detach", target, mac.clone());
+        self.maybe_hang("detach", target);
         self.scripted_failure("detach", target)?;
         let unplug = self.unplug.lock().map(|u| *u).unwrap_or(Unplug::Immediate);
         self.with(&dom.uuid, |d| {
@@ -291,9 +449,10 @@ impl Hypervisor for FakeHypervisor {
                 ));
             }
             match (target, unplug) {
-                (Target::Config, _) | (Target::Live, Unplug::Immediate) => {
-                    list.retain(|x| mac_of(x) != mac)
-                }
+                (Target::Config, _) => list.retain(|x| mac_of(x) != mac),
+                // Like QEMU with a quick guest: the event comes while
+                // libvirt's detach call is still returning.
+                (Target::Live, Unplug::Immediate) => self.remove_live(d, &mac, true),
                 (Target::Live, Unplug::AfterReads(n)) => {
                     d.unplug_countdown.insert(mac, n.max(1));
                 }

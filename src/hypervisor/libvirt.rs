@@ -4,32 +4,119 @@
 //! thread-safe). When libvirtd restarts the connection dies; the next call
 //! notices (`virConnectIsAlive`), drops it and opens a new one, and the
 //! health service reports NOT_SERVING in between.
+//!
+//! Each connection gets a keep-alive (libvirt's event loop sends it, see
+//! [`super::events`]), so a libvirtd that is alive but stuck (SIGSTOP)
+//! closes the connection after about [`KEEPALIVE_INTERVAL`] ×
+//! ([`KEEPALIVE_COUNT`] + 1) seconds instead of leaving calls blocked for
+//! ever. With events on, every (re)opened connection subscribes the
+//! [`EventHub`] again and, after a reconnect, publishes
+//! [`HvEvent::Resubscribed`] so that waiters re-read what they may have
+//! missed.
+//!
+//! Every libvirt API call is counted (see [`super::calls`]).
 
+use std::ops::Deref;
 use std::sync::{Arc, RwLock};
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::{Error as VirtError, ErrorNumber};
 
+use super::calls::count;
+use super::events::{self, EventHub, HvEvent, Subscription};
 use super::{DomainRef, HvError, HvErrorKind, Hypervisor, QemuNic, RunState, Target};
+
+/// Seconds between keep-alive messages on an idle connection.
+pub const KEEPALIVE_INTERVAL: i32 = 5;
+/// Keep-alive messages without an answer before libvirt closes the
+/// connection.
+pub const KEEPALIVE_COUNT: u32 = 3;
+
+/// An open connection with its event registrations, undone when the last
+/// user drops it.
+struct Live {
+    conn: Connect,
+    subscription: Option<Subscription>,
+}
+
+impl Deref for Live {
+    type Target = Connect;
+    fn deref(&self) -> &Connect {
+        &self.conn
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(s) = self.subscription.take() {
+            s.end(&self.conn);
+        }
+    }
+}
 
 /// A libvirt connection by URI (`qemu:///system`, `test:///default`, ...).
 pub struct Libvirt {
     uri: String,
     driver: String,
-    conn: RwLock<Option<Arc<Connect>>>,
+    conn: RwLock<Option<Arc<Live>>>,
+    /// Where events go; `None` when events are switched off.
+    hub: Option<EventHub>,
+    /// Whether the current connection's subscription succeeded: a driver
+    /// that refuses it has no events, and callers poll.
+    subscribed: std::sync::atomic::AtomicBool,
+}
+
+/// How the connection is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct LibvirtOptions {
+    /// Subscribe to domain events (device removed, removal failed,
+    /// lifecycle). Off, detach confirms by polling the live XML.
+    pub events: bool,
+}
+
+impl Default for LibvirtOptions {
+    fn default() -> Self {
+        LibvirtOptions { events: true }
+    }
+}
+
+fn open(uri: &str) -> Result<Connect, VirtError> {
+    count("virConnectOpen");
+    Connect::open(Some(uri))
 }
 
 impl Libvirt {
-    /// Opens the connection now so that a bad URI fails at start-up.
+    /// Opens the connection now so that a bad URI fails at start-up, with
+    /// events on.
     pub fn connect(uri: &str) -> Result<Self, HvError> {
-        let conn = Connect::open(Some(uri)).map_err(|e| classify("connect", &e))?;
+        Self::connect_with(uri, LibvirtOptions::default())
+    }
+
+    /// Opens the connection now so that a bad URI fails at start-up.
+    pub fn connect_with(uri: &str, opts: LibvirtOptions) -> Result<Self, HvError> {
+        // The event loop must be registered before the first connection is
+        // opened, or that connection gets neither keep-alive nor events.
+        // Keep-alive is wanted even with events off: it is what unblocks
+        // calls to a stuck libvirtd.
+        if let Err(e) = events::ensure_event_loop() {
+            tracing::warn!(error = %e, "no libvirt event loop: no keep-alive and no events");
+        }
+        let conn = open(uri).map_err(|e| classify("connect", &e))?;
+        count("virConnectGetType");
         let driver = conn.driver_type().unwrap_or_default();
-        Ok(Libvirt {
+        let lv = Libvirt {
             uri: uri.to_string(),
             driver,
-            conn: RwLock::new(Some(Arc::new(conn))),
-        })
+            conn: RwLock::new(None),
+            hub: opts.events.then(EventHub::default),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
+        };
+        let live = lv.set_up(conn);
+        if let Ok(mut g) = lv.conn.write() {
+            *g = Some(Arc::new(live));
+        }
+        Ok(lv)
     }
 
     /// The URI this connection was opened with.
@@ -37,8 +124,35 @@ impl Libvirt {
         &self.uri
     }
 
+    /// Keep-alive and event subscriptions on a freshly opened connection.
+    /// Neither is fatal: the test driver has no keep-alive, and without
+    /// events detach polls.
+    fn set_up(&self, conn: Connect) -> Live {
+        // The test driver lives in this process: nothing to keep alive, and
+        // libvirt would print its "not supported" error on stderr.
+        if !self.driver.eq_ignore_ascii_case("test") {
+            count("virConnectSetKeepAlive");
+            if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+                tracing::debug!(uri = %self.uri, error = %e.message(), "no keep-alive on this connection");
+            }
+        }
+        let subscription = self
+            .hub
+            .as_ref()
+            .and_then(|hub| match events::subscribe(&conn, hub) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(uri = %self.uri, error = %e, "libvirt events unavailable; detach polls instead");
+                    None
+                }
+            });
+        self.subscribed
+            .store(subscription.is_some(), std::sync::atomic::Ordering::SeqCst);
+        Live { conn, subscription }
+    }
+
     /// The current connection, reopening it if it was dropped.
-    fn conn(&self) -> Result<Arc<Connect>, HvError> {
+    fn conn(&self) -> Result<Arc<Live>, HvError> {
         if let Some(c) = self.conn.read().ok().and_then(|g| g.clone()) {
             return Ok(c);
         }
@@ -49,13 +163,21 @@ impl Libvirt {
         if let Some(c) = guard.clone() {
             return Ok(c);
         }
-        let c = Arc::new(Connect::open(Some(&self.uri)).map_err(|e| {
+        let conn = open(&self.uri).map_err(|e| {
             let mut err = classify("reconnect", &e);
             err.kind = HvErrorKind::Unavailable;
             err
-        })?);
+        })?;
+        let c = Arc::new(self.set_up(conn));
         tracing::info!(uri = %self.uri, "libvirt connection (re)opened");
         *guard = Some(c.clone());
+        drop(guard);
+        // Events of the time without a connection are lost: tell waiters
+        // to read the state again (and to poll from now on if this
+        // connection could not subscribe).
+        if let Some(hub) = &self.hub {
+            hub.publish(HvEvent::Resubscribed);
+        }
         Ok(c)
     }
 
@@ -64,6 +186,7 @@ impl Libvirt {
     /// detected by asking libvirt, not by reading the message.
     fn fail(&self, conn: &Connect, op: &str, e: &VirtError) -> HvError {
         let mut err = classify(op, e);
+        count("virConnectIsAlive");
         if !conn.is_alive().unwrap_or(false) {
             err.kind = HvErrorKind::Unavailable;
             if let Ok(mut g) = self.conn.write() {
@@ -75,14 +198,19 @@ impl Libvirt {
     }
 
     fn domain(&self, conn: &Connect, dom: &DomainRef) -> Result<Domain, HvError> {
+        count("virDomainLookupByUUIDString");
         conn.lookup_domain_by_uuid_string(&dom.uuid)
             .map_err(|e| self.fail(conn, "lookup", &e))
     }
 
     fn describe(&self, conn: &Connect, d: &Domain) -> Result<DomainRef, HvError> {
+        count("virDomainGetName");
         let name = d.name().map_err(|e| self.fail(conn, "name", &e))?;
+        count("virDomainGetUUIDString");
         let uuid = d.uuid_string().map_err(|e| self.fail(conn, "uuid", &e))?;
+        count("virDomainGetState");
         let (state, _) = d.state().map_err(|e| self.fail(conn, "state", &e))?;
+        count("virDomainIsPersistent");
         let persistent = d
             .is_persistent()
             .map_err(|e| self.fail(conn, "persistent", &e))?;
@@ -104,7 +232,7 @@ impl Libvirt {
 impl Libvirt {
     /// The domain, for QMP commands through libvirt's QEMU monitor
     /// passthrough; Unsupported where the driver has no QEMU.
-    fn monitor(&self, dom: &DomainRef, op: &str) -> Result<(Arc<Connect>, Domain), HvError> {
+    fn monitor(&self, dom: &DomainRef, op: &str) -> Result<(Arc<Live>, Domain), HvError> {
         if !self.driver.eq_ignore_ascii_case("qemu") {
             return Err(HvError::new(
                 HvErrorKind::Unsupported,
@@ -122,10 +250,11 @@ impl Libvirt {
     /// DeviceNotFound there is [`HvErrorKind::DeviceMissing`].
     fn qmp(
         &self,
-        (conn, d): &(Arc<Connect>, Domain),
+        (conn, d): &(Arc<Live>, Domain),
         op: &str,
         cmd: serde_json::Value,
     ) -> Result<serde_json::Value, HvError> {
+        count("virDomainQemuMonitorCommand");
         let reply = d
             .qemu_monitor_command(&cmd.to_string(), 0)
             .map_err(|e| self.fail(conn, op, &e))?;
@@ -224,6 +353,7 @@ impl Hypervisor for Libvirt {
     fn is_alive(&self) -> bool {
         match self.conn() {
             Ok(c) => {
+                count("virConnectIsAlive");
                 if c.is_alive().unwrap_or(false) {
                     true
                 } else {
@@ -237,11 +367,38 @@ impl Hypervisor for Libvirt {
         }
     }
 
+    fn probe(&self) -> Result<(), HvError> {
+        if !self.is_alive() {
+            return Err(HvError::new(
+                HvErrorKind::Unavailable,
+                "probe",
+                "libvirt connection down",
+            ));
+        }
+        // virConnectIsAlive looks at the local socket only; this is a
+        // round trip that a stuck libvirtd does not answer.
+        let conn = self.conn()?;
+        count("virConnectGetLibVersion");
+        conn.lib_version()
+            .map(|_| ())
+            .map_err(|e| self.fail(&conn, "probe", &e))
+    }
+
+    fn events(&self) -> Option<EventHub> {
+        if self.subscribed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.hub.clone()
+        } else {
+            None
+        }
+    }
+
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
         let conn = self.conn()?;
         let found = if looks_like_uuid(vm) {
+            count("virDomainLookupByUUIDString");
             conn.lookup_domain_by_uuid_string(vm)
         } else {
+            count("virDomainLookupByName");
             conn.lookup_domain_by_name(vm)
         };
         let d = found.map_err(|e| self.fail(&conn, "lookup", &e))?;
@@ -250,6 +407,7 @@ impl Hypervisor for Libvirt {
 
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
         let conn = self.conn()?;
+        count("virConnectListAllDomains");
         let doms = conn
             .list_all_domains(0)
             .map_err(|e| self.fail(&conn, "list", &e))?;
@@ -273,12 +431,14 @@ impl Hypervisor for Libvirt {
             Target::Live => 0,
             Target::Config => virt::sys::VIR_DOMAIN_XML_INACTIVE,
         };
+        count("virDomainGetXMLDesc");
         d.xml_desc(f).map_err(|e| self.fail(&conn, "dumpxml", &e))
     }
 
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let conn = self.conn()?;
         let d = self.domain(&conn, dom)?;
+        count("virDomainAttachDeviceFlags");
         d.attach_device_flags(xml, flags(target))
             .map(|_| ())
             .map_err(|e| self.fail(&conn, &format!("attach ({target})"), &e))
@@ -287,6 +447,7 @@ impl Hypervisor for Libvirt {
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let conn = self.conn()?;
         let d = self.domain(&conn, dom)?;
+        count("virDomainDetachDeviceFlags");
         d.detach_device_flags(xml, flags(target))
             .map(|_| ())
             .map_err(|e| self.fail(&conn, &format!("detach ({target})"), &e))
@@ -295,6 +456,7 @@ impl Hypervisor for Libvirt {
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let conn = self.conn()?;
         let d = self.domain(&conn, dom)?;
+        count("virDomainUpdateDeviceFlags");
         d.update_device_flags(xml, flags(target))
             .map_err(|e| self.fail(&conn, &format!("update ({target})"), &e))
     }

@@ -5,9 +5,17 @@
 //! on tokio's blocking pool; see `hotplug`. The same implementation serves
 //! `qemu:///system` and the `test:///` lab driver: they are two connection
 //! URIs, not two code paths.
+//!
+//! Events (device removed, removal failed, lifecycle) come from
+//! [`events`], behind the same trait ([`Hypervisor::events`]); a driver
+//! without them answers `None` and callers poll instead.
 
+pub mod calls;
+pub mod events;
 pub mod fake;
 pub mod libvirt;
+
+pub use events::{EventHub, HvEvent, Lifecycle};
 
 use std::fmt;
 
@@ -146,6 +154,26 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn driver(&self) -> String;
     /// Whether the connection is usable right now. Reconnects if it was lost.
     fn is_alive(&self) -> bool;
+    /// A cheap round trip to the hypervisor, for health: unlike
+    /// [`Hypervisor::is_alive`], which only looks at the local end of the
+    /// connection, it fails (or blocks) when libvirtd is alive but stuck.
+    fn probe(&self) -> Result<(), HvError> {
+        if self.is_alive() {
+            Ok(())
+        } else {
+            Err(HvError::new(
+                HvErrorKind::Unavailable,
+                "probe",
+                "connection down",
+            ))
+        }
+    }
+    /// Where this hypervisor publishes its events, or `None` when it has
+    /// none (events switched off, or a driver that refused the
+    /// subscription): callers then poll.
+    fn events(&self) -> Option<EventHub> {
+        None
+    }
     /// Whether device changes can target a persistent definition
     /// (AFFECT_CONFIG). True for real hypervisors; libvirt's test driver
     /// rejects the flag outright.

@@ -102,9 +102,13 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
     Ok(out)
 }
 
-/// Runs [`reconcile`] once now and then every `every` (never, when `None`),
-/// until the task is dropped.
+/// Runs [`reconcile`] once now, then every `every`, and also right after
+/// libvirt reports a domain started or stopped (its lifecycle events): a
+/// stopped sensor's bridge gets its state back, a started VM its host side,
+/// without waiting for the period. Without events and without a period it
+/// runs once.
 pub async fn reconcile_loop(hp: std::sync::Arc<Hotplug>, every: Option<Duration>) {
+    let mut events = hp.hypervisor().events().map(|h| h.subscribe());
     let mut first = true;
     loop {
         match reconcile(&hp, first).await {
@@ -113,7 +117,42 @@ pub async fn reconcile_loop(hp: std::sync::Arc<Hotplug>, every: Option<Duration>
             Err(e) => tracing::warn!(error = %e, "reconcile failed; tried again next period"),
         }
         first = false;
-        let Some(p) = every else { return };
-        tokio::time::sleep(p).await;
+        if every.is_none() && events.is_none() {
+            return;
+        }
+        let period = async {
+            match every {
+                Some(p) => tokio::time::sleep(p).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = period => {}
+            _ = next_lifecycle(&mut events) => {
+                // A destroy comes with a burst (stopped, then the release of
+                // its devices): let it settle, then look once.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+/// Waits for a lifecycle event, a reconnect (events were lost) or a lag.
+async fn next_lifecycle(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<crate::hypervisor::events::HvEvent>>,
+) {
+    use crate::hypervisor::events::HvEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(HvEvent::Lifecycle { .. } | HvEvent::Resubscribed) | Err(RecvError::Lagged(_)) => {
+                return
+            }
+            Ok(_) => {}
+            Err(RecvError::Closed) => return std::future::pending().await,
+        }
     }
 }

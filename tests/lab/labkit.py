@@ -178,6 +178,8 @@ class Agent:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")})
         self.addr = None
+        # Set when the agent was started with --metrics-listen.
+        self.metrics_addr = None
         ready = threading.Event()
 
         def read():
@@ -185,6 +187,8 @@ class Agent:
                 if line.startswith("nic-agent listening on "):
                     self.addr = line.strip().split()[-1]
                     ready.set()
+                elif line.startswith("nic-agent metrics on "):
+                    self.metrics_addr = line.strip().split()[-1]
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(60):
@@ -217,6 +221,27 @@ class Agent:
                 self.proc.kill()
                 self.proc.wait()
         self._err.close()
+
+
+def metrics(agent, timeout=10):
+    """The agent's Prometheus text as {"name{labels}": value} (started with
+    --metrics-listen 127.0.0.1:0)."""
+    import urllib.request
+
+    wait_until(lambda: agent.metrics_addr, 10, what="the metrics address")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{agent.metrics_addr}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        k, v = line.rsplit(" ", 1)
+        try:
+            out[k] = float(v)
+        except ValueError:
+            pass
+    return out
 
 
 def rpc_error_metadata(err):

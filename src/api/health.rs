@@ -1,0 +1,124 @@
+//! Whether libvirt answers, for `grpc.health.v1`.
+//!
+//! `virConnectIsAlive` only looks at the local end of the connection, so a
+//! libvirtd that is alive but stuck (SIGSTOP) still looks alive. The probe
+//! makes a real round trip ([`Hypervisor::probe`]) on a thread of its own,
+//! not on the blocking pool, which hung calls may have filled. A probe that
+//! has not answered within its deadline counts as a failure while it is
+//! still blocked; only one probe is ever outstanding.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::hypervisor::Hypervisor;
+
+/// How long a probe may take before libvirt counts as not answering.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+/// Pause between two probes.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct State {
+    /// When the probe in flight started.
+    started: Option<Instant>,
+    /// The last finished probe's answer, if any finished yet.
+    last: Option<bool>,
+}
+
+/// A probe thread and its latest answer. Dropping it ends the thread after
+/// its current probe.
+pub struct Prober {
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    deadline: Duration,
+}
+
+impl Prober {
+    /// Starts probing `hv` every `every`.
+    pub fn start(hv: Arc<dyn Hypervisor>, every: Duration, deadline: Duration) -> Prober {
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-probe".into())
+            .spawn(move || {
+                while !sp.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = st.lock() {
+                        s.started = Some(Instant::now());
+                    }
+                    let ok = match hv.probe() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "libvirt probe failed");
+                            false
+                        }
+                    };
+                    if let Ok(mut s) = st.lock() {
+                        s.started = None;
+                        s.last = Some(ok);
+                    }
+                    std::thread::sleep(every);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the libvirt probe thread; health stays NOT_SERVING");
+            if let Ok(mut s) = state.lock() {
+                s.last = Some(false);
+            }
+        }
+        Prober {
+            state,
+            stop,
+            deadline,
+        }
+    }
+
+    /// Whether libvirt answers: `None` until the first probe has finished
+    /// (or overrun its deadline).
+    pub fn serving(&self) -> Option<bool> {
+        let s = self.state.lock().ok()?;
+        if s.started.is_some_and(|t| t.elapsed() > self.deadline) {
+            return Some(false);
+        }
+        s.last
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::fake::FakeHypervisor;
+    use crate::hypervisor::Target;
+
+    fn wait_for(p: &Prober, want: bool, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        while p.serving() != Some(want) {
+            assert!(t0.elapsed() < within, "health did not become {want}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t0.elapsed()
+    }
+
+    #[test]
+    fn a_hung_libvirt_is_not_serving_within_the_deadline_and_serving_after() {
+        let fake = Arc::new(FakeHypervisor::default());
+        let p = Prober::start(
+            fake.clone(),
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        );
+        wait_for(&p, true, Duration::from_secs(2));
+        fake.hang("probe", Target::Live);
+        let took = wait_for(&p, false, Duration::from_secs(2));
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        fake.release_hangs();
+        wait_for(&p, true, Duration::from_secs(2));
+    }
+}

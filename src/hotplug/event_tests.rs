@@ -1,0 +1,454 @@
+//! The detach wait on libvirt events, pending unplugs that land later, and
+//! libvirt calls past their deadline, against the fake hypervisor. The
+//! same paths run on real QEMU in `tests/lab/test_e2e_events.py`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::host::{HostError, HostNet, HostPlan, PromiscState};
+use crate::hypervisor::fake::{FakeHypervisor, Unplug};
+use crate::hypervisor::{HvEvent, RunState, Target};
+use crate::nic::{BridgeName, MacAddr, Segment, SwitchType};
+
+const MAC: &str = "52:54:00:00:00:0a";
+const ALIAS: &str = "ua-0a";
+const BRIDGE: &str = "brvx-5001";
+/// Live reads the bridge clean-up makes after a NIC left: it asks every
+/// running domain (vm1, vm2) whether its XML still names the bridge. They
+/// come after the wait, never during it.
+const CLEANUP_READS: u64 = 2;
+
+/// A host that only records which bridges the clean-up looked at. Its
+/// bridges are agent-made and have no port, so the clean-up reaches them.
+struct RecordingHost {
+    cleaned: Mutex<Vec<String>>,
+    objects: crate::host::objects::HostObjects,
+    _dir: tempfile::TempDir,
+}
+
+impl Default for RecordingHost {
+    fn default() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        RecordingHost {
+            cleaned: Mutex::default(),
+            objects: crate::host::objects::HostObjects::new(
+                dir.path().join("run"),
+                dir.path().join("lib"),
+            ),
+            _dir: dir,
+        }
+    }
+}
+
+fn unused() -> HostError {
+    HostError::Unsupported("not used by these tests".into())
+}
+
+#[async_trait]
+impl HostNet for RecordingHost {
+    async fn resolve(
+        &self,
+        _: &BridgeName,
+        _: SwitchType,
+        _: &Segment,
+    ) -> Result<HostPlan, HostError> {
+        Err(unused())
+    }
+    async fn prepare(&self, _: &HostPlan) -> Result<Vec<crate::host::HostUndo>, HostError> {
+        Err(unused())
+    }
+    async fn undo(&self, _: crate::host::HostUndo) -> Result<(), HostError> {
+        Err(unused())
+    }
+    async fn promisc_state(&self, _: &BridgeName) -> Result<PromiscState, HostError> {
+        Err(unused())
+    }
+    async fn promisc_enable(
+        &self,
+        _: &BridgeName,
+    ) -> Result<Option<crate::host::HostUndo>, HostError> {
+        Err(unused())
+    }
+    async fn promisc_restore(&self, _: &BridgeName, _: PromiscState) -> Result<(), HostError> {
+        Err(unused())
+    }
+    async fn saved_promisc_state(&self, _: &BridgeName) -> Result<Option<PromiscState>, HostError> {
+        Ok(None)
+    }
+    async fn ovs_mirror_add(
+        &self,
+        _: &BridgeName,
+        _: &str,
+    ) -> Result<crate::host::HostUndo, HostError> {
+        Err(unused())
+    }
+    async fn ovs_mirror_remove(&self, _: &BridgeName, _: &str) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn objects(&self) -> &crate::host::objects::HostObjects {
+        &self.objects
+    }
+    async fn agent_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(Vec::new())
+    }
+    async fn saved_promisc_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(Vec::new())
+    }
+    async fn bridge_ports(
+        &self,
+        _: &BridgeName,
+    ) -> Result<Option<crate::host::BridgePorts>, HostError> {
+        Ok(Some(crate::host::BridgePorts {
+            ours: true,
+            ..Default::default()
+        }))
+    }
+    async fn remove_bridge_if_unused(
+        &self,
+        bridge: &BridgeName,
+        _: &[String],
+    ) -> Result<bool, HostError> {
+        if let Ok(mut c) = self.cleaned.lock() {
+            c.push(bridge.to_string());
+        }
+        Ok(true)
+    }
+}
+
+impl RecordingHost {
+    fn cleaned(&self) -> Vec<String> {
+        self.cleaned.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+fn cfg() -> HotplugConfig {
+    HotplugConfig {
+        detach_timeout: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(10),
+        pending_recheck: Duration::from_millis(20),
+        call_timeout: Duration::from_millis(300),
+        vhost_net_present: false,
+        // These tests check when the clean-up runs, not the grace period.
+        bridge_grace: Duration::ZERO,
+        ..HotplugConfig::default()
+    }
+}
+
+/// A running transient VM "vm1" holding one NIC with an alias on an
+/// agent-made VXLAN bridge, put there directly (as an earlier attach
+/// would have), and an engine over it.
+fn setup(fake: FakeHypervisor) -> (Arc<FakeHypervisor>, Arc<RecordingHost>, Arc<Hotplug>) {
+    let fake = Arc::new(fake);
+    fake.add("vm1", RunState::Running, false, 2);
+    fake.add("vm2", RunState::Running, false, 2);
+    let dom = fake.lookup("vm1").expect("vm1");
+    fake.attach(
+        &dom,
+        &format!("<interface type='bridge'><mac address='{MAC}'/><source bridge='{BRIDGE}'/><model type='virtio'/><alias name='{ALIAS}'/></interface>"),
+        Target::Live,
+    )
+    .expect("nic");
+    let host = Arc::new(RecordingHost::default());
+    let hp = Arc::new(Hotplug::new(
+        fake.clone(),
+        Some(host.clone() as Arc<dyn HostNet>),
+        cfg(),
+    ));
+    (fake, host, hp)
+}
+
+fn mac() -> MacAddr {
+    MacAddr::try_from(MAC).expect("mac")
+}
+
+fn live_detaches(fake: &FakeHypervisor) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| c.op == "detach" && c.target == Target::Live)
+        .count()
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn event_during_the_unplug_call_is_not_lost_and_nothing_is_polled() {
+    // The fake announces DEVICE_REMOVED inside the detach call itself,
+    // before the wait begins: only a subscription made before the unplug
+    // request sees it.
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    let reads = fake.live_reads();
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    // One read to plan the detach, none while waiting, then the clean-up's.
+    assert_eq!(fake.live_reads() - reads, 1 + CLEANUP_READS, "the wait polled");
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn event_after_the_wait_started_ends_it() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let f2 = fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        f2.guest_release("vm1", MAC);
+    });
+    let reads = fake.live_reads();
+    let t0 = Instant::now();
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(fake.live_reads() - reads, 1 + CLEANUP_READS, "the wait polled");
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn removal_failed_event_ends_the_wait_at_once_and_the_nic_stays() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let f2 = fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        f2.guest_refuse("vm1", MAC);
+    });
+    let t0 = Instant::now();
+    let err = hp
+        .detach("vm1", &mac(), None, None)
+        .await
+        .expect_err("refused");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(
+        matches!(err, HotplugError::DetachRefused { ref alias, .. } if alias == ALIAS),
+        "{err:?}"
+    );
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(fake.live_alias("vm1", MAC).as_deref(), Some(ALIAS));
+    assert!(
+        host.cleaned().is_empty(),
+        "clean-up ran for a NIC that stayed"
+    );
+    // Nothing is pending: a new detach sends a new request.
+    *fake.unplug.lock().expect("lock") = Unplug::Immediate;
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    assert_eq!(live_detaches(&fake), 2);
+}
+
+#[tokio::test]
+async fn deadline_without_event_is_pending_and_nothing_is_polled() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let reads = fake.live_reads();
+    let t0 = Instant::now();
+    let err = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(200)))
+        .await
+        .expect_err("pending");
+    let waited = t0.elapsed();
+    assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(fake.live_reads() - reads, 1, "the wait polled");
+    assert!(host.cleaned().is_empty());
+}
+
+#[tokio::test]
+async fn reconnect_in_the_middle_reads_the_domain_again() {
+    let (fake, _host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let f2 = fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The guest acks while the connection is down: the event is lost.
+        f2.guest_release_unannounced("vm1", MAC);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        f2.emit(HvEvent::Resubscribed);
+    });
+    let reads = fake.live_reads();
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    assert_eq!(
+        fake.live_reads() - reads,
+        2 + CLEANUP_READS,
+        "one read to plan, one after the reconnect, then the clean-up's"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_domain_ends_the_wait() {
+    let (fake, _host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let f2 = fake.clone();
+    let uuid = fake.uuid_of("vm1");
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        f2.guest_release_unannounced("vm1", MAC);
+        f2.emit(HvEvent::Lifecycle {
+            uuid,
+            name: "vm1".into(),
+            event: crate::hypervisor::Lifecycle::Stopped,
+            detail: 1,
+        });
+    });
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+}
+
+#[tokio::test]
+async fn without_events_the_wait_polls() {
+    let (fake, host, hp) = setup(FakeHypervisor::default());
+    *fake.unplug.lock().expect("lock") = Unplug::AfterReads(3);
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn a_pending_unplug_is_cleaned_up_when_its_event_comes_without_a_retry() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let err = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(100)))
+        .await
+        .expect_err("pending");
+    assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
+    assert!(host.cleaned().is_empty());
+    fake.guest_release("vm1", MAC);
+    eventually("clean-up after the event", || !host.cleaned().is_empty()).await;
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+    // A late retry finds nothing to do and cleans nothing twice.
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("retry");
+    assert_eq!(st, DetachState::AlreadyAbsent);
+    assert_eq!(host.cleaned().len(), 1);
+    assert_eq!(live_detaches(&fake), 1);
+}
+
+#[tokio::test]
+async fn without_events_a_background_recheck_cleans_up_a_pending_unplug() {
+    let (fake, host, hp) = setup(FakeHypervisor::default());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let _ = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(100)))
+        .await
+        .expect_err("pending");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        host.cleaned().is_empty(),
+        "cleaned up while the NIC is there"
+    );
+    fake.guest_release("vm1", MAC);
+    eventually("clean-up by the re-check", || !host.cleaned().is_empty()).await;
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn a_retry_that_finds_the_unplug_landed_runs_the_clean_up_once() {
+    let mut c = cfg();
+    // No background re-check in time: the retry comes first.
+    c.pending_recheck = Duration::from_secs(3600);
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    let dom = fake.lookup("vm1").expect("vm1");
+    fake.attach(
+        &dom,
+        &format!("<interface type='bridge'><mac address='{MAC}'/><source bridge='{BRIDGE}'/><alias name='{ALIAS}'/></interface>"),
+        Target::Live,
+    )
+    .expect("nic");
+    let host = Arc::new(RecordingHost::default());
+    let hp = Hotplug::new(fake.clone(), Some(host.clone() as Arc<dyn HostNet>), c);
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let _ = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(50)))
+        .await
+        .expect_err("pending");
+    fake.guest_release("vm1", MAC);
+    let st = hp.detach("vm1", &mac(), None, None).await.expect("retry");
+    assert_eq!(st, DetachState::AlreadyAbsent);
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn an_attach_of_the_same_mac_forgets_the_pending_unplug() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let _ = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(50)))
+        .await
+        .expect_err("pending");
+    let uuid = fake.uuid_of("vm1");
+    hp.forget_pending(&uuid, MAC);
+    fake.guest_release("vm1", MAC);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        host.cleaned().is_empty(),
+        "a forgotten unplug must not clean up what a new NIC uses"
+    );
+}
+
+// ---------------------------------------------------------------- deadlines
+
+#[tokio::test]
+async fn a_hung_call_is_unavailable_and_leaves_only_its_vm_in_doubt() {
+    let (fake, _host, hp) = setup(FakeHypervisor::default());
+    fake.hang("detach", Target::Live);
+    let t0 = Instant::now();
+    let err = hp
+        .detach("vm1", &mac(), None, None)
+        .await
+        .expect_err("hung");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::Unavailable,
+        "{err}"
+    );
+    let uuid = fake.uuid_of("vm1");
+    assert!(hp.doubt.contains(&uuid));
+
+    // The same VM: refused at once, naming the reason.
+    let err = hp.list_nics("vm1").await.expect_err("in doubt");
+    assert_eq!(crate::api::status::code(&err), tonic::Code::Unavailable);
+    assert!(err.to_string().contains("vm vm1 is in doubt"), "{err}");
+    // Another VM carries on.
+    hp.list_nics("vm2").await.expect("vm2 is not in doubt");
+
+    // The call returns; the domain is read again; the VM is usable.
+    fake.release_hangs();
+    eventually("vm1 out of doubt", || !hp.doubt.contains(&uuid)).await;
+    hp.list_nics("vm1").await.expect("vm1 back");
+}
+
+#[tokio::test]
+async fn a_dropped_request_leaves_its_vm_in_doubt_too() {
+    let (fake, _host, hp) = setup(FakeHypervisor::default());
+    fake.hang("xml", Target::Live);
+    let h2 = hp.clone();
+    let req = tokio::spawn(async move { h2.list_nics("vm1").await });
+    let uuid = fake.uuid_of("vm1");
+    // Give the call time to reach the fake, then drop the request (what
+    // tonic does when a client's deadline passes).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    req.abort();
+    let _ = req.await;
+    assert!(hp.doubt.contains(&uuid));
+    fake.release_hangs();
+    eventually("vm1 out of doubt", || !hp.doubt.contains(&uuid)).await;
+}
