@@ -15,7 +15,14 @@ use tonic::Code;
 /// The agent with metrics on; returns it and the metrics address.
 fn start_with_metrics() -> (Agent, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -150,7 +157,14 @@ fn ready_is_notified_only_after_the_listening_line_and_stopping_on_term() {
         .unwrap();
 
     let child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .env("NOTIFY_SOCKET", &notify)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::pb;
 use super::service::NicAgentService;
-use super::tls::AllowList;
+use super::tls::{AllowList, TlsState};
 use crate::config::Listen;
 use crate::config::SocketSettings;
 use crate::hotplug::Hotplug;
@@ -29,13 +30,16 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const SERVICE_NAME: &str = "nicagent.v1.NicAgent";
 
-/// TLS for TCP listeners: the rustls server config and who may call.
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS for TCP listeners: the swappable certificates and allow-lists
+/// (client certificates are always required).
 #[derive(Debug, Clone)]
 pub struct TlsServer {
-    /// Server identity and client CA (client certificates required).
-    pub config: ServerTlsConfig,
-    /// Client identities admitted after the handshake.
-    pub allow: AllowList,
+    /// What new connections and requests are checked with; the caller
+    /// keeps a clone to reload it on SIGHUP.
+    pub state: TlsState,
 }
 
 /// Everything [`serve`] needs besides the engine.
@@ -98,7 +102,7 @@ fn bind_unix(path: &std::path::Path, s: &SocketSettings) -> anyhow::Result<Bound
 
 /// Tells systemd (when it started us with `Type=notify`) how we are doing.
 /// Without `NOTIFY_SOCKET` this does nothing.
-fn notify(state: sd_notify::NotifyState<'_>) {
+pub fn notify(state: sd_notify::NotifyState<'_>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -199,12 +203,13 @@ pub async fn serve(
         match b {
             Bound::Tcp(l) => {
                 let addr = l.local_addr()?;
-                let incoming = TcpListenerStream::new(l);
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
                 match &opts.tls {
                     Some(t) => {
+                        let incoming =
+                            super::tls::incoming(incoming, t.state.clone(), TLS_HANDSHAKE_TIMEOUT);
                         let router = Server::builder()
-                            .tls_config(t.config.clone())?
-                            .layer(InterceptorLayer::new(t.allow.clone()))
+                            .layer(InterceptorLayer::new(AllowList::new(t.state.clone())))
                             .add_service(health)
                             .add_service(reflection)
                             .add_service(svc);
@@ -221,9 +226,7 @@ pub async fn serve(
                             .add_service(health)
                             .add_service(reflection)
                             .add_service(svc);
-                        if !addr.ip().is_loopback() {
-                            tracing::warn!(%addr, "plaintext gRPC on a non-loopback address (--insecure)");
-                        }
+                        tracing::warn!(%addr, "plaintext gRPC without authentication (insecure = true)");
                         tasks.push(tokio::spawn(async move {
                             router
                                 .serve_with_incoming_shutdown(incoming, stop)

@@ -18,6 +18,9 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::VmNotFound(_) | HotplugError::NicNotFound { .. } => Code::NotFound,
         HotplugError::MovedBack { cause, .. } => code(cause),
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
+        // The caller is not allowed this bridge, whatever the host's state:
+        // retrying or fixing the host will not help, the policy will.
+        HotplugError::BridgeNotAllowed { .. } => Code::PermissionDenied,
         HotplugError::NoCapacity(_) => Code::ResourceExhausted,
         HotplugError::Precondition(_) | HotplugError::Mtu(_) => Code::FailedPrecondition,
         HotplugError::DetachPending { .. } | HotplugError::MovePending { .. } => {

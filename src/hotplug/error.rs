@@ -58,6 +58,19 @@ pub enum HotplugError {
     /// No room for another device.
     #[error("{0}")]
     NoCapacity(String),
+    /// The configuration does not let the agent use this bridge
+    /// (`allow_bridges`), or make it promiscuous (`allow_promisc_bridges`).
+    #[error("{what} {bridge} is not in {key} ({patterns}); the agent may not use it. Pick an allowed bridge, or add a pattern to {key} in the agent's configuration")]
+    BridgeNotAllowed {
+        /// Which bridge: "bridge" (the request's) or the one the NIC lands on.
+        what: String,
+        /// The bridge name.
+        bridge: String,
+        /// The configuration key that decided.
+        key: &'static str,
+        /// The patterns in force, comma-separated.
+        patterns: String,
+    },
     /// The VM's state or the host does not allow the change.
     #[error("{0}")]
     Precondition(String),

@@ -34,7 +34,7 @@ pub use update::{BandwidthChange, NicUpdate};
 
 use crate::host::{HostNet, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
-use crate::nic::Alias;
+use crate::nic::{Alias, BridgePattern};
 use crate::pci::{self, Capacity};
 use crate::xml::domain::{DomainView, InterfaceView};
 
@@ -61,6 +61,17 @@ pub struct HotplugConfig {
     pub keep_bridges: Vec<String>,
     /// Bridges on which promiscuous (IDS) NICs are refused.
     pub forbid_promisc: Vec<String>,
+    /// Bridges NICs may use: both the bridge a request names and the
+    /// bridge the NIC finally lands on must match one of these.
+    pub allow_bridges: Vec<BridgePattern>,
+    /// Bridges an IDS (promiscuous) NIC may land on.
+    pub allow_promisc_bridges: Vec<BridgePattern>,
+}
+
+fn any_bridge() -> BridgePattern {
+    // "*" is a valid pattern by construction; `unwrap_or_else` only keeps
+    // the library free of panicking calls.
+    BridgePattern::try_from("*").unwrap_or_else(|e| unreachable!("{e}"))
 }
 
 impl Default for HotplugConfig {
@@ -74,6 +85,8 @@ impl Default for HotplugConfig {
             raise_bridge_mtu: false,
             keep_bridges: Vec::new(),
             forbid_promisc: Vec::new(),
+            allow_bridges: vec![any_bridge()],
+            allow_promisc_bridges: vec![any_bridge()],
         }
     }
 }

@@ -37,7 +37,7 @@ class Agent:
     def __init__(self, *extra):
         uri = f"test://{ROOT}/fixtures/lab-node.xml"
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", *extra],
+            [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", "--insecure", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.addr = None
         done = threading.Event()
