@@ -122,10 +122,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl and tonic speak v1, while
+    // Python's grpcio-reflection, grpc_cli and older grpcurl speak only
+    // v1alpha and would get UNIMPLEMENTED without it.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
     let svc = pb::nic_agent_server::NicAgentServer::new(NicAgentService::new(hotplug.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
@@ -198,7 +204,12 @@ pub async fn serve(
 
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
     for b in bound {
-        let (health, reflection, svc) = (health.clone(), reflection.clone(), svc.clone());
+        let (health, reflection, reflection_v1alpha, svc) = (
+            health.clone(),
+            reflection.clone(),
+            reflection_v1alpha.clone(),
+            svc.clone(),
+        );
         let stop = stopped();
         match b {
             Bound::Tcp(l) => {
@@ -212,6 +223,7 @@ pub async fn serve(
                             .layer(InterceptorLayer::new(AllowList::new(t.state.clone())))
                             .add_service(health)
                             .add_service(reflection)
+                            .add_service(reflection_v1alpha)
                             .add_service(svc);
                         tracing::info!(%addr, "gRPC over TLS, client certificates required");
                         tasks.push(tokio::spawn(async move {
@@ -225,6 +237,7 @@ pub async fn serve(
                         let router = Server::builder()
                             .add_service(health)
                             .add_service(reflection)
+                            .add_service(reflection_v1alpha)
                             .add_service(svc);
                         tracing::warn!(%addr, "plaintext gRPC without authentication (insecure = true)");
                         tasks.push(tokio::spawn(async move {
@@ -241,6 +254,7 @@ pub async fn serve(
                 let router = Server::builder()
                     .add_service(health)
                     .add_service(reflection)
+                    .add_service(reflection_v1alpha)
                     .add_service(svc);
                 println!("nic-agent listening on unix:{}", path.display());
                 tasks.push(tokio::spawn(async move {
