@@ -80,10 +80,22 @@ check "zsh completion installed" test -s /usr/share/zsh/vendor-completions/_nic-
 check "fish completion installed" test -s /usr/share/fish/vendor_completions.d/nic-agent.fish
 check "depends on libvirt0" \
     sh -c "dpkg-query -W -f='\${Depends}' nic-agent | grep -q libvirt0"
+check "group nic-agent exists (socket group)" getent group nic-agent
+check "/etc/nic-agent/tls is 0700" test "$(stat -c %a /etc/nic-agent/tls)" = 700
+# systemd-analyze is in Debian's systemd package; installing it does not
+# make systemd PID 1, so it is safe on this machine.
+command -v systemd-analyze >/dev/null 2>&1 || apt-get install -y -qq systemd >/dev/null
 if command -v systemd-analyze >/dev/null 2>&1; then
     # Only unit syntax; man: links are not resolved in a test run.
     check "unit passes systemd-analyze verify" \
         sh -c "! systemd-analyze verify '$unit' 2>&1 | grep -v 'man ' | grep -q ."
+    # PID 1 is not systemd here, so the unit file is scored offline.
+    score=$(systemd-analyze security --offline=true "$unit" 2>&1 |
+        sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+    echo "systemd-analyze security: exposure $score (was 3.0 before the deny-by-default unit)"
+    check "unit exposure score <= 3.0" awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 3.0) }'
+else
+    bad "systemd-analyze not available: cannot verify the unit"
 fi
 
 purge

@@ -444,3 +444,36 @@ async fn allow_promisc_bridges_refuses_ids_nics_elsewhere() {
         .await
         .expect("a plain NIC on an allowed bridge");
 }
+
+#[test]
+fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    std::fs::write(&path, "not a socket").unwrap();
+    let listen = format!("unix:{}", path.display());
+    let out = refused_start(&["--listen", &listen]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("regular file") && err.contains("agent.sock"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+}
+
+#[test]
+fn a_socket_a_live_agent_answers_on_is_refused_and_a_stale_one_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listen = format!("unix:{}", path.display());
+    let first = start_agent(&lab_uri(), &["--listen", &listen]);
+    let out = refused_start(&["--listen", &listen]);
+    assert!(stderr(&out).contains("another process"), "{}", stderr(&out));
+    // The first agent still owns and serves its socket.
+    assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+    // SIGKILL (Agent's drop) leaves the socket file behind: stale, since
+    // nobody listens on it any more. A new agent takes the path.
+    drop(first);
+    assert!(path.exists(), "a stale socket file is left behind");
+    let _second = start_agent(&lab_uri(), &["--listen", &listen]);
+    assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+}

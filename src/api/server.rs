@@ -60,17 +60,69 @@ enum Bound {
     Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
 
+/// Makes room for a unix socket at `path`: removes a stale socket left by
+/// an agent that died, and nothing else. A regular file, directory or
+/// symlink there is someone else's, and a socket that accepts a connection
+/// belongs to a live process (another agent, most likely): both refuse
+/// start-up rather than steal or destroy.
+fn clear_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating socket directory {}", dir.display()))?;
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("listen unix:{}", path.display()));
+        }
+    };
+    let ft = md.file_type();
+    if !ft.is_socket() {
+        let kind = if ft.is_file() {
+            "a regular file"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_symlink() {
+            "a symlink"
+        } else {
+            "not a socket"
+        };
+        anyhow::bail!(
+            "listen unix:{}: the path exists and is {kind}, not a socket; refusing to remove it. \
+             Choose another path or remove it yourself",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "listen unix:{}: another process is accepting connections on this socket \
+             (a running nic-agent?); stop it first or choose another path",
+            path.display()
+        ),
+        // Nobody listens: a stale socket from an agent that did not exit
+        // cleanly.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "listen unix:{}: cannot tell whether the socket is in use; remove it if it is stale",
+                path.display()
+            )
+        }),
+    }
+}
+
 /// Binds a unix socket and gives it the configured mode and owner before
 /// anyone is told it exists.
 fn bind_unix(path: &std::path::Path, s: &SocketSettings) -> anyhow::Result<Bound> {
     use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
+    clear_socket_path(path)?;
     let l = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding unix:{}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.mode.bits()))

@@ -7,7 +7,8 @@ use super::NicError;
 
 /// Linux's IFNAMSIZ is 16 including the NUL terminator.
 const MAX_LEN: usize = 15;
-const ALLOWED: &str = "1-15 characters of A-Z a-z 0-9 _ . - (not \".\" or \"..\")";
+const ALLOWED: &str =
+    "1-15 characters of A-Z a-z 0-9 _ . -, not starting with - (and not \".\" or \"..\")";
 
 /// The name of a host bridge a NIC attaches to.
 ///
@@ -22,6 +23,9 @@ const ALLOWED: &str = "1-15 characters of A-Z a-z 0-9 _ . - (not \".\" or \"..\"
 /// - libvirt's schema for `<source bridge=…>` admits only
 ///   `[a-zA-Z0-9_.\-\\:/ ]`, so anything else (`@`, `+`, non-ASCII) would
 ///   produce a document that fails `virt-xml-validate`.
+/// - A leading `-` is refused: the name is passed to `ovs-vsctl` and shows
+///   up in commands operators paste (`ip link set ... master NAME`), where
+///   it would be read as an option.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BridgeName(String);
 
@@ -46,7 +50,7 @@ impl TryFrom<&str> for BridgeName {
         let ok_chars = s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-        if s.len() > MAX_LEN || !ok_chars || s == "." || s == ".." {
+        if s.len() > MAX_LEN || !ok_chars || s.starts_with('-') || s == "." || s == ".." {
             return Err(NicError::invalid("bridge", s, ALLOWED));
         }
         Ok(BridgeName(s.to_owned()))
@@ -185,6 +189,16 @@ mod tests {
         ] {
             assert!(BridgeName::try_from(s).is_err(), "{s:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_leading_dash_is_refused_naming_the_field_and_form() {
+        for s in ["-", "-br0", "--help"] {
+            let e = BridgeName::try_from(s).unwrap_err();
+            assert_eq!(e.field(), "bridge");
+            assert!(e.to_string().contains("not starting with -"), "{e}");
+        }
+        assert!(BridgeName::try_from("br-0-").is_ok());
     }
 
     #[test]
