@@ -222,6 +222,135 @@ pub struct SocketFile {
     pub group: Option<String>,
 }
 
+/// The `[limits]` table: how much one client, one VM or one scraper may
+/// take. Times in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// gRPC requests one connection may have running at a time.
+    pub requests_per_connection: usize,
+    /// A gRPC request running longer is cancelled (CANCELLED).
+    pub request_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle gRPC connections.
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING is not answered within this is closed.
+    pub http2_keepalive_timeout_ms: u64,
+    /// TCP keep-alive idle time on gRPC TCP connections.
+    pub tcp_keepalive_ms: u64,
+    /// Requests that may wait for one VM behind the running one.
+    pub vm_queue: usize,
+    /// Open connections to the metrics endpoint.
+    pub metrics_connections: usize,
+    /// Time a metrics client has to send its request headers.
+    pub metrics_header_timeout_ms: u64,
+    /// How often the metrics that need libvirt are refreshed.
+    pub metrics_refresh_ms: u64,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            requests_per_connection: 32,
+            // Above the longest legitimate request: a move or detach that
+            // waits the whole detach_timeout (30 s) for the guest.
+            request_timeout_ms: 120_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            tcp_keepalive_ms: 60_000,
+            vm_queue: 16,
+            metrics_connections: 8,
+            metrics_header_timeout_ms: 5_000,
+            metrics_refresh_ms: 10_000,
+        }
+    }
+}
+
+/// The checked `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// gRPC requests one connection may have running at a time.
+    pub requests_per_connection: usize,
+    /// Longest a gRPC request may run.
+    pub request_timeout: Duration,
+    /// HTTP/2 keep-alive PING interval.
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 keep-alive PING answer timeout.
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keep-alive idle time.
+    pub tcp_keepalive: Duration,
+    /// Waiters per VM.
+    pub vm_queue: usize,
+    /// Metrics connections at a time.
+    pub metrics_connections: usize,
+    /// Metrics request header deadline.
+    pub metrics_header_timeout: Duration,
+    /// Metrics background refresh period.
+    pub metrics_refresh: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::try_from(&LimitsFile::default(), 30_000)
+            .unwrap_or_else(|e| unreachable!("built-in limits are invalid: {e}"))
+    }
+}
+
+impl Limits {
+    fn try_from(l: &LimitsFile, detach_timeout_ms: u64) -> Result<Self, ConfigError> {
+        for (key, v) in [
+            (
+                "limits.requests_per_connection",
+                l.requests_per_connection as u64,
+            ),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            (
+                "limits.http2_keepalive_interval_ms",
+                l.http2_keepalive_interval_ms,
+            ),
+            (
+                "limits.http2_keepalive_timeout_ms",
+                l.http2_keepalive_timeout_ms,
+            ),
+            ("limits.tcp_keepalive_ms", l.tcp_keepalive_ms),
+            ("limits.metrics_connections", l.metrics_connections as u64),
+            (
+                "limits.metrics_header_timeout_ms",
+                l.metrics_header_timeout_ms,
+            ),
+            ("limits.metrics_refresh_ms", l.metrics_refresh_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // The timeout cancels the request's work where it stands; a detach
+        // that legitimately waits detach_timeout for the guest must never
+        // be cut short by it.
+        if l.request_timeout_ms <= detach_timeout_ms {
+            return Err(invalid(
+                "limits.request_timeout_ms",
+                format!(
+                    "{} must be larger than detach_timeout_ms ({detach_timeout_ms}), or detaches \
+                     and moves that wait for the guest are cancelled",
+                    l.request_timeout_ms
+                ),
+            ));
+        }
+        let ms = Duration::from_millis;
+        Ok(Limits {
+            requests_per_connection: l.requests_per_connection,
+            request_timeout: ms(l.request_timeout_ms),
+            http2_keepalive_interval: ms(l.http2_keepalive_interval_ms),
+            http2_keepalive_timeout: ms(l.http2_keepalive_timeout_ms),
+            tcp_keepalive: ms(l.tcp_keepalive_ms),
+            vm_queue: l.vm_queue,
+            metrics_connections: l.metrics_connections,
+            metrics_header_timeout: ms(l.metrics_header_timeout_ms),
+            metrics_refresh: ms(l.metrics_refresh_ms),
+        })
+    }
+}
+
 /// The file as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -260,6 +389,8 @@ pub struct FileConfig {
     pub log_format: LogFormat,
     /// Unix socket ownership.
     pub socket: SocketFile,
+    /// Per-connection, per-VM and metrics limits.
+    pub limits: LimitsFile,
 }
 
 impl Default for FileConfig {
@@ -284,6 +415,7 @@ impl Default for FileConfig {
             metrics_listen: None,
             log_format: LogFormat::Text,
             socket: SocketFile::default(),
+            limits: LimitsFile::default(),
         }
     }
 }
@@ -603,6 +735,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Unix socket ownership.
     pub socket: SocketSettings,
+    /// Per-connection, per-VM and metrics limits.
+    pub limits: Limits,
 }
 
 impl Default for Settings {
@@ -794,7 +928,10 @@ impl TryFrom<FileConfig> for Settings {
             }
         }
 
+        let limits = Limits::try_from(&f.limits, f.detach_timeout_ms)?;
+
         Ok(Settings {
+            limits,
             listen,
             tls,
             insecure: f.insecure,
@@ -979,6 +1116,18 @@ mod tests {
             ("listen = []", "listen"),
             ("allow_bridges = [\"br 0\"]", "allow_bridges"),
             ("allow_promisc_bridges = [\"\"]", "allow_promisc_bridges"),
+            (
+                "[limits]\nrequests_per_connection = 0",
+                "limits.requests_per_connection",
+            ),
+            (
+                "[limits]\nrequest_timeout_ms = 30000",
+                "limits.request_timeout_ms",
+            ),
+            (
+                "[limits]\nmetrics_connections = 0",
+                "limits.metrics_connections",
+            ),
         ] {
             let e = Settings::try_from(parse(text).unwrap())
                 .unwrap_err()

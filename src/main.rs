@@ -127,6 +127,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         forbid_promisc: s.forbid_promisc.clone(),
         allow_bridges: s.allow_bridges.clone(),
         allow_promisc_bridges: s.allow_promisc_bridges.clone(),
+        vm_queue_limit: s.limits.vm_queue,
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
@@ -164,6 +165,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         tls,
         socket: s.socket.clone(),
         metrics_listen: s.metrics_listen,
+        limits: s.limits.clone(),
     };
     server::serve(hotplug, opts, shutdown).await
 }

@@ -20,8 +20,7 @@ use tonic_health::ServingStatus;
 use super::pb;
 use super::service::NicAgentService;
 use super::tls::{AllowList, TlsState};
-use crate::config::Listen;
-use crate::config::SocketSettings;
+use crate::config::{Limits, Listen, SocketSettings};
 use crate::hotplug::Hotplug;
 
 /// Largest request accepted. A NicSpec is a few hundred bytes; anything
@@ -53,6 +52,19 @@ pub struct ServeOptions {
     pub socket: SocketSettings,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Per-connection and metrics limits.
+    pub limits: Limits,
+}
+
+/// A server builder with the limits every listener shares: requests per
+/// connection, a request deadline, and HTTP/2 keep-alive so a peer that
+/// vanished (host rebooted, NAT dropped) is noticed and its slots freed.
+fn builder(l: &Limits) -> Server {
+    Server::builder()
+        .concurrency_limit_per_connection(l.requests_per_connection)
+        .timeout(l.request_timeout)
+        .http2_keepalive_interval(Some(l.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(l.http2_keepalive_timeout))
 }
 
 enum Bound {
@@ -266,12 +278,16 @@ pub async fn serve(
         match b {
             Bound::Tcp(l) => {
                 let addr = l.local_addr()?;
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                // tonic applies TCP keep-alive only to listeners it binds itself,
+                // so it is set on the incoming stream here.
+                let incoming = TcpIncoming::from(l)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(opts.limits.tcp_keepalive));
                 match &opts.tls {
                     Some(t) => {
                         let incoming =
                             super::tls::incoming(incoming, t.state.clone(), TLS_HANDSHAKE_TIMEOUT);
-                        let router = Server::builder()
+                        let router = builder(&opts.limits)
                             .layer(InterceptorLayer::new(AllowList::new(t.state.clone())))
                             .add_service(health)
                             .add_service(reflection)
@@ -286,7 +302,7 @@ pub async fn serve(
                         }));
                     }
                     None => {
-                        let router = Server::builder()
+                        let router = builder(&opts.limits)
                             .add_service(health)
                             .add_service(reflection)
                             .add_service(reflection_v1alpha)
@@ -303,7 +319,7 @@ pub async fn serve(
                 println!("nic-agent listening on {addr}");
             }
             Bound::Unix(l, path) => {
-                let router = Server::builder()
+                let router = builder(&opts.limits)
                     .add_service(health)
                     .add_service(reflection)
                     .add_service(reflection_v1alpha)
@@ -323,8 +339,9 @@ pub async fn serve(
         println!("nic-agent metrics on {}", l.local_addr()?);
         let h = hotplug.clone();
         let stop = stopped();
+        let limits = opts.limits.clone();
         tasks.push(tokio::spawn(async move {
-            super::metrics::serve(l, h, stop).await;
+            super::metrics::serve(l, h, &limits, stop).await;
             Ok(())
         }));
     }

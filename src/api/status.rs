@@ -21,7 +21,7 @@ pub fn code(e: &HotplugError) -> Code {
         // The caller is not allowed this bridge, whatever the host's state:
         // retrying or fixing the host will not help, the policy will.
         HotplugError::BridgeNotAllowed { .. } => Code::PermissionDenied,
-        HotplugError::NoCapacity(_) => Code::ResourceExhausted,
+        HotplugError::NoCapacity(_) | HotplugError::VmBusy { .. } => Code::ResourceExhausted,
         HotplugError::Precondition(_) | HotplugError::Mtu(_) => Code::FailedPrecondition,
         HotplugError::DetachPending { .. } | HotplugError::MovePending { .. } => {
             Code::DeadlineExceeded

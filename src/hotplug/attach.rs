@@ -27,7 +27,7 @@ impl Hotplug {
     /// Attaches a NIC, or confirms it is already there with the same spec.
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
         let first = self.lookup(vm).await?;
-        let _guard = self.locks.lock(&first.uuid).await;
+        let _guard = self.locks.lock(&first).await?;
         self.attach_locked(&first.uuid, spec)
             .await
             .map_err(|e| named(e, &first))

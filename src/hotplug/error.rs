@@ -55,6 +55,16 @@ pub enum HotplugError {
         /// Comma-separated names of the fields that differ.
         fields: String,
     },
+    /// Too many requests already wait for this VM.
+    #[error("vm {vm} has {queued} requests queued (limit {limit}); retry after they finish")]
+    VmBusy {
+        /// The VM.
+        vm: String,
+        /// Requests waiting behind the running one.
+        queued: usize,
+        /// The configured bound (`limits.vm_queue`).
+        limit: usize,
+    },
     /// No room for another device.
     #[error("{0}")]
     NoCapacity(String),

@@ -66,6 +66,9 @@ pub struct HotplugConfig {
     pub allow_bridges: Vec<BridgePattern>,
     /// Bridges an IDS (promiscuous) NIC may land on.
     pub allow_promisc_bridges: Vec<BridgePattern>,
+    /// Requests that may wait for one VM behind the running one; more are
+    /// RESOURCE_EXHAUSTED.
+    pub vm_queue_limit: usize,
 }
 
 fn any_bridge() -> BridgePattern {
@@ -87,6 +90,7 @@ impl Default for HotplugConfig {
             forbid_promisc: Vec::new(),
             allow_bridges: vec![any_bridge()],
             allow_promisc_bridges: vec![any_bridge()],
+            vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
         }
     }
 }
@@ -143,8 +147,8 @@ impl Hotplug {
         Hotplug {
             hv,
             host,
+            locks: locks::VmLocks::new(cfg.vm_queue_limit),
             cfg,
-            locks: locks::VmLocks::default(),
             pending: Mutex::new(HashSet::new()),
             suspects: Mutex::new(HashSet::new()),
         }
