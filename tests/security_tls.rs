@@ -243,6 +243,7 @@ fn unreadable_tls_key_stops_start_up_naming_the_file() {
         .args(["--tls-cert", &pki.path("server.pem")])
         .args(["--tls-key", &pki.path("missing.key")])
         .args(["--tls-client-ca", &pki.path("ca.pem")])
+        .arg("--allow-any-client")
         .output()
         .expect("run");
     assert!(!out.status.success());
