@@ -68,7 +68,7 @@ class Agent:
 
         self.err_path = os.path.join(workdir, f"agent-{int(time.time() * 1000)}.stderr")
         self.err = open(self.err_path, "w")
-        cmd = [AGENT, "serve", "--connect", uri, "--listen", "127.0.0.1:0",
+        cmd = [AGENT, "serve", "--connect", uri, "--listen", "127.0.0.1:0", "--insecure",
                "--state-dir", os.path.join(workdir, "state"), *extra]
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,

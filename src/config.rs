@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::nic::BridgePattern;
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -43,6 +45,61 @@ pub const MAX_TIMEOUT_MS: u64 = 300_000;
 
 /// Where `serve` looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/nic-agent/config.toml";
+
+/// The default listener and the CLI's default `--server`: a unix socket,
+/// so that out of the box only root and the socket's group can call.
+pub const DEFAULT_SOCKET: &str = "unix:/run/nic-agent/nic-agent.sock";
+
+/// A SHA-256 fingerprint of a client certificate (DER) or of its public
+/// key (SubjectPublicKeyInfo, DER), for `tls.allow_fingerprints`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// From the 32 digest bytes.
+    pub fn from_digest(d: [u8; 32]) -> Self {
+        Fingerprint(d)
+    }
+}
+
+impl TryFrom<&str> for Fingerprint {
+    type Error = String;
+    /// 64 hex digits; `:` separators (openssl's `-fingerprint` output) and
+    /// a `sha256:` prefix are accepted.
+    fn try_from(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let t = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .or_else(|| t.strip_prefix("sha256 Fingerprint="))
+            .unwrap_or(t);
+        let hex: Vec<u8> = t.bytes().filter(|b| *b != b':').collect();
+        let bad = || {
+            format!("{s:?} is not a SHA-256 fingerprint: 64 hex digits, optionally with ':' between bytes")
+        };
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let txt = std::str::from_utf8(pair).map_err(|_| bad())?;
+            out[i] = u8::from_str_radix(txt, 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
 
 /// Whether the agent manages host links (bridges, VLAN, VXLAN, OVS).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -147,9 +204,15 @@ pub struct TlsFile {
     /// CA that signs client certificates (PEM). Client certificates are
     /// required whenever TLS is on.
     pub client_ca: Option<PathBuf>,
-    /// Client identities (subject CN or DNS SAN) allowed to call; empty
-    /// allows every client the CA vouches for.
+    /// Client DNS subject-alternative names allowed to call. The subject
+    /// CN is not consulted.
     pub allow_clients: Vec<String>,
+    /// SHA-256 fingerprints of client certificates or of their public
+    /// keys allowed to call.
+    pub allow_fingerprints: Vec<String>,
+    /// Admit every client the CA signed. Needed to run TLS with both
+    /// lists empty.
+    pub allow_any_client: bool,
 }
 
 /// The `[socket]` table: ownership of unix listeners.
@@ -193,6 +256,135 @@ impl Default for VxlanFile {
     }
 }
 
+/// The `[limits]` table: how much one client, one VM or one scraper may
+/// take. Times in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// gRPC requests one connection may have running at a time.
+    pub requests_per_connection: usize,
+    /// A gRPC request running longer is cancelled (CANCELLED).
+    pub request_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle gRPC connections.
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING is not answered within this is closed.
+    pub http2_keepalive_timeout_ms: u64,
+    /// TCP keep-alive idle time on gRPC TCP connections.
+    pub tcp_keepalive_ms: u64,
+    /// Requests that may wait for one VM behind the running one.
+    pub vm_queue: usize,
+    /// Open connections to the metrics endpoint.
+    pub metrics_connections: usize,
+    /// Time a metrics client has to send its request headers.
+    pub metrics_header_timeout_ms: u64,
+    /// How often the metrics that need libvirt are refreshed.
+    pub metrics_refresh_ms: u64,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            requests_per_connection: 32,
+            // Above the longest legitimate request: a move or detach that
+            // waits the whole detach_timeout (30 s) for the guest.
+            request_timeout_ms: 120_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            tcp_keepalive_ms: 60_000,
+            vm_queue: 16,
+            metrics_connections: 8,
+            metrics_header_timeout_ms: 5_000,
+            metrics_refresh_ms: 10_000,
+        }
+    }
+}
+
+/// The checked `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// gRPC requests one connection may have running at a time.
+    pub requests_per_connection: usize,
+    /// Longest a gRPC request may run.
+    pub request_timeout: Duration,
+    /// HTTP/2 keep-alive PING interval.
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 keep-alive PING answer timeout.
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keep-alive idle time.
+    pub tcp_keepalive: Duration,
+    /// Waiters per VM.
+    pub vm_queue: usize,
+    /// Metrics connections at a time.
+    pub metrics_connections: usize,
+    /// Metrics request header deadline.
+    pub metrics_header_timeout: Duration,
+    /// Metrics background refresh period.
+    pub metrics_refresh: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::try_from(&LimitsFile::default(), 30_000)
+            .unwrap_or_else(|e| unreachable!("built-in limits are invalid: {e}"))
+    }
+}
+
+impl Limits {
+    fn try_from(l: &LimitsFile, detach_timeout_ms: u64) -> Result<Self, ConfigError> {
+        for (key, v) in [
+            (
+                "limits.requests_per_connection",
+                l.requests_per_connection as u64,
+            ),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            (
+                "limits.http2_keepalive_interval_ms",
+                l.http2_keepalive_interval_ms,
+            ),
+            (
+                "limits.http2_keepalive_timeout_ms",
+                l.http2_keepalive_timeout_ms,
+            ),
+            ("limits.tcp_keepalive_ms", l.tcp_keepalive_ms),
+            ("limits.metrics_connections", l.metrics_connections as u64),
+            (
+                "limits.metrics_header_timeout_ms",
+                l.metrics_header_timeout_ms,
+            ),
+            ("limits.metrics_refresh_ms", l.metrics_refresh_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // The timeout cancels the request's work where it stands; a detach
+        // that legitimately waits detach_timeout for the guest must never
+        // be cut short by it.
+        if l.request_timeout_ms <= detach_timeout_ms {
+            return Err(invalid(
+                "limits.request_timeout_ms",
+                format!(
+                    "{} must be larger than detach_timeout_ms ({detach_timeout_ms}), or detaches \
+                     and moves that wait for the guest are cancelled",
+                    l.request_timeout_ms
+                ),
+            ));
+        }
+        let ms = Duration::from_millis;
+        Ok(Limits {
+            requests_per_connection: l.requests_per_connection,
+            request_timeout: ms(l.request_timeout_ms),
+            http2_keepalive_interval: ms(l.http2_keepalive_interval_ms),
+            http2_keepalive_timeout: ms(l.http2_keepalive_timeout_ms),
+            tcp_keepalive: ms(l.tcp_keepalive_ms),
+            vm_queue: l.vm_queue,
+            metrics_connections: l.metrics_connections,
+            metrics_header_timeout: ms(l.metrics_header_timeout_ms),
+            metrics_refresh: ms(l.metrics_refresh_ms),
+        })
+    }
+}
+
 /// The file as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -231,6 +423,10 @@ pub struct FileConfig {
     /// Seconds between background reconciles; 0 runs only the one at
     /// start-up.
     pub reconcile_interval_s: u64,
+    /// Glob patterns of bridges NICs may be attached to.
+    pub allow_bridges: Vec<String>,
+    /// Glob patterns of bridges IDS (promiscuous) NICs may be attached to.
+    pub allow_promisc_bridges: Vec<String>,
     /// Prometheus endpoint HOST:PORT; off when absent or empty.
     pub metrics_listen: Option<String>,
     /// Log output format.
@@ -239,12 +435,14 @@ pub struct FileConfig {
     pub socket: SocketFile,
     /// VXLAN flavour, port, family and lock.
     pub vxlan: VxlanFile,
+    /// Per-connection, per-VM and metrics limits.
+    pub limits: LimitsFile,
 }
 
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            listen: vec!["127.0.0.1:50051".into()],
+            listen: vec![DEFAULT_SOCKET.into()],
             tls: TlsFile::default(),
             insecure: false,
             connect: "qemu:///system".into(),
@@ -260,10 +458,15 @@ impl Default for FileConfig {
             forbid_promisc: Vec::new(),
             bridge_grace_s: 60,
             reconcile_interval_s: 300,
+            // Every bridge, as before these keys existed; the packaged
+            // config.toml narrows them to guest bridges.
+            allow_bridges: vec!["*".into()],
+            allow_promisc_bridges: vec!["*".into()],
             metrics_listen: None,
             log_format: LogFormat::Text,
             socket: SocketFile::default(),
             vxlan: VxlanFile::default(),
+            limits: LimitsFile::default(),
         }
     }
 }
@@ -276,8 +479,17 @@ pub struct Overrides {
     /// or `test:///ABS/PATH/fixtures/lab-node.xml` is the embedded lab.
     #[arg(long)]
     pub connect: Option<String>,
-    /// HOST:PORT or unix:PATH (repeatable) [default: 127.0.0.1:50051].
-    #[arg(long)]
+    /// HOST:PORT or unix:PATH (repeatable) [default:
+    /// unix:/run/nic-agent/nic-agent.sock]. A TCP address needs TLS or
+    /// --insecure, loopback included.
+    ///
+    /// Python, C++ and Ruby gRPC clients (C-core) send the socket path as
+    /// the HTTP/2 :authority on unix sockets, which this server's HTTP/2
+    /// stack refuses (PROTOCOL_ERROR). Such clients set the channel option
+    /// grpc.default_authority = "localhost", e.g. in Python
+    /// grpc.insecure_channel("unix:/run/nic-agent/nic-agent.sock",
+    /// options=[("grpc.default_authority", "localhost")]).
+    #[arg(long, verbatim_doc_comment)]
     pub listen: Vec<String>,
     /// Cap for the default virtio queue count (queues = min(vCPUs, cap))
     /// [default: 8].
@@ -333,13 +545,27 @@ pub struct Overrides {
     /// CA for client certificates (PEM); clients must present one.
     #[arg(long)]
     pub tls_client_ca: Option<PathBuf>,
-    /// A client identity (certificate CN or DNS SAN) allowed to call
-    /// (repeatable). Without any, every client the CA signed may call.
+    /// A client certificate DNS subject-alternative name allowed to call
+    /// (repeatable). The subject CN is never matched.
     #[arg(long = "allow-client")]
     pub allow_clients: Vec<String>,
-    /// Allow plaintext gRPC on a non-loopback TCP address.
+    /// SHA-256 fingerprint of a client certificate or of its public key
+    /// (SPKI) allowed to call (repeatable).
+    #[arg(long = "allow-fingerprint")]
+    pub allow_fingerprints: Vec<String>,
+    /// Admit every client the CA signed (TLS with no allow-list).
+    #[arg(long)]
+    pub allow_any_client: bool,
+    /// Allow plaintext gRPC on a TCP address (loopback included).
     #[arg(long)]
     pub insecure: bool,
+    /// Glob of bridges NICs may use (repeatable) [default: *].
+    #[arg(long = "allow-bridge")]
+    pub allow_bridges: Vec<String>,
+    /// Glob of bridges IDS (promiscuous) NICs may use (repeatable)
+    /// [default: *].
+    #[arg(long = "allow-promisc-bridge")]
+    pub allow_promisc_bridges: Vec<String>,
     /// Unix socket permission bits, octal [default: 0660].
     #[arg(long, value_parser = parse_mode)]
     pub socket_mode: Option<SocketMode>,
@@ -513,7 +739,11 @@ impl FileConfig {
             self.tls.client_ca = o.tls_client_ca.clone();
         }
         set_list(&mut self.tls.allow_clients, &o.allow_clients);
+        set_list(&mut self.tls.allow_fingerprints, &o.allow_fingerprints);
+        self.tls.allow_any_client |= o.allow_any_client;
         self.insecure |= o.insecure;
+        set_list(&mut self.allow_bridges, &o.allow_bridges);
+        set_list(&mut self.allow_promisc_bridges, &o.allow_promisc_bridges);
         set(&mut self.socket.mode, &o.socket_mode);
         if o.socket_owner.is_some() {
             self.socket.owner = o.socket_owner.clone();
@@ -534,7 +764,7 @@ impl FileConfig {
     }
 }
 
-/// TLS files and the client allow-list, all present.
+/// TLS files and who may call, all present and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
     /// Server certificate chain (PEM).
@@ -543,8 +773,12 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// CA for client certificates (PEM).
     pub client_ca: PathBuf,
-    /// Allowed client identities; empty allows any CA-signed client.
+    /// Allowed client DNS SANs, lower-cased.
     pub allow_clients: Vec<String>,
+    /// Allowed certificate or SPKI fingerprints.
+    pub allow_fingerprints: Vec<Fingerprint>,
+    /// Every CA-signed client may call (both lists are then empty).
+    pub allow_any_client: bool,
 }
 
 /// Ownership and mode for unix listeners.
@@ -593,6 +827,10 @@ pub struct Settings {
     pub keep_bridges: Vec<String>,
     /// Bridges on which promiscuous NICs are refused.
     pub forbid_promisc: Vec<String>,
+    /// Bridges NICs may use.
+    pub allow_bridges: Vec<BridgePattern>,
+    /// Bridges IDS (promiscuous) NICs may use.
+    pub allow_promisc_bridges: Vec<BridgePattern>,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Log output format.
@@ -601,6 +839,8 @@ pub struct Settings {
     pub socket: SocketSettings,
     /// How VXLAN devices are made.
     pub vxlan: VxlanSettings,
+    /// Per-connection, per-VM and metrics limits.
+    pub limits: Limits,
 }
 
 impl Default for Settings {
@@ -611,6 +851,14 @@ impl Default for Settings {
             unreachable!("built-in defaults are invalid: {e}");
         })
     }
+}
+
+fn patterns(key: &'static str, list: &[String]) -> Result<Vec<BridgePattern>, ConfigError> {
+    list.iter()
+        .map(|p| {
+            BridgePattern::try_from(p.as_str()).map_err(|e| invalid(key, format!("{p:?}: {e}")))
+        })
+        .collect()
 }
 
 fn check_bridges(key: &'static str, names: &[String]) -> Result<(), ConfigError> {
@@ -640,12 +888,18 @@ impl TryFrom<FileConfig> for Settings {
         let t = &f.tls;
         let tls = match (&t.cert, &t.key, &t.client_ca) {
             (None, None, None) => {
-                if !t.allow_clients.is_empty() {
-                    return Err(invalid(
-                        "tls.allow_clients",
-                        "needs TLS: set tls.cert, tls.key and tls.client_ca \
-                         (--tls-cert/--tls-key/--tls-client-ca)",
-                    ));
+                for (key, set) in [
+                    ("tls.allow_clients", !t.allow_clients.is_empty()),
+                    ("tls.allow_fingerprints", !t.allow_fingerprints.is_empty()),
+                    ("tls.allow_any_client", t.allow_any_client),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            key,
+                            "needs TLS: set tls.cert, tls.key and tls.client_ca \
+                             (--tls-cert/--tls-key/--tls-client-ca)",
+                        ));
+                    }
                 }
                 None
             }
@@ -653,7 +907,18 @@ impl TryFrom<FileConfig> for Settings {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
-                allow_clients: t.allow_clients.clone(),
+                allow_clients: t
+                    .allow_clients
+                    .iter()
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect(),
+                allow_fingerprints: t
+                    .allow_fingerprints
+                    .iter()
+                    .map(|f| Fingerprint::try_from(f.as_str()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| invalid("tls.allow_fingerprints", e))?,
+                allow_any_client: t.allow_any_client,
             }),
             _ => {
                 let missing: Vec<&str> = [
@@ -674,32 +939,54 @@ impl TryFrom<FileConfig> for Settings {
                 ));
             }
         };
-        if tls
-            .as_ref()
-            .is_some_and(|t| t.allow_clients.iter().any(|c| c.is_empty()))
-        {
-            return Err(invalid(
-                "tls.allow_clients",
-                "an empty name matches no client",
-            ));
+        if let Some(t) = &tls {
+            if t.allow_clients.iter().any(|c| c.is_empty()) {
+                return Err(invalid(
+                    "tls.allow_clients",
+                    "an empty name matches no client",
+                ));
+            }
+            let listed = !t.allow_clients.is_empty() || !t.allow_fingerprints.is_empty();
+            // In CloudStack the CA that signs our clients also signs every
+            // host and system VM: "any client of the CA" is almost everyone,
+            // so it must be asked for by name.
+            if !listed && !t.allow_any_client {
+                return Err(invalid(
+                    "tls.allow_clients",
+                    "is empty, and so is tls.allow_fingerprints: with TLS on, list the \
+                     clients allowed to call (DNS names from their certificates' \
+                     subjectAltName, or SHA-256 fingerprints), or set \
+                     tls.allow_any_client = true (--allow-any-client) to admit every \
+                     client the CA signed",
+                ));
+            }
+            if listed && t.allow_any_client {
+                return Err(invalid(
+                    "tls.allow_any_client",
+                    "admits every client the CA signed, which makes tls.allow_clients \
+                     and tls.allow_fingerprints meaningless; set one or the other",
+                ));
+            }
         }
 
-        // Plaintext gRPC lets anyone who can reach the port attach NICs to
-        // any VM on the host. Loopback stays allowed (the lab, a local
-        // management proxy); anything else needs TLS or an explicit opt-out.
+        // Plaintext gRPC lets any process that can reach the port attach
+        // NICs to any VM on the host, and on loopback that is every local
+        // user and container sharing the host's network namespace. So TCP
+        // needs TLS or an explicit opt-out, loopback included; unix sockets
+        // are guarded by their mode and group instead.
         if tls.is_none() && !f.insecure {
             for l in &listen {
                 if let Listen::Tcp(a) = l {
-                    if !a.ip().is_loopback() {
-                        return Err(invalid(
-                            "listen",
-                            format!(
-                                "refusing plaintext gRPC on non-loopback {a}: configure TLS \
-                                 (--tls-cert, --tls-key, --tls-client-ca) or pass --insecure \
-                                 (insecure = true) to accept unauthenticated clients"
-                            ),
-                        ));
-                    }
+                    return Err(invalid(
+                        "insecure",
+                        format!(
+                            "refusing plaintext gRPC on TCP {a}: configure TLS \
+                             (tls.cert, tls.key, tls.client_ca or --tls-cert, --tls-key, \
+                             --tls-client-ca), listen on a unix socket ({DEFAULT_SOCKET}), \
+                             or set insecure = true (--insecure) to accept unauthenticated \
+                             clients on it"
+                        ),
+                    ));
                 }
             }
         }
@@ -735,6 +1022,8 @@ impl TryFrom<FileConfig> for Settings {
         }
         check_bridges("keep_bridges", &f.keep_bridges)?;
         check_bridges("forbid_promisc", &f.forbid_promisc)?;
+        let allow_bridges = patterns("allow_bridges", &f.allow_bridges)?;
+        let allow_promisc_bridges = patterns("allow_promisc_bridges", &f.allow_promisc_bridges)?;
         let metrics_listen = match f.metrics_listen.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(s) => Some(
@@ -760,8 +1049,10 @@ impl TryFrom<FileConfig> for Settings {
                 format!("{:?} must be an absolute path", f.vxlan.lock_file),
             ));
         }
+        let limits = Limits::try_from(&f.limits, f.detach_timeout_ms)?;
 
         Ok(Settings {
+            limits,
             listen,
             tls,
             insecure: f.insecure,
@@ -779,6 +1070,8 @@ impl TryFrom<FileConfig> for Settings {
             raise_bridge_mtu: f.raise_bridge_mtu,
             keep_bridges: f.keep_bridges,
             forbid_promisc: f.forbid_promisc,
+            allow_bridges,
+            allow_promisc_bridges,
             metrics_listen,
             log_format: f.log_format,
             socket: SocketSettings {
@@ -812,8 +1105,10 @@ mod tests {
         assert_eq!(s.socket.mode.bits(), 0o660);
         assert_eq!(
             s.listen,
-            vec![Listen::Tcp("127.0.0.1:50051".parse().unwrap())]
+            vec![Listen::Unix("/run/nic-agent/nic-agent.sock".into())]
         );
+        assert_eq!(s.allow_bridges, vec![BridgePattern::try_from("*").unwrap()]);
+        assert_eq!(s.allow_promisc_bridges.len(), 1);
     }
 
     #[test]
@@ -855,14 +1150,75 @@ mod tests {
     }
 
     #[test]
-    fn plaintext_loopback_ok_but_wildcard_needs_insecure() {
-        let ok = parse("listen = [\"127.0.0.1:1\", \"[::1]:2\", \"unix:/tmp/x\"]").unwrap();
+    fn plaintext_tcp_needs_insecure_even_on_loopback() {
+        let ok = parse("listen = [\"unix:/tmp/x\"]").unwrap();
         assert!(Settings::try_from(ok).is_ok());
-        let bad = parse("listen = [\"0.0.0.0:1\"]").unwrap();
-        let e = Settings::try_from(bad).unwrap_err().to_string();
-        assert!(e.contains("--insecure"), "{e}");
-        let opt_out = parse("listen = [\"0.0.0.0:1\"]\ninsecure = true").unwrap();
-        assert!(Settings::try_from(opt_out).is_ok());
+        for a in ["127.0.0.1:1", "[::1]:2", "0.0.0.0:1"] {
+            let bad = parse(&format!("listen = [\"unix:/tmp/x\", \"{a}\"]")).unwrap();
+            let e = Settings::try_from(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("insecure:") && e.contains("--insecure"),
+                "{e}"
+            );
+            let opt_out = parse(&format!("listen = [\"{a}\"]\ninsecure = true")).unwrap();
+            assert!(Settings::try_from(opt_out).is_ok());
+        }
+    }
+
+    const TLS: &str =
+        "listen = [\"127.0.0.1:1\"]\n[tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/a\"\n";
+
+    #[test]
+    fn tls_without_any_allowed_client_is_refused_unless_asked_for() {
+        let e = Settings::try_from(parse(TLS).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("tls.allow_clients") && e.contains("allow_any_client"),
+            "{e}"
+        );
+        let any = parse(&format!("{TLS}allow_any_client = true")).unwrap();
+        assert!(
+            Settings::try_from(any)
+                .unwrap()
+                .tls
+                .unwrap()
+                .allow_any_client
+        );
+        let named = parse(&format!("{TLS}allow_clients = [\"Mgmt.Example\"]")).unwrap();
+        assert_eq!(
+            Settings::try_from(named)
+                .unwrap()
+                .tls
+                .unwrap()
+                .allow_clients,
+            vec!["mgmt.example".to_string()]
+        );
+        let both = parse(&format!(
+            "{TLS}allow_clients = [\"m\"]\nallow_any_client = true"
+        ))
+        .unwrap();
+        let e = Settings::try_from(both).unwrap_err().to_string();
+        assert!(e.starts_with("tls.allow_any_client"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        let a = Fingerprint::try_from(hex.as_str()).unwrap();
+        assert_eq!(a, Fingerprint::try_from(colons.as_str()).unwrap());
+        assert_eq!(
+            a,
+            Fingerprint::try_from(format!("sha256:{hex}").as_str()).unwrap()
+        );
+        assert_eq!(a.to_string(), colons);
+        for bad in ["", "ab", &"zz".repeat(32), &"ab".repeat(33)] {
+            assert!(Fingerprint::try_from(bad).is_err(), "{bad:?}");
+        }
+        let f = parse(&format!("{TLS}allow_fingerprints = [\"nope\"]")).unwrap();
+        let e = Settings::try_from(f).unwrap_err().to_string();
+        assert!(e.starts_with("tls.allow_fingerprints"), "{e}");
     }
 
     #[test]
@@ -919,6 +1275,20 @@ mod tests {
             ("listen = []", "listen"),
             ("[vxlan]\nport = 0", "vxlan.port"),
             ("[vxlan]\nlock_file = \"x.lock\"", "vxlan.lock_file"),
+            ("allow_bridges = [\"br 0\"]", "allow_bridges"),
+            ("allow_promisc_bridges = [\"\"]", "allow_promisc_bridges"),
+            (
+                "[limits]\nrequests_per_connection = 0",
+                "limits.requests_per_connection",
+            ),
+            (
+                "[limits]\nrequest_timeout_ms = 30000",
+                "limits.request_timeout_ms",
+            ),
+            (
+                "[limits]\nmetrics_connections = 0",
+                "limits.metrics_connections",
+            ),
         ] {
             let e = Settings::try_from(parse(text).unwrap())
                 .unwrap_err()

@@ -2,16 +2,17 @@
 //! library.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use nic_agent::api::server::{self, ServeOptions, TlsServer};
-use nic_agent::api::tls::{self, AllowList};
+use nic_agent::api::tls::{self, TlsMaterial, TlsState};
 use nic_agent::cli::{
     client, offline, Cli, Command, ConfigCommand, HostNetwork, LogFormat, ServeArgs,
 };
-use nic_agent::config::{FileConfig, Settings};
+use nic_agent::config::{FileConfig, Overrides, Settings};
 use nic_agent::hotplug::{Hotplug, HotplugConfig};
 use nic_agent::hypervisor::libvirt::{Libvirt, LibvirtOptions};
 use nic_agent::hypervisor::Hypervisor;
@@ -41,13 +42,49 @@ fn load_settings(a: &ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result
 
 fn tls_server(s: &Settings) -> anyhow::Result<Option<TlsServer>> {
     let Some(t) = &s.tls else { return Ok(None) };
-    if t.allow_clients.is_empty() {
-        tracing::warn!("tls.allow_clients is empty: every client the CA signed may call");
+    if t.allow_any_client {
+        tracing::warn!("tls.allow_any_client = true: every client the CA signed may call");
     }
     Ok(Some(TlsServer {
-        config: tls::server_config(t)?,
-        allow: AllowList::new(&t.allow_clients),
+        state: TlsState::new(TlsMaterial::load(t)?),
     }))
+}
+
+/// SIGHUP: reads the configuration again and swaps the TLS certificates
+/// and allow-lists. Nothing else is reloaded (listeners, libvirt and the
+/// hot-plug policy are fixed for the process's life), so other changes
+/// are only reported. A configuration that fails to load keeps the old
+/// one in force.
+fn reload(
+    config: Option<&std::path::Path>,
+    overrides: &Overrides,
+    running: &Settings,
+    tls: Option<&TlsState>,
+) -> anyhow::Result<&'static str> {
+    let mut merged = FileConfig::load(config)?.merge(overrides);
+    merged.log_format = running.log_format;
+    let new = Settings::try_from(merged)?;
+    let outcome = match (tls, &new.tls) {
+        (Some(state), Some(t)) => {
+            state.replace(TlsMaterial::load(t)?);
+            "TLS certificates and client allow-lists reloaded"
+        }
+        (Some(_), None) => anyhow::bail!(
+            "the new configuration turns TLS off; that needs a restart, the old TLS setup stays"
+        ),
+        (None, Some(_)) => {
+            anyhow::bail!("TLS was off at start; turning it on needs a restart, nothing reloaded")
+        }
+        (None, None) => "TLS is off: nothing to reload",
+    };
+    let without_tls = |s: &Settings| Settings {
+        tls: None,
+        ..s.clone()
+    };
+    if without_tls(&new) != without_tls(running) {
+        tracing::warn!("keys other than [tls] changed; they take effect at the next restart");
+    }
+    Ok(outcome)
 }
 
 /// `config check FILE`: the file alone, as `serve --config FILE` would
@@ -60,7 +97,7 @@ fn config_check(file: &std::path::Path) -> anyhow::Result<String> {
     Ok("ok\n".into())
 }
 
-async fn serve(s: Settings) -> anyhow::Result<()> {
+async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     // TLS files are checked before libvirt is touched: a typo in a path
     // should not wait for a connection to fail.
     let tls = tls_server(&s)?;
@@ -93,6 +130,9 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         keep_bridges: s.keep_bridges.clone(),
         forbid_promisc: s.forbid_promisc.clone(),
         bridge_grace: s.bridge_grace,
+        allow_bridges: s.allow_bridges.clone(),
+        allow_promisc_bridges: s.allow_promisc_bridges.clone(),
+        vm_queue_limit: s.limits.vm_queue,
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
@@ -117,11 +157,28 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             s.reconcile_interval,
         ));
     }
+    // SIGHUP's default action would kill the agent; here it reloads.
+    let mut hup = signal(SignalKind::hangup())?;
+    let tls_state = tls.as_ref().map(|t| t.state.clone());
+    let running = s.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            server::notify(sd_notify::NotifyState::Reloading);
+            match reload(config.as_deref(), &overrides, &running, tls_state.as_ref()) {
+                Ok(what) => tracing::info!("SIGHUP: {what}"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: reload refused, the old configuration stays in force")
+                }
+            }
+            server::notify(sd_notify::NotifyState::Ready);
+        }
+    });
     let opts = ServeOptions {
         listen: s.listen.clone(),
         tls,
         socket: s.socket.clone(),
         metrics_listen: s.metrics_listen,
+        limits: s.limits.clone(),
     };
     server::serve(hotplug, opts, shutdown).await
 }
@@ -237,8 +294,8 @@ fn main() -> ExitCode {
     let mut exit_status: Option<u8> = None;
     let out: Result<String, String> = rt.block_on(async {
         match cli.command {
-            Command::Serve(_) => match settings {
-                Some(s) => serve(s)
+            Command::Serve(a) => match settings {
+                Some(s) => serve(s, a.config, a.overrides)
                     .await
                     .map(|_| String::new())
                     .map_err(|e| format!("{e:#}")),

@@ -830,7 +830,14 @@ async fn hostile_fields_cannot_forge_log_lines() {
     use std::process::{Command, Stdio};
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

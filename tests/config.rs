@@ -92,7 +92,7 @@ fn plaintext_non_loopback_in_file_needs_insecure() {
 fn tls_files_named_in_the_file_must_exist() {
     let o = check(
         "[tls]\ncert = \"/nonexistent/server.pem\"\nkey = \"/nonexistent/server.key\"\n\
-         client_ca = \"/nonexistent/ca.pem\"\n",
+         client_ca = \"/nonexistent/ca.pem\"\nallow_any_client = true\n",
     );
     assert!(!o.status.success());
     assert!(
@@ -106,7 +106,13 @@ fn tls_files_named_in_the_file_must_exist() {
 fn missing_explicit_config_is_an_error() {
     let o = bin()
         .args(["serve", "--config", "/nonexistent/nic-agent.toml"])
-        .args(["--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -209,7 +215,7 @@ fn without_the_flag_the_files_connect_is_used() {
     std::fs::write(
         &f,
         format!(
-            "connect = \"test://{}\"\nlisten = [\"127.0.0.1:0\"]\n",
+            "connect = \"test://{}\"\nlisten = [\"127.0.0.1:0\"]\ninsecure = true\n",
             fixture("no-such-node.xml")
         ),
     )
@@ -223,7 +229,11 @@ fn without_the_flag_the_files_connect_is_used() {
 fn log_format_flag_beats_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("config.toml");
-    std::fs::write(&f, "log_format = \"json\"\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+    std::fs::write(
+        &f,
+        "log_format = \"json\"\nlisten = [\"127.0.0.1:0\"]\ninsecure = true\n",
+    )
+    .unwrap();
     let (mut agent, lines, err) = serve_with(
         &f,
         &["--connect", &lab_uri(), "--log-format", "text"],

@@ -14,7 +14,7 @@ BIN=$ROOT/target/release/nic-agent
 
 LOG=$(mktemp /tmp/nic-agent-demo.XXXXXX.log)
 ADDR_FILE=$(mktemp)
-"$BIN" serve --connect "test://$ROOT/fixtures/lab-node.xml" --listen 127.0.0.1:0 >"$ADDR_FILE" 2>"$LOG" &
+"$BIN" serve --connect "test://$ROOT/fixtures/lab-node.xml" --listen 127.0.0.1:0 --insecure >"$ADDR_FILE" 2>"$LOG" &
 AGENT=$!
 trap 'kill $AGENT 2>/dev/null; wait $AGENT 2>/dev/null; rm -f "$ADDR_FILE"' EXIT
 for _ in $(seq 100); do

@@ -210,10 +210,25 @@ async fn ovs_mirror_to_missing_port_fails_and_changes_nothing() {
     let b = OvsBridge::new();
     let host = host();
     let err = host
-        .ovs_mirror_add(&b.br(), "nat-no-such-port")
+        .ovs_mirror_add(&b.br(), "nat-no-port")
         .await
         .expect_err("no port");
     assert_eq!(err.kind(), HostErrorKind::Internal, "{err}");
+    assert_eq!(vsctl(&["get", "Bridge", &b.name, "mirrors"]), "[]");
+}
+
+#[tokio::test]
+async fn a_tap_name_that_reads_as_an_option_never_reaches_ovs_vsctl() {
+    let b = OvsBridge::new();
+    let host = host();
+    for tap in ["--if-exists", "-x", "vnet0 vnet1"] {
+        let err = host
+            .ovs_mirror_add(&b.br(), tap)
+            .await
+            .expect_err("unsafe tap name");
+        assert_eq!(err.kind(), HostErrorKind::FailedPrecondition, "{err}");
+        assert!(err.to_string().contains("tap name"), "{err}");
+    }
     assert_eq!(vsctl(&["get", "Bridge", &b.name, "mirrors"]), "[]");
 }
 

@@ -14,9 +14,22 @@ use tonic::Code;
 
 /// The agent with metrics on; returns it and the metrics address.
 fn start_with_metrics() -> (Agent, String) {
+    start_with_metrics_and(&[])
+}
+
+/// Like [`start_with_metrics`], with extra `serve` arguments.
+fn start_with_metrics_and(extra: &[&str]) -> (Agent, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -150,7 +163,14 @@ fn ready_is_notified_only_after_the_listening_line_and_stopping_on_term() {
         .unwrap();
 
     let child = Command::new(env!("CARGO_BIN_EXE_nic-agent"))
-        .args(["serve", "--connect", &lab_uri(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--connect",
+            &lab_uri(),
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
         .env("NOTIFY_SOCKET", &notify)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -203,4 +223,56 @@ fn refused_start_up_never_notifies_ready() {
         "unexpected notification: {:?}",
         got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
     );
+}
+
+/// Reads until EOF or error; what a closed connection gave us.
+fn drain(s: &mut std::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[test]
+fn metrics_connections_are_capped_and_silent_clients_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("config.toml");
+    std::fs::write(
+        &f,
+        "[limits]\nmetrics_connections = 2\nmetrics_header_timeout_ms = 500\n",
+    )
+    .unwrap();
+    let (_agent, m) = start_with_metrics_and(&["--config", f.to_str().unwrap()]);
+    // Two clients connect and say nothing: they hold both slots.
+    let mut idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&m).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A third is closed at once, without an answer.
+    let mut third = std::net::TcpStream::connect(&m).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let _ = write!(third, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let t0 = std::time::Instant::now();
+    let got = drain(&mut third);
+    assert!(!got.contains("200"), "served over the limit: {got:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "closed, not left hanging"
+    );
+    // The silent ones are dropped after the header timeout...
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = std::time::Instant::now();
+        let got = drain(s);
+        assert!(!got.contains(" 200 "), "{got:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "header timeout not applied"
+        );
+    }
+    // ...and their slots are free again.
+    let (status, body) = get(&m, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("nic_agent_libvirt_connected"), "{body}");
 }

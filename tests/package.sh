@@ -92,6 +92,8 @@ check "zsh completion installed" test -s /usr/share/zsh/vendor-completions/_nic-
 check "fish completion installed" test -s /usr/share/fish/vendor_completions.d/nic-agent.fish
 check "depends on libvirt0" \
     sh -c "dpkg-query -W -f='\${Depends}' nic-agent | grep -q libvirt0"
+check "group nic-agent exists (socket group)" getent group nic-agent
+check "/etc/nic-agent/tls is 0700" test "$(stat -c %a /etc/nic-agent/tls)" = 700
 # verify runs on the installed unit, so the ExecStart binary exists;
 # --man=no because Documentation= man pages are not resolved in a test run.
 verify_out=$(systemd-analyze verify --man=no "$unit" 2>&1) && verify_rc=0 || verify_rc=$?

@@ -225,7 +225,8 @@ fn mac() -> impl Strategy<Value = String> {
 }
 
 fn bridge() -> impl Strategy<Value = String> {
-    "[A-Za-z0-9_.-]{1,15}".prop_filter("not . or ..", |s| s != "." && s != "..")
+    // A leading '-' is refused (it would read as an option to ovs-vsctl).
+    "[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}".prop_filter("not . or ..", |s| s != "." && s != "..")
 }
 
 fn raw_bandwidth() -> impl Strategy<Value = Option<RawBandwidth>> {

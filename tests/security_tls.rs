@@ -73,6 +73,12 @@ impl Pki {
         std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
         std::fs::write(dir.path().join("server.pem"), cert).unwrap();
         std::fs::write(dir.path().join("server.key"), key).unwrap();
+        // The agent refuses a key that group or others may read.
+        std::fs::set_permissions(
+            dir.path().join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         Pki { dir, ca }
     }
 
@@ -80,7 +86,8 @@ impl Pki {
         self.dir.path().join(f).display().to_string()
     }
 
-    /// Starts the agent with TLS and the given allow-list.
+    /// Starts the agent with TLS and the given allow-list of DNS SANs; an
+    /// empty list means `--allow-any-client`.
     fn agent(&self, allow: &[&str]) -> Agent {
         let (cert, key, ca) = (
             self.path("server.pem"),
@@ -97,6 +104,9 @@ impl Pki {
         ];
         for a in allow {
             args.extend(["--allow-client", a]);
+        }
+        if allow.is_empty() {
+            args.push("--allow-any-client");
         }
         start_agent(&lab_uri(), &args)
     }
@@ -188,13 +198,14 @@ async fn health(addr: &str, server_ca: &str, client: Option<&(String, String)>) 
 }
 
 #[tokio::test]
-async fn listed_client_by_common_name_is_served() {
+async fn listed_name_only_in_the_common_name_is_permission_denied() {
     let pki = Pki::new();
     let agent = pki.agent(&["mgmt-1"]);
+    // allow_clients matches DNS SANs only; a CN is not a DNS name.
     let client = pki.ca.leaf("mgmt-1", &[], false);
     assert_eq!(
         health(&agent.addr, &pki.ca.pem, Some(&client)).await,
-        Outcome::Serving
+        Outcome::Refused(Code::PermissionDenied)
     );
 }
 
@@ -219,7 +230,7 @@ async fn valid_client_not_on_the_allow_list_is_permission_denied() {
         Outcome::Refused(Code::PermissionDenied)
     );
     // The same agent still serves a listed client afterwards.
-    let listed = pki.ca.leaf("mgmt-1", &[], false);
+    let listed = pki.ca.leaf("mgmt-1", &["mgmt.cloud.example"], false);
     assert_eq!(
         health(&agent.addr, &pki.ca.pem, Some(&listed)).await,
         Outcome::Serving
@@ -252,7 +263,7 @@ async fn client_certificate_from_another_ca_is_refused_in_the_handshake() {
 }
 
 #[tokio::test]
-async fn without_allow_list_any_client_of_the_ca_is_served() {
+async fn allow_any_client_serves_any_client_of_the_ca() {
     let pki = Pki::new();
     let agent = pki.agent(&[]);
     let client = pki.ca.leaf("whoever", &[], false);
@@ -270,6 +281,7 @@ fn unreadable_tls_key_stops_start_up_naming_the_file() {
         .args(["--tls-cert", &pki.path("server.pem")])
         .args(["--tls-key", &pki.path("missing.key")])
         .args(["--tls-client-ca", &pki.path("ca.pem")])
+        .arg("--allow-any-client")
         .output()
         .expect("run");
     assert!(!out.status.success());

@@ -6,6 +6,12 @@
 //!
 //! The registry is process-wide: request outcomes are recorded where the
 //! service finishes a request, and the agent runs one service per process.
+//!
+//! A scrape never calls libvirt: the values that need it are refreshed by a
+//! background task every `limits.metrics_refresh_ms`, so a scraper (or many)
+//! cannot turn into libvirt load, and a slow libvirtd never makes a scrape
+//! slow. The endpoint also caps its connections and gives each client
+//! `limits.metrics_header_timeout_ms` to send its request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -219,13 +225,28 @@ pub async fn count_ids_bridges(hotplug: &Hotplug) -> Result<usize, crate::hotplu
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// How long a scrape waits for libvirt before serving the last IDS value.
-const IDS_REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one background refresh waits for libvirt before keeping the
+/// last IDS value.
+const IDS_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn respond(
-    req: hyper::Request<hyper::body::Incoming>,
-    hotplug: Arc<Hotplug>,
-) -> hyper::Response<Full<Bytes>> {
+/// Longest a metrics connection may live: one request and its answer.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Refreshes the libvirt-derived gauges every `period`, until dropped.
+async fn refresh(hotplug: Arc<Hotplug>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(IDS_REFRESH_TIMEOUT, count_ids_bridges(&hotplug)).await {
+            Ok(Ok(n)) => global().set_ids_bridges(n),
+            Ok(Err(e)) => tracing::debug!(error = %e, "IDS bridge count unavailable"),
+            Err(_) => tracing::debug!("IDS bridge count timed out"),
+        }
+    }
+}
+
+async fn respond(req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
     let reply = |status: u16, ctype: &str, body: String| {
         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
@@ -240,11 +261,6 @@ async fn respond(
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return reply(405, "text/plain", "GET only\n".into());
     }
-    match tokio::time::timeout(IDS_REFRESH_TIMEOUT, count_ids_bridges(&hotplug)).await {
-        Ok(Ok(n)) => global().set_ids_bridges(n),
-        Ok(Err(e)) => tracing::debug!(error = %e, "IDS bridge count unavailable"),
-        Err(_) => tracing::debug!("IDS bridge count timed out"),
-    }
     reply(200, CONTENT_TYPE, global().render())
 }
 
@@ -258,9 +274,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hotplug: Arc<Hotplug>,
+    limits: &crate::config::Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let refresher = tokio::spawn(refresh(hotplug, limits.metrics_refresh));
+    let _stop_refresh = AbortOnDrop(refresher);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.metrics_connections));
+    let header_timeout = limits.metrics_header_timeout;
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
@@ -273,20 +294,42 @@ pub async fn serve(
                 }
             },
         };
-        let h = hotplug.clone();
+        // Over the limit the connection is closed at once: a scraper
+        // retries at its next interval, and a flood costs one accept each.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let h = h.clone();
-                async move { Ok::<_, Infallible>(respond(req, h).await) }
-            });
+            let _slot = slot;
+            let svc =
+                hyper::service::service_fn(
+                    |req| async move { Ok::<_, Infallible>(respond(req).await) },
+                );
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "metrics connection ended");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                // One request per connection: an idle keep-alive connection
+                // would hold a slot for nothing.
+                .keep_alive(false)
+                .serve_connection(io, svc);
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection ended"),
+                Err(_) => tracing::debug!(%peer, "metrics connection took too long; closed"),
             }
         });
+    }
+}
+
+/// Aborts the background refresh when the endpoint stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

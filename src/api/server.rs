@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::pb;
 use super::service::NicAgentService;
-use super::tls::AllowList;
-use crate::config::Listen;
-use crate::config::SocketSettings;
+use super::tls::{AllowList, TlsState};
+use crate::config::{Limits, Listen, SocketSettings};
 use crate::hotplug::Hotplug;
 
 /// Largest request accepted. A NicSpec is a few hundred bytes; anything
@@ -29,13 +29,16 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const SERVICE_NAME: &str = "nicagent.v1.NicAgent";
 
-/// TLS for TCP listeners: the rustls server config and who may call.
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS for TCP listeners: the swappable certificates and allow-lists
+/// (client certificates are always required).
 #[derive(Debug, Clone)]
 pub struct TlsServer {
-    /// Server identity and client CA (client certificates required).
-    pub config: ServerTlsConfig,
-    /// Client identities admitted after the handshake.
-    pub allow: AllowList,
+    /// What new connections and requests are checked with; the caller
+    /// keeps a clone to reload it on SIGHUP.
+    pub state: TlsState,
 }
 
 /// Everything [`serve`] needs besides the engine.
@@ -49,6 +52,19 @@ pub struct ServeOptions {
     pub socket: SocketSettings,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Per-connection and metrics limits.
+    pub limits: Limits,
+}
+
+/// A server builder with the limits every listener shares: requests per
+/// connection, a request deadline, and HTTP/2 keep-alive so a peer that
+/// vanished (host rebooted, NAT dropped) is noticed and its slots freed.
+fn builder(l: &Limits) -> Server {
+    Server::builder()
+        .concurrency_limit_per_connection(l.requests_per_connection)
+        .timeout(l.request_timeout)
+        .http2_keepalive_interval(Some(l.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(l.http2_keepalive_timeout))
 }
 
 enum Bound {
@@ -56,17 +72,69 @@ enum Bound {
     Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
 
+/// Makes room for a unix socket at `path`: removes a stale socket left by
+/// an agent that died, and nothing else. A regular file, directory or
+/// symlink there is someone else's, and a socket that accepts a connection
+/// belongs to a live process (another agent, most likely): both refuse
+/// start-up rather than steal or destroy.
+fn clear_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating socket directory {}", dir.display()))?;
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("listen unix:{}", path.display()));
+        }
+    };
+    let ft = md.file_type();
+    if !ft.is_socket() {
+        let kind = if ft.is_file() {
+            "a regular file"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_symlink() {
+            "a symlink"
+        } else {
+            "not a socket"
+        };
+        anyhow::bail!(
+            "listen unix:{}: the path exists and is {kind}, not a socket; refusing to remove it. \
+             Choose another path or remove it yourself",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "listen unix:{}: another process is accepting connections on this socket \
+             (a running nic-agent?); stop it first or choose another path",
+            path.display()
+        ),
+        // Nobody listens: a stale socket from an agent that did not exit
+        // cleanly.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "listen unix:{}: cannot tell whether the socket is in use; remove it if it is stale",
+                path.display()
+            )
+        }),
+    }
+}
+
 /// Binds a unix socket and gives it the configured mode and owner before
 /// anyone is told it exists.
 fn bind_unix(path: &std::path::Path, s: &SocketSettings) -> anyhow::Result<Bound> {
     use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
+    clear_socket_path(path)?;
     let l = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding unix:{}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.mode.bits()))
@@ -98,7 +166,7 @@ fn bind_unix(path: &std::path::Path, s: &SocketSettings) -> anyhow::Result<Bound
 
 /// Tells systemd (when it started us with `Type=notify`) how we are doing.
 /// Without `NOTIFY_SOCKET` this does nothing.
-fn notify(state: sd_notify::NotifyState<'_>) {
+pub fn notify(state: sd_notify::NotifyState<'_>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -118,10 +186,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl and tonic speak v1, while
+    // Python's grpcio-reflection, grpc_cli and older grpcurl speak only
+    // v1alpha and would get UNIMPLEMENTED without it.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
     let svc = pb::nic_agent_server::NicAgentServer::new(NicAgentService::new(hotplug.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
@@ -201,19 +275,30 @@ pub async fn serve(
 
     let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
     for b in bound {
-        let (health, reflection, svc) = (health.clone(), reflection.clone(), svc.clone());
+        let (health, reflection, reflection_v1alpha, svc) = (
+            health.clone(),
+            reflection.clone(),
+            reflection_v1alpha.clone(),
+            svc.clone(),
+        );
         let stop = stopped();
         match b {
             Bound::Tcp(l) => {
                 let addr = l.local_addr()?;
-                let incoming = TcpListenerStream::new(l);
+                // tonic applies TCP keep-alive only to listeners it binds itself,
+                // so it is set on the incoming stream here.
+                let incoming = TcpIncoming::from(l)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(opts.limits.tcp_keepalive));
                 match &opts.tls {
                     Some(t) => {
-                        let router = Server::builder()
-                            .tls_config(t.config.clone())?
-                            .layer(InterceptorLayer::new(t.allow.clone()))
+                        let incoming =
+                            super::tls::incoming(incoming, t.state.clone(), TLS_HANDSHAKE_TIMEOUT);
+                        let router = builder(&opts.limits)
+                            .layer(InterceptorLayer::new(AllowList::new(t.state.clone())))
                             .add_service(health)
                             .add_service(reflection)
+                            .add_service(reflection_v1alpha)
                             .add_service(svc);
                         tracing::info!(%addr, "gRPC over TLS, client certificates required");
                         tasks.push(tokio::spawn(async move {
@@ -224,13 +309,12 @@ pub async fn serve(
                         }));
                     }
                     None => {
-                        let router = Server::builder()
+                        let router = builder(&opts.limits)
                             .add_service(health)
                             .add_service(reflection)
+                            .add_service(reflection_v1alpha)
                             .add_service(svc);
-                        if !addr.ip().is_loopback() {
-                            tracing::warn!(%addr, "plaintext gRPC on a non-loopback address (--insecure)");
-                        }
+                        tracing::warn!(%addr, "plaintext gRPC without authentication (insecure = true)");
                         tasks.push(tokio::spawn(async move {
                             router
                                 .serve_with_incoming_shutdown(incoming, stop)
@@ -242,9 +326,10 @@ pub async fn serve(
                 println!("nic-agent listening on {addr}");
             }
             Bound::Unix(l, path) => {
-                let router = Server::builder()
+                let router = builder(&opts.limits)
                     .add_service(health)
                     .add_service(reflection)
+                    .add_service(reflection_v1alpha)
                     .add_service(svc);
                 println!("nic-agent listening on unix:{}", path.display());
                 tasks.push(tokio::spawn(async move {
@@ -261,8 +346,9 @@ pub async fn serve(
         println!("nic-agent metrics on {}", l.local_addr()?);
         let h = hotplug.clone();
         let stop = stopped();
+        let limits = opts.limits.clone();
         tasks.push(tokio::spawn(async move {
-            super::metrics::serve(l, h, stop).await;
+            super::metrics::serve(l, h, &limits, stop).await;
             Ok(())
         }));
     }

@@ -18,7 +18,10 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::VmNotFound(_) | HotplugError::NicNotFound { .. } => Code::NotFound,
         HotplugError::MovedBack { cause, .. } => code(cause),
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
-        HotplugError::NoCapacity(_) => Code::ResourceExhausted,
+        // The caller is not allowed this bridge, whatever the host's state:
+        // retrying or fixing the host will not help, the policy will.
+        HotplugError::BridgeNotAllowed { .. } => Code::PermissionDenied,
+        HotplugError::NoCapacity(_) | HotplugError::VmBusy { .. } => Code::ResourceExhausted,
         HotplugError::Precondition(_)
         | HotplugError::Mtu(_)
         | HotplugError::DetachRefused { .. } => Code::FailedPrecondition,

@@ -228,8 +228,9 @@ pub struct InspectArgs {
 /// Options of every client subcommand.
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
-    /// Agent address: HOST:PORT, http://HOST:PORT or unix:PATH.
-    #[arg(long, default_value = "127.0.0.1:50051", env = "NIC_AGENT_SERVER")]
+    /// Agent address: unix:PATH, HOST:PORT or http://HOST:PORT (a TCP
+    /// agent without TLS must run with --insecure).
+    #[arg(long, default_value = crate::config::DEFAULT_SOCKET, env = "NIC_AGENT_SERVER")]
     pub server: String,
     /// Print JSON instead of a table.
     #[arg(long)]

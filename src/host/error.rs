@@ -89,6 +89,15 @@ pub enum HostError {
         /// Exit status and stderr.
         detail: String,
     },
+    /// A tap or bridge name (read back from libvirt's XML) that is not a
+    /// plain kernel interface name, so it is not handed to a tool.
+    #[error("{what} name {name:?} is not a plain interface name (1-15 of A-Z a-z 0-9 _ . -, not starting with -); refusing to pass it to Open vSwitch")]
+    UnsafeName {
+        /// "tap" or "bridge".
+        what: &'static str,
+        /// The name, cut to 64 characters.
+        name: String,
+    },
     /// Local I/O (state file, spawning a tool) failed.
     #[error("{op}: {source}")]
     Io {
@@ -153,6 +162,7 @@ impl HostError {
             | HostError::KernelFeatureMissing { .. }
             | HostError::Unsupported(_)
             | HostError::SegmentMismatch { .. }
+            | HostError::UnsafeName { .. }
             | HostError::Mtu(_) => HostErrorKind::FailedPrecondition,
             // A read-only /proc/sys is the service's sandbox, which the
             // operator must change; anything else there is unexpected.

@@ -301,8 +301,10 @@ fn appctl_path(vsctl: &Path) -> PathBuf {
 }
 
 async fn appctl(bin: &Path, args: &[&str]) -> Result<String, HostError> {
+    // `--` ends ovs-appctl's options: no argument can be read as one.
     let run = Command::new(bin)
         .arg("--timeout=10")
+        .arg("--")
         .args(args)
         .kill_on_drop(true)
         .output();
@@ -355,6 +357,12 @@ async fn ovs_facts(cfg: &HostConfig, q: &InspectQuery, fdb: &mut FdbFacts) -> Ov
         ..OvsFacts::default()
     };
     let Some(tap) = &q.tap else { return f };
+    // The tap and bridge come from libvirt's XML: checked before they
+    // reach ovs-vsctl or ovs-appctl.
+    if let Err(e) = ovs::link_name("tap", tap).and(ovs::link_name("bridge", &q.bridge)) {
+        fdb.error = Some(e.to_string());
+        return f;
+    }
     if let Ok(out) = ovs::vsctl(bin, &["port-to-br", tap]).await {
         if out.code == Some(0) && !out.stdout.is_empty() {
             f.port_bridge = Some(out.stdout);
@@ -366,9 +374,10 @@ async fn ovs_facts(cfg: &HostConfig, q: &InspectQuery, fdb: &mut FdbFacts) -> Ov
         }
     }
     let mirror = format!("name={}", super::mirror_name(tap));
-    if let Ok(m) = ovs::vsctl_ok(
+    if let Ok(m) = ovs::vsctl_ok_with(
         bin,
-        &["--bare", "--columns=_uuid", "find", "Mirror", &mirror],
+        &["--bare"],
+        &["--columns=_uuid", "find", "Mirror", &mirror],
     )
     .await
     {

@@ -1,5 +1,10 @@
 //! Open vSwitch through `ovs-vsctl`, always with an argument vector (never a
 //! shell string), and a timeout so a dead ovsdb-server cannot hang a request.
+//!
+//! Names that reach OVS come partly from libvirt's XML (a tap's `<target
+//! dev>`, a `<source bridge>`), which the agent did not write and does not
+//! trust: each is checked by [`link_name`] first, and `--` ends ovs-vsctl's
+//! global options before every command, so no name can be read as an option.
 
 use std::path::Path;
 
@@ -14,10 +19,47 @@ pub(crate) struct OvsOutput {
     pub stderr: String,
 }
 
-/// Run `ovs-vsctl --timeout=10 <args>`.
+/// A kernel interface name as it may be handed to Open vSwitch: 1-15
+/// bytes of `A-Z a-z 0-9 _ . -`, not starting with `-` (it would read as
+/// an option). Every tap and bridge name the agent or libvirt makes fits.
+pub(crate) fn link_name<'a>(what: &'static str, name: &'a str) -> Result<&'a str, HostError> {
+    let ok = (1..=15).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(HostError::UnsafeName {
+            what,
+            name: name.chars().take(64).collect(),
+        })
+    }
+}
+
+/// Run `ovs-vsctl --timeout=10 -- <args>`; `args` that start with their
+/// own `--` (a chain of commands) get no second one.
 pub(crate) async fn vsctl(bin: &Path, args: &[&str]) -> Result<OvsOutput, HostError> {
+    vsctl_with(bin, &[], args).await
+}
+
+/// Like [`vsctl`], with global options (table formatting such as
+/// `--bare`) before the `--`.
+pub(crate) async fn vsctl_with(
+    bin: &Path,
+    global: &[&str],
+    args: &[&str],
+) -> Result<OvsOutput, HostError> {
+    let sep: &[&str] = if args.first() == Some(&"--") {
+        &[]
+    } else {
+        &["--"]
+    };
     let out = Command::new(bin)
         .arg("--timeout=10")
+        .args(global)
+        .args(sep)
         .args(args)
         .kill_on_drop(true)
         .output()
@@ -44,7 +86,16 @@ pub(crate) async fn vsctl(bin: &Path, args: &[&str]) -> Result<OvsOutput, HostEr
 
 /// Run and require exit 0.
 pub(crate) async fn vsctl_ok(bin: &Path, args: &[&str]) -> Result<String, HostError> {
-    let out = vsctl(bin, args).await?;
+    vsctl_ok_with(bin, &[], args).await
+}
+
+/// [`vsctl_with`], requiring exit 0.
+pub(crate) async fn vsctl_ok_with(
+    bin: &Path,
+    global: &[&str],
+    args: &[&str],
+) -> Result<String, HostError> {
+    let out = vsctl_with(bin, global, args).await?;
     if out.code == Some(0) {
         Ok(out.stdout)
     } else {
@@ -74,6 +125,7 @@ async fn failure(bin: &Path, args: &str, out: &OvsOutput) -> HostError {
 
 /// Whether an OVS bridge exists (`br-exists`: 0 yes, 2 no).
 pub(crate) async fn bridge_exists(bin: &Path, bridge: &str) -> Result<bool, HostError> {
+    let bridge = link_name("bridge", bridge)?;
     let out = vsctl(bin, &["br-exists", bridge]).await?;
     match out.code {
         Some(0) => Ok(true),
@@ -84,6 +136,7 @@ pub(crate) async fn bridge_exists(bin: &Path, bridge: &str) -> Result<bool, Host
 
 /// MTU of the bridge's internal interface, if ovsdb knows it.
 pub(crate) async fn bridge_mtu(bin: &Path, bridge: &str) -> Option<u32> {
+    let bridge = link_name("bridge", bridge).ok()?;
     let out = vsctl(bin, &["--if-exists", "get", "Interface", bridge, "mtu"])
         .await
         .ok()?;
@@ -98,6 +151,8 @@ pub fn mirror_name(port: &str) -> String {
 
 /// Create a select-all mirror on `bridge` with `port` as output.
 pub(crate) async fn mirror_add(bin: &Path, bridge: &str, port: &str) -> Result<String, HostError> {
+    let bridge = link_name("bridge", bridge)?;
+    let port = link_name("tap", port)?;
     let name = mirror_name(port);
     // Idempotent: an existing mirror of the same name is replaced, so a
     // retried attach does not stack mirrors.
@@ -133,19 +188,39 @@ pub(crate) async fn mirror_add(bin: &Path, bridge: &str, port: &str) -> Result<S
 /// Remove mirror `name` from `bridge`; the unreferenced row is garbage
 /// collected by ovsdb. A missing mirror is not an error.
 pub(crate) async fn mirror_remove(bin: &Path, bridge: &str, name: &str) -> Result<(), HostError> {
-    let uuid = vsctl_ok(
+    let bridge = link_name("bridge", bridge)?;
+    let uuid = vsctl_ok_with(
         bin,
-        &[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Mirror",
-            &format!("name={name}"),
-        ],
+        &["--bare"],
+        &["--columns=_uuid", "find", "Mirror", &format!("name={name}")],
     )
     .await?;
     for id in uuid.split_whitespace() {
         vsctl_ok(bin, &["remove", "Bridge", bridge, "mirrors", id]).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_libvirt_are_checked_before_ovs_sees_them() {
+        for ok in ["vnet0", "br-ovs0", "breth1-100", "a.b_c", "macvtap12"] {
+            assert!(link_name("tap", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-vnet0",
+            "--if-exists",
+            "vnet 0",
+            "a;b",
+            "0123456789abcdef",
+            "tap\n",
+        ] {
+            let e = link_name("tap", bad).unwrap_err().to_string();
+            assert!(e.starts_with("tap name"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -8,7 +8,9 @@ use super::{intent_record, named, AttachOutcome, Hotplug, HotplugError, Undo, ID
 use crate::host::objects::SegmentRecord;
 use crate::host::{HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Target};
-use crate::nic::{Alias, BridgeName, LinkState, NicSpec, QueueCount, Segment, SwitchType};
+use crate::nic::{
+    Alias, BridgeName, BridgePattern, LinkState, NicSpec, QueueCount, Segment, SwitchType,
+};
 use crate::pci::{self, Capacity, PciAddress};
 use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
 use crate::xml::interface::{choose_driver, InterfaceDef};
@@ -28,7 +30,7 @@ impl Hotplug {
     /// Attaches a NIC, or confirms it is already there with the same spec.
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
         let first = self.lookup(vm).await?;
-        let _guard = self.locks.lock(&first.uuid).await;
+        let _guard = self.locks.lock(&first).await?;
         self.attach_locked(&first.uuid, spec)
             .await
             .map_err(|e| named(e, &first))
@@ -50,12 +52,40 @@ impl Hotplug {
             HotplugError::Internal("domain has neither live nor config XML".into())
         })?;
 
+        // Policy before anything else: a caller that may not use the
+        // bridge learns nothing about the host from the answer.
+        allowed(
+            &self.cfg.allow_bridges,
+            "allow_bridges",
+            "bridge",
+            spec.bridge.as_str(),
+        )?;
         // Host side first, read-only: where does the NIC's traffic go?
         let mut plan = match &self.host {
             Some(h) => Some(h.resolve(&spec.bridge, spec.switch, &spec.segment).await?),
             None => None,
         };
         let source = source_bridge(spec, plan.as_ref())?;
+        // The bridge the NIC lands on is checked too: a VLAN or VXLAN
+        // segment of an allowed label lands on a bridge of its own
+        // (br<pif>-<vlan>, brvx-<vni>), which must be allowed as well.
+        if source.as_str() != spec.bridge.as_str() {
+            let what = format!("segment bridge (for {})", spec.bridge);
+            allowed(
+                &self.cfg.allow_bridges,
+                "allow_bridges",
+                &what,
+                source.as_str(),
+            )?;
+        }
+        if spec.promiscuous {
+            allowed(
+                &self.cfg.allow_promisc_bridges,
+                "allow_promisc_bridges",
+                "promiscuous (IDS) NIC on bridge",
+                source.as_str(),
+            )?;
+        }
         let vlan_tag = match (spec.switch, &spec.segment, &plan) {
             (_, _, Some(p)) => p.ovs_vlan_tag,
             (SwitchType::OpenVswitch, Segment::Vlan(v), None) => Some(*v),
@@ -491,6 +521,29 @@ fn ids_alias(spec: &NicSpec) -> Result<Alias, HotplugError> {
 }
 
 /// The bridge that goes into `<source bridge=...>`.
+/// Refuses `bridge` unless one of `patterns` (the value of `key`) matches.
+fn allowed(
+    patterns: &[BridgePattern],
+    key: &'static str,
+    what: &str,
+    bridge: &str,
+) -> Result<(), HotplugError> {
+    if crate::nic::bridge::any_matches(patterns, bridge) {
+        return Ok(());
+    }
+    let list: Vec<&str> = patterns.iter().map(BridgePattern::as_str).collect();
+    Err(HotplugError::BridgeNotAllowed {
+        what: what.to_string(),
+        bridge: bridge.to_string(),
+        key,
+        patterns: if list.is_empty() {
+            "empty".into()
+        } else {
+            list.join(", ")
+        },
+    })
+}
+
 fn source_bridge(
     spec: &NicSpec,
     plan: Option<&HostPlan>,

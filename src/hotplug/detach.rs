@@ -27,7 +27,7 @@ impl Hotplug {
         timeout: Option<Duration>,
     ) -> Result<DetachState, HotplugError> {
         let first = self.lookup(vm).await?;
-        let _guard = self.locks.lock(&first.uuid).await;
+        let _guard = self.locks.lock(&first).await?;
         self.detach_locked(&first.uuid, mac, alias, timeout, true)
             .await
             .map_err(|e| named(e, &first))

@@ -55,9 +55,32 @@ pub enum HotplugError {
         /// Comma-separated names of the fields that differ.
         fields: String,
     },
+    /// Too many requests already wait for this VM.
+    #[error("vm {vm} has {queued} requests queued (limit {limit}); retry after they finish")]
+    VmBusy {
+        /// The VM.
+        vm: String,
+        /// Requests waiting behind the running one.
+        queued: usize,
+        /// The configured bound (`limits.vm_queue`).
+        limit: usize,
+    },
     /// No room for another device.
     #[error("{0}")]
     NoCapacity(String),
+    /// The configuration does not let the agent use this bridge
+    /// (`allow_bridges`), or make it promiscuous (`allow_promisc_bridges`).
+    #[error("{what} {bridge} is not in {key} ({patterns}); the agent may not use it. Pick an allowed bridge, or add a pattern to {key} in the agent's configuration")]
+    BridgeNotAllowed {
+        /// Which bridge: "bridge" (the request's) or the one the NIC lands on.
+        what: String,
+        /// The bridge name.
+        bridge: String,
+        /// The configuration key that decided.
+        key: &'static str,
+        /// The patterns in force, comma-separated.
+        patterns: String,
+    },
     /// The VM's state or the host does not allow the change.
     #[error("{0}")]
     Precondition(String),

@@ -192,7 +192,11 @@ async fn event_during_the_unplug_call_is_not_lost_and_nothing_is_polled() {
     let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
     assert_eq!(st, DetachState::Removed);
     // One read to plan the detach, none while waiting, then the clean-up's.
-    assert_eq!(fake.live_reads() - reads, 1 + CLEANUP_READS, "the wait polled");
+    assert_eq!(
+        fake.live_reads() - reads,
+        1 + CLEANUP_READS,
+        "the wait polled"
+    );
     assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
 }
 
@@ -210,7 +214,11 @@ async fn event_after_the_wait_started_ends_it() {
     let st = hp.detach("vm1", &mac(), None, None).await.expect("detach");
     assert_eq!(st, DetachState::Removed);
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(fake.live_reads() - reads, 1 + CLEANUP_READS, "the wait polled");
+    assert_eq!(
+        fake.live_reads() - reads,
+        1 + CLEANUP_READS,
+        "the wait polled"
+    );
     assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
 }
 

@@ -43,7 +43,7 @@ pub use update::{BandwidthChange, NicUpdate};
 use crate::host::objects::{decide_removal, Intent, IntentRecord, Removal, Usage};
 use crate::host::{HostNet, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
-use crate::nic::{Alias, BridgeName};
+use crate::nic::{Alias, BridgeName, BridgePattern};
 use crate::pci::{self, Capacity};
 use crate::xml::domain::{DomainView, InterfaceView};
 
@@ -81,6 +81,20 @@ pub struct HotplugConfig {
     /// How often a timed-out unplug is checked in the background when the
     /// driver has no events (with events, DEVICE_REMOVED ends it).
     pub pending_recheck: Duration,
+    /// Bridges NICs may use: both the bridge a request names and the
+    /// bridge the NIC finally lands on must match one of these.
+    pub allow_bridges: Vec<BridgePattern>,
+    /// Bridges an IDS (promiscuous) NIC may land on.
+    pub allow_promisc_bridges: Vec<BridgePattern>,
+    /// Requests that may wait for one VM behind the running one; more are
+    /// RESOURCE_EXHAUSTED.
+    pub vm_queue_limit: usize,
+}
+
+fn any_bridge() -> BridgePattern {
+    // "*" is a valid pattern by construction; `unwrap_or_else` only keeps
+    // the library free of panicking calls.
+    BridgePattern::try_from("*").unwrap_or_else(|e| unreachable!("{e}"))
 }
 
 impl Default for HotplugConfig {
@@ -97,6 +111,9 @@ impl Default for HotplugConfig {
             bridge_grace: Duration::from_secs(60),
             call_timeout: Duration::from_secs(10),
             pending_recheck: Duration::from_secs(2),
+            allow_bridges: vec![any_bridge()],
+            allow_promisc_bridges: vec![any_bridge()],
+            vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
         }
     }
 }
@@ -163,8 +180,8 @@ impl Hotplug {
         Hotplug {
             hv,
             host,
+            locks: Arc::new(locks::VmLocks::new(cfg.vm_queue_limit)),
             cfg,
-            locks: Arc::default(),
             pending: Arc::default(),
             suspects: Arc::default(),
             doubt: Arc::default(),

@@ -53,13 +53,9 @@ impl Hotplug {
         // attaching as two separately locked steps, is what makes the
         // compensating re-attach safe: nobody can take A's freed PCI slot,
         // or plug the same MAC somewhere, between the unplug and the undo.
-        let (lo, hi) = if a.uuid < b.uuid {
-            (&a.uuid, &b.uuid)
-        } else {
-            (&b.uuid, &a.uuid)
-        };
-        let _g1 = self.locks.lock(lo).await;
-        let _g2 = self.locks.lock(hi).await;
+        let (lo, hi) = if a.uuid < b.uuid { (&a, &b) } else { (&b, &a) };
+        let _g1 = self.locks.lock(lo).await?;
+        let _g2 = self.locks.lock(hi).await?;
         let a = self.lookup(&a.uuid).await?;
         let b = self.lookup(&b.uuid).await?;
         let mac_s = mac.to_string();

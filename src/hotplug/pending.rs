@@ -273,7 +273,12 @@ impl Hotplug {
             // The VM lock orders this clean-up with requests on the VM: a
             // retried detach that finishes the unplug itself, or an attach
             // of the same MAC that forgets it.
-            let _guard = self.locks.lock(&dom.uuid).await;
+            let _guard = match self.locks.lock(&dom).await {
+                Ok(g) => g,
+                // Requests fill the VM's queue; one of them may finish the
+                // unplug itself. Look again at the next wake-up.
+                Err(_) => continue,
+            };
             let Some(p) = self.pending_lock().get(&key).cloned() else {
                 return;
             };

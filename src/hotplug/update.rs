@@ -79,7 +79,7 @@ impl Hotplug {
             }));
         }
         let first = self.lookup(vm).await?;
-        let _guard = self.locks.lock(&first.uuid).await;
+        let _guard = self.locks.lock(&first).await?;
         let dom = self.lookup(&first.uuid).await?;
         let targets = self.change_targets(&dom, "updating a stopped VM's persistent definition")?;
         let mac_s = mac.to_string();

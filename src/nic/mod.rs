@@ -24,7 +24,7 @@ pub mod ranged;
 pub mod spec;
 
 pub use bandwidth::Bandwidth;
-pub use bridge::BridgeName;
+pub use bridge::{BridgeName, BridgePattern};
 pub use error::NicError;
 pub use ids::{Alias, InterfaceId};
 pub use kinds::{LinkState, NicModel, Segment, SwitchType, VhostMode};

@@ -34,8 +34,15 @@ pub fn lab_uri() -> String {
 /// Starts `nic-agent serve` and waits for its "listening on" line.
 pub fn start_agent(uri: &str, extra: &[&str]) -> Agent {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nic-agent"));
-    cmd.args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
-        .args(extra);
+    cmd.args([
+        "serve",
+        "--connect",
+        uri,
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+    ])
+    .args(extra);
     spawn_and_wait(cmd)
 }
 
@@ -234,8 +241,15 @@ pub mod netns {
 /// request).
 pub fn start_agent_with_env(uri: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nic-agent"));
-    cmd.args(["serve", "--connect", uri, "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .envs(env.iter().copied());
+    cmd.args([
+        "serve",
+        "--connect",
+        uri,
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+    ])
+    .args(extra)
+    .envs(env.iter().copied());
     spawn_and_wait(cmd)
 }

@@ -34,8 +34,8 @@ if [ "$missing" = 1 ]; then
 fi
 
 # Python gRPC client: the "other implementation" our API tests talk to.
-if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
-  python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools protobuf
+if ! python3 -c 'import grpc, grpc_tools, grpc_reflection' 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools grpcio-reflection protobuf
 fi
 touch "$stamp"
 echo "install-deps: ok (libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon))"

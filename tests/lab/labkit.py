@@ -173,7 +173,8 @@ class Agent:
         grpc, _, rpc = stubs()
         self.stderr_path = stderr_path
         self._err = open(stderr_path, "w")
-        cmd = [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", *extra]
+        # TCP without TLS must be asked for (--insecure): loopback only, test hosts.
+        cmd = [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", "--insecure", *extra]
         log("starting " + " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")})

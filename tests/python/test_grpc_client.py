@@ -34,10 +34,14 @@ from nicagent.v1 import nicagent_pb2_grpc as rpc  # noqa: E402
 
 
 class Agent:
-    def __init__(self, *extra):
+    """The agent on a random loopback port (plaintext TCP must be asked for
+    with --insecure), or on a unix socket when `listen` says unix:PATH."""
+
+    def __init__(self, *extra, listen=None):
         uri = f"test://{ROOT}/fixtures/lab-node.xml"
+        listen_args = ["--listen", listen] if listen else ["--listen", "127.0.0.1:0", "--insecure"]
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--connect", uri, "--listen", "127.0.0.1:0", *extra],
+            [BIN, "serve", "--connect", uri, *listen_args, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.addr = None
         done = threading.Event()
@@ -52,7 +56,14 @@ class Agent:
         if not done.wait(30):
             self.stop()
             raise RuntimeError("agent did not start")
-        self.channel = grpc.insecure_channel(self.addr)
+        if listen:
+            # gRPC C-core sends the socket path as the HTTP/2 :authority on
+            # a unix socket; the agent's HTTP/2 stack (h2) refuses that as a
+            # malformed authority. This one channel option fixes it.
+            self.channel = grpc.insecure_channel(
+                self.addr, options=[("grpc.default_authority", "localhost")])
+        else:
+            self.channel = grpc.insecure_channel(self.addr)
         self.stub = rpc.NicAgentStub(self.channel)
 
     def stop(self):
@@ -130,6 +141,96 @@ class PythonClientTest(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.stub.DetachNic(pb.DetachNicRequest(vm="i-2-10-VM", mac="02:00:0a:00:00:01"))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+
+
+def reflection_stream(channel, method_path):
+    """One ServerReflectionInfo exchange asking for the service list.
+
+    v1 and v1alpha have the same messages, field for field; only the
+    package in the method path differs. grpcio-reflection ships the
+    v1alpha messages, so they serialise the request for both versions.
+    """
+    from grpc_reflection.v1alpha import reflection_pb2 as refl
+
+    call = channel.stream_stream(
+        method_path,
+        request_serializer=refl.ServerReflectionRequest.SerializeToString,
+        response_deserializer=refl.ServerReflectionResponse.FromString)
+    responses = list(call(iter([
+        refl.ServerReflectionRequest(list_services=""),
+        refl.ServerReflectionRequest(file_containing_symbol="nicagent.v1.NicAgent"),
+    ]), timeout=10))
+    return responses
+
+
+class ReflectionTest(unittest.TestCase):
+    """Server reflection in both versions: Python's grpcio-reflection,
+    grpc_cli and older grpcurl speak only v1alpha."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.agent = Agent()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop()
+
+    def check(self, path):
+        listed, files = reflection_stream(self.agent.channel, path)
+        names = [s.name for s in listed.list_services_response.service]
+        self.assertIn("nicagent.v1.NicAgent", names)
+        self.assertIn("grpc.health.v1.Health", names)
+        self.assertTrue(files.file_descriptor_response.file_descriptor_proto)
+
+    def test_v1alpha_with_grpcio_reflections_own_client(self):
+        from grpc_reflection.v1alpha import reflection_pb2 as refl
+        from grpc_reflection.v1alpha import reflection_pb2_grpc as refl_rpc
+
+        stub = refl_rpc.ServerReflectionStub(self.agent.channel)
+        [r] = list(stub.ServerReflectionInfo(
+            iter([refl.ServerReflectionRequest(list_services="")]), timeout=10))
+        names = [s.name for s in r.list_services_response.service]
+        self.assertIn("nicagent.v1.NicAgent", names)
+        self.check("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+
+    def test_v1(self):
+        self.check("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+
+
+class UnixSocketTest(unittest.TestCase):
+    """Python on the agent's unix socket: C-core's default :authority is
+    refused, grpc.default_authority = "localhost" works."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="nicagent-py-sock-")
+        cls.sock = os.path.join(cls.dir, "agent.sock")
+        cls.agent = Agent(listen=f"unix:{cls.sock}")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop()
+
+    def test_with_default_authority_localhost_calls_work(self):
+        names = [v.name for v in self.agent.stub.ListVms(pb.ListVmsRequest(), timeout=10).vms]
+        self.assertIn("i-2-10-VM", names)
+        listed, _ = reflection_stream(
+            self.agent.channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        self.assertIn("nicagent.v1.NicAgent",
+                      [s.name for s in listed.list_services_response.service])
+
+    def test_without_the_option_the_socket_path_authority_is_refused(self):
+        ch = grpc.insecure_channel(f"unix:{self.sock}")
+        try:
+            with self.assertRaises(grpc.RpcError) as cm:
+                rpc.NicAgentStub(ch).ListVms(pb.ListVmsRequest(), timeout=10)
+            err = cm.exception
+            # h2 resets the stream with PROTOCOL_ERROR (HTTP/2 error code 1);
+            # C-core reports it as INTERNAL "... RST_STREAM with error code 1".
+            self.assertEqual(err.code(), grpc.StatusCode.INTERNAL, err)
+            self.assertRegex(err.details(), r"RST_STREAM.*error code 1\b")
+        finally:
+            ch.close()
 
 
 if __name__ == "__main__":
