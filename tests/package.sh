@@ -68,6 +68,11 @@ purge() {
 }
 trap purge EXIT
 
+# The package must never create cloudstack-agent's hook; remember whether
+# one was there before (a CloudStack host has it).
+had_qemu_hook=0
+[ -e /etc/libvirt/hooks/qemu ] && had_qemu_hook=1
+
 dpkg -i "$deb"
 
 out=$(/usr/bin/nic-agent --version)
@@ -85,6 +90,15 @@ check "config is a conffile" \
     sh -c "dpkg-query -W -f='\${Conffiles}' nic-agent | grep -q /etc/nic-agent/config.toml"
 check "installed config checks ok" \
     sh -c "/usr/bin/nic-agent config check /etc/nic-agent/config.toml | grep -qx ok"
+check "libvirt hook drop-in installed" test -f /etc/libvirt/hooks/qemu.d/nic-agent
+check "libvirt hook drop-in is executable" test -x /etc/libvirt/hooks/qemu.d/nic-agent
+check "libvirt hook drop-in runs the hook subcommand" \
+    grep -qxF 'exec /usr/bin/nic-agent hook qemu "$@"' /etc/libvirt/hooks/qemu.d/nic-agent
+if [ "$had_qemu_hook" -eq 0 ]; then
+    check "/etc/libvirt/hooks/qemu not created by the package" test ! -e /etc/libvirt/hooks/qemu
+fi
+check "/etc/libvirt/hooks/qemu not in the package" \
+    sh -c "! dpkg -L nic-agent | grep -qx /etc/libvirt/hooks/qemu"
 check "man page installed" test -f /usr/share/man/man1/nic-agent.1.gz
 check "serve man page installed" test -f /usr/share/man/man1/nic-agent-serve.1.gz
 check "bash completion installed" test -s /usr/share/bash-completion/completions/nic-agent
@@ -111,6 +125,7 @@ check "unit exposure ${exposure:-?} <= $max_exposure" \
 purge
 check "purge removes the binary" test ! -e /usr/bin/nic-agent
 check "purge removes the config" test ! -e /etc/nic-agent/config.toml
+check "purge removes the hook drop-in" test ! -e /etc/libvirt/hooks/qemu.d/nic-agent
 check "purge removes the unit" test -z "$(ls /lib/systemd/system/nic-agent.service /usr/lib/systemd/system/nic-agent.service 2>/dev/null)"
 
 echo "package: $pass passed, $fail failed"

@@ -9,6 +9,8 @@ LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Where we record what *we* created or started, so teardown touches nothing else.
 LAB_STATE=${LAB_STATE:-/run/nic-agent-lab}
 LAB_WORK=${LAB_WORK:-$LAB_DIR/work}
+# The lab's nic-agent qemu hook (a libvirt drop-in; see start-libvirtd.sh).
+LAB_HOOK=/etc/libvirt/hooks/qemu.d/nic-agent
 
 lab_log() { echo "[$(basename "$0")] $*" >&2; }
 lab_die() { lab_log "ERROR: $*"; exit 1; }
@@ -56,3 +58,20 @@ os.execvp(sys.argv[1], sys.argv[1:])' "$@"
 # lab_now: seconds since the epoch with milliseconds, for timings.
 lab_now() { date +%s.%3N; }
 lab_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# lab_hook_loaded: true when the running libvirtd runs $LAB_HOOK, i.e. the
+# drop-in is executable and libvirtd started with it in place: either the
+# lab started this libvirtd with the hook present ($LAB_STATE/libvirtd.hooked
+# holds its PID), or libvirtd started at least 2 s after the drop-in's mtime.
+lab_hook_loaded() {
+  local pid etimes mtime
+  [ -x "$LAB_HOOK" ] || return 1
+  lab_pidfile_live /run/libvirtd.pid libvirtd || return 1
+  pid=$(tr -dc '0-9' </run/libvirtd.pid)
+  if [ -r "$LAB_STATE/libvirtd.hooked" ] && [ "$(tr -dc '0-9' <"$LAB_STATE/libvirtd.hooked")" = "$pid" ]; then
+    return 0
+  fi
+  etimes=$(ps -o etimes= -p "$pid" | tr -dc '0-9')
+  mtime=$(stat -c %Y "$LAB_HOOK")
+  [ -n "$etimes" ] && [ $(( $(date +%s) - etimes )) -ge $(( mtime + 2 )) ]
+}

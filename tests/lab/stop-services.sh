@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # stop-services.sh: stops only the daemons that start-libvirtd.sh / start-ovs.sh
-# started (per their markers in $LAB_STATE), by PID.
+# started (per their markers in $LAB_STATE), by PID, and removes the nic-agent
+# hook drop-in start-libvirtd.sh installed.
 #
 # Why: libvirtd and OVS are shared with other helpers and may have been started
 # by someone else; those must be left alone. A marker whose PID is dead or now
@@ -27,6 +28,16 @@ for name in libvirtd virtlogd; do
   stop_pid "$(tr -dc '0-9' <"$m")" "$name"
   rm -f "$m"
 done
+rm -f "$LAB_STATE/libvirtd.hooked"
+# The hook drop-in, only if start-libvirtd.sh installed it (and it is still ours).
+m="$LAB_STATE/hook.installed"
+if [ -e "$m" ]; then
+  if [ -e "$LAB_HOOK" ] && grep -q '^# nic-agent lab hook' "$LAB_HOOK"; then
+    rm -f "$LAB_HOOK"
+    lab_log "removed $LAB_HOOK"
+  fi
+  rm -f "$m"
+fi
 m="$LAB_STATE/ovs.started"
 if [ -e "$m" ]; then
   # vswitchd before the database it reads.
