@@ -591,11 +591,18 @@ impl NetlinkHost {
                 bridge: bridge.clone(),
             });
         }
-        let bridge_mtu = existing_br
+        let dev_mtu = existing_dev
             .as_ref()
-            .map(|b| b.mtu)
-            .or(existing_dev.as_ref().map(|d| d.mtu))
+            .map(|d| d.mtu)
             .unwrap_or(mtu_without_bridge);
+        // A bridge whose segment device is not enslaved yet (made a moment
+        // ago by a concurrent attach, still empty at 1500) takes the
+        // device's lower MTU once it is: plan with what it will have.
+        let bridge_mtu = match &existing_br {
+            Some(b) if enslaved => b.mtu,
+            Some(b) => b.mtu.min(dev_mtu),
+            None => dev_mtu,
+        };
         Ok(HostPlan {
             switch: SwitchType::LinuxBridge,
             label: label_name.clone(),
