@@ -843,6 +843,22 @@ pub struct Settings {
     pub limits: Limits,
 }
 
+impl Settings {
+    /// The host backend's settings. One place, because `serve`, the
+    /// libvirt hook and `repair-vxlan` must agree: a device the hook or a
+    /// repair makes must be the one the daemon would have made, and they
+    /// must share the daemon's locks and records.
+    pub fn host_config(&self) -> crate::host::HostConfig {
+        crate::host::HostConfig {
+            state_dir: self.state_dir.clone(),
+            persist_dir: self.persist_dir.clone(),
+            raise_bridge_mtu: self.raise_bridge_mtu,
+            vxlan: self.vxlan.clone(),
+            ..crate::host::HostConfig::default()
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         // The built-in defaults are valid by construction; a failure here

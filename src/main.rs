@@ -110,13 +110,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         HostNetwork::Auto => !s.connect.starts_with("test:"),
     };
     let host = if manage_host {
-        let h = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
-            state_dir: s.state_dir.clone(),
-            persist_dir: s.persist_dir.clone(),
-            raise_bridge_mtu: s.raise_bridge_mtu,
-            vxlan: s.vxlan.clone(),
-            ..nic_agent::host::HostConfig::default()
-        })?;
+        let h = nic_agent::host::NetlinkHost::new(s.host_config())?;
         Some(Arc::new(h) as Arc<dyn nic_agent::host::HostNet>)
     } else {
         None
@@ -197,29 +191,22 @@ async fn hook(a: &nic_agent::cli::HookArgs) -> Result<String, String> {
         bridge_grace_s: a.bridge_grace_s,
         ..Default::default()
     };
-    let f = FileConfig::load(a.config.as_deref())
-        .map_err(|e| format!("{e:#}"))?
-        .merge(&overrides);
-    let mut xml = String::new();
-    std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
-        .map_err(|e| format!("reading the domain XML on stdin: {e}"))?;
-    // The same VXLAN settings as the daemon: a device the hook rebuilds
-    // must be the one the agent would have made.
-    let host = nic_agent::host::NetlinkHost::new(nic_agent::host::HostConfig {
-        state_dir: f.state_dir.clone(),
-        persist_dir: f.persist_dir.clone(),
-        vxlan: nic_agent::host::VxlanSettings {
-            flavour: f.vxlan.flavour,
-            port: f.vxlan.port,
-            family: f.vxlan.family,
-            lock_file: f.vxlan.lock_file.clone(),
-            ..nic_agent::host::VxlanSettings::default()
-        },
-        ..nic_agent::host::HostConfig::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let grace = std::time::Duration::from_secs(f.bridge_grace_s);
-    match hook::run(&inv, &xml, &host, grace).await {
+    let run = async {
+        let s = Settings::try_from(
+            FileConfig::load(a.config.as_deref())
+                .map_err(|e| format!("{e:#}"))?
+                .merge(&overrides),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let mut xml = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
+            .map_err(|e| format!("reading the domain XML on stdin: {e}"))?;
+        let host = nic_agent::host::NetlinkHost::new(s.host_config()).map_err(|e| e.to_string())?;
+        hook::run(&inv, &xml, &host, s.bridge_grace)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match run.await {
         Ok(o) => {
             for c in &o.changes {
                 tracing::info!(domain = %inv.domain, op = %inv.operation, "{c}");
@@ -228,7 +215,7 @@ async fn hook(a: &nic_agent::cli::HookArgs) -> Result<String, String> {
         }
         // Only prepare may stop libvirt: a failing started/release must not
         // turn into a killed or half-torn-down domain.
-        Err(e) if inv.action() == Action::Prepare => Err(e.to_string()),
+        Err(e) if inv.action() == Action::Prepare => Err(e),
         Err(e) => {
             tracing::warn!(domain = %inv.domain, op = %inv.operation, error = %e, "hook failed; the agent's reconcile retries");
             Ok(String::new())

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::config::{FileConfig, Overrides, Settings};
-use crate::host::{HostConfig, NetlinkHost, VxlanFamily, VxlanFlavour};
+use crate::host::{NetlinkHost, VxlanFamily, VxlanFlavour};
 use crate::nic::Vni;
 
 /// `repair-vxlan` options.
@@ -51,12 +51,7 @@ pub async fn run(a: &RepairVxlanArgs) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .merge(&overrides);
     let s = Settings::try_from(file).map_err(|e| e.to_string())?;
-    let host = NetlinkHost::new(HostConfig {
-        state_dir: s.state_dir.clone(),
-        vxlan: s.vxlan.clone(),
-        ..HostConfig::default()
-    })
-    .map_err(|e| e.to_string())?;
+    let host = NetlinkHost::new(s.host_config()).map_err(|e| e.to_string())?;
     let report = host.repair_vxlan(vni).await.map_err(|e| e.to_string())?;
     Ok(report.to_string())
 }
