@@ -59,6 +59,17 @@ deb=$(cargo deb --no-build --locked | tail -n1)
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 echo "package: $deb"
 
+# The QEMU lab installs its own hook at the package's conffile path
+# (tests/lab/start-libvirtd.sh, which run-all.sh calls first). dpkg would
+# stop at a conffile prompt over it, and the package must be tested as a
+# host without it would see it: set the lab's aside, put it back after the
+# purge (same file, same mtime). No lab domain starts during this tier.
+HOOK=/etc/libvirt/hooks/qemu.d/nic-agent
+aside=""
+if [ -e "$HOOK" ]; then
+    aside=$(mktemp /tmp/nic-agent-lab-hook.XXXXXX)
+    mv -f "$HOOK" "$aside"
+fi
 purged=0
 purge() {
     if [ "$purged" -eq 0 ]; then
@@ -66,7 +77,15 @@ purge() {
         dpkg -P nic-agent >/dev/null
     fi
 }
-trap purge EXIT
+restore_hook() {
+    purge
+    if [ -n "$aside" ]; then
+        mkdir -p "$(dirname "$HOOK")"
+        mv -f "$aside" "$HOOK"
+        aside=""
+    fi
+}
+trap restore_hook EXIT
 
 # The package must never create cloudstack-agent's hook; remember whether
 # one was there before (a CloudStack host has it).
