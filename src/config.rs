@@ -114,6 +114,27 @@ pub enum HostNetwork {
     Off,
 }
 
+/// Who enforces anti-spoofing on NICs that ask for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AntiSpoofing {
+    /// The agent's nwfilter, unless CloudStack's security-group script is
+    /// installed: then cloudstack-agent's own rules are in charge, and a
+    /// second layer would fight them.
+    #[default]
+    Auto,
+    /// Always the agent's nwfilter.
+    Nwfilter,
+    /// Never: the request's flag is ignored, and the reply says so.
+    Off,
+}
+
+/// Where CloudStack installs its security-group script (KVM agent,
+/// cloudstack-common package); its presence means security groups are
+/// cloudstack-agent's on this host.
+pub const CLOUDSTACK_SG_SCRIPT: &str =
+    "/usr/share/cloudstack-common/scripts/vm/network/security_group.py";
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -408,6 +429,10 @@ pub struct FileConfig {
     pub events: bool,
     /// Host networking management.
     pub host_network: HostNetwork,
+    /// Who enforces anti-spoofing.
+    pub anti_spoofing: AntiSpoofing,
+    /// CloudStack's security-group script; `auto` looks for it.
+    pub cloudstack_security_group_script: PathBuf,
     /// State that must survive an agent restart.
     pub state_dir: PathBuf,
     /// State that must survive a host reboot (what agent-made bridges carry).
@@ -451,6 +476,8 @@ impl Default for FileConfig {
             detach_timeout_ms: 30_000,
             events: true,
             host_network: HostNetwork::Auto,
+            anti_spoofing: AntiSpoofing::Auto,
+            cloudstack_security_group_script: CLOUDSTACK_SG_SCRIPT.into(),
             state_dir: "/run/nic-agent".into(),
             persist_dir: "/var/lib/nic-agent".into(),
             raise_bridge_mtu: false,
@@ -508,6 +535,9 @@ pub struct Overrides {
     /// Host networking management [default: auto].
     #[arg(long, value_enum)]
     pub host_network: Option<HostNetwork>,
+    /// Who enforces anti-spoofing on NICs that ask for it [default: auto].
+    #[arg(long, value_enum)]
+    pub anti_spoofing: Option<AntiSpoofing>,
     /// Where the agent keeps state that must survive its restart (bridge
     /// flags saved before IDS promiscuous mode) [default: /run/nic-agent].
     #[arg(long)]
@@ -722,6 +752,7 @@ impl FileConfig {
         set(&mut self.detach_timeout_ms, &o.detach_timeout_ms);
         set(&mut self.events, &o.events);
         set(&mut self.host_network, &o.host_network);
+        set(&mut self.anti_spoofing, &o.anti_spoofing);
         set(&mut self.state_dir, &o.state_dir);
         set(&mut self.persist_dir, &o.persist_dir);
         set(&mut self.bridge_grace_s, &o.bridge_grace_s);
@@ -813,6 +844,10 @@ pub struct Settings {
     pub events: bool,
     /// Host networking management.
     pub host_network: HostNetwork,
+    /// Who enforces anti-spoofing.
+    pub anti_spoofing: AntiSpoofing,
+    /// CloudStack's security-group script.
+    pub cloudstack_security_group_script: PathBuf,
     /// State directory.
     pub state_dir: PathBuf,
     /// Persistent state directory.
@@ -1025,7 +1060,14 @@ impl TryFrom<FileConfig> for Settings {
                 format!("{} is out of range 1-{MAX_TIMEOUT_MS}", f.detach_timeout_ms),
             ));
         }
-        for (key, dir) in [("state_dir", &f.state_dir), ("persist_dir", &f.persist_dir)] {
+        for (key, dir) in [
+            ("state_dir", &f.state_dir),
+            ("persist_dir", &f.persist_dir),
+            (
+                "cloudstack_security_group_script",
+                &f.cloudstack_security_group_script,
+            ),
+        ] {
             if dir.as_os_str().is_empty() || !dir.is_absolute() {
                 return Err(invalid(key, format!("{dir:?} must be an absolute path")));
             }
@@ -1078,6 +1120,8 @@ impl TryFrom<FileConfig> for Settings {
             detach_timeout: Duration::from_millis(f.detach_timeout_ms),
             events: f.events,
             host_network: f.host_network,
+            anti_spoofing: f.anti_spoofing,
+            cloudstack_security_group_script: f.cloudstack_security_group_script,
             state_dir: f.state_dir,
             persist_dir: f.persist_dir,
             bridge_grace: Duration::from_secs(f.bridge_grace_s),

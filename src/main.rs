@@ -12,7 +12,7 @@ use nic_agent::api::tls::{self, TlsMaterial, TlsState};
 use nic_agent::cli::{
     client, offline, Cli, Command, ConfigCommand, HostNetwork, LogFormat, ServeArgs,
 };
-use nic_agent::config::{FileConfig, Overrides, Settings};
+use nic_agent::config::{AntiSpoofing, FileConfig, Overrides, Settings};
 use nic_agent::hotplug::{Hotplug, HotplugConfig};
 use nic_agent::hypervisor::libvirt::{Libvirt, LibvirtOptions};
 use nic_agent::hypervisor::Hypervisor;
@@ -127,9 +127,27 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         allow_bridges: s.allow_bridges.clone(),
         allow_promisc_bridges: s.allow_promisc_bridges.clone(),
         vm_queue_limit: s.limits.vm_queue,
+        anti_spoofing: s.anti_spoofing,
+        cloudstack_sg_script: s.cloudstack_security_group_script.clone(),
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
+    // Define the anti-spoofing filter now, so the first protected attach
+    // does not pay for it; if it fails, that attach tries again and refuses
+    // with the reason (missing package) rather than plug unprotected.
+    let sg_script = s.cloudstack_security_group_script.exists();
+    match s.anti_spoofing {
+        AntiSpoofing::Off => tracing::info!("anti-spoofing off by configuration"),
+        AntiSpoofing::Auto if sg_script => tracing::info!(
+            script = %s.cloudstack_security_group_script.display(),
+            "CloudStack security groups installed: anti-spoofing left to cloudstack-agent"
+        ),
+        _ => {
+            if let Err(e) = hotplug.ensure_filter().await {
+                tracing::warn!(error = %e, "anti-spoofing filter not defined; NICs asking for it are refused until it can be");
+            }
+        }
+    }
     // Install the handlers now, before anything is announced: a SIGTERM
     // that arrives right after READY=1 must reach the graceful path, not
     // the default action.

@@ -443,3 +443,54 @@ async fn request_id_comes_from_field_or_metadata() {
     let r = c.attach_nic(req).await.expect("attach").into_inner();
     assert_eq!(r.request_id, "job-43");
 }
+
+/// libvirt's test driver has no nwfilter driver (VIR_ERR_NO_SUPPORT), like
+/// a host without libvirt-daemon-driver-nwfilter: a NIC that asks for
+/// anti-spoofing is refused, not plugged unprotected.
+#[tokio::test]
+async fn anti_spoofing_without_nwfilter_driver_is_failed_precondition_and_changes_nothing() {
+    let a = start_agent(&lab_uri(), &["--anti-spoofing", "nwfilter"]);
+    let mut c = client(&a).await;
+    let before = nics(&mut c, "i-2-10-VM").await;
+    let mut n = nic("02:00:0a:00:50:01", "cloudbr0");
+    n.anti_spoofing = true;
+    n.ips = vec!["10.1.1.5".into(), "2001:db8::5".into()];
+    let e = attach(&mut c, "i-2-10-VM", n.clone())
+        .await
+        .expect_err("no nwfilter driver");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("libvirt-daemon-driver-nwfilter"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(nics(&mut c, "i-2-10-VM").await, before);
+    // The same NIC without the flag attaches, without a filter.
+    n.anti_spoofing = false;
+    let r = attach(&mut c, "i-2-10-VM", n).await.expect("attach");
+    assert_eq!(r.nic.expect("nic").filter, "");
+}
+
+#[tokio::test]
+async fn anti_spoofing_off_plugs_without_filter_and_says_so() {
+    let a = start_agent(&lab_uri(), &["--anti-spoofing", "off"]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0a:00:50:02", "cloudbr0");
+    n.anti_spoofing = true;
+    let r = attach(&mut c, "i-2-10-VM", n).await.expect("attach");
+    assert_eq!(r.nic.expect("nic").filter, "");
+    assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+    assert!(r.notes[0].contains("off"), "{:?}", r.notes);
+}
+
+#[tokio::test]
+async fn bad_ips_are_invalid_argument() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let mut n = nic("02:00:0a:00:50:03", "cloudbr0");
+    n.anti_spoofing = true;
+    n.ips = vec!["10.1.1.300".into()];
+    let e = attach(&mut c, "i-2-10-VM", n).await.expect_err("bad ip");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("ips"), "{}", e.message());
+}

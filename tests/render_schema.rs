@@ -28,12 +28,17 @@ fn wrap_in_domain(interface: &str) -> String {
 /// A missing validator is a test failure, not a skip: without it this file
 /// would prove nothing.
 fn validate_domain(doc: &str) -> Result<(), String> {
+    validate_as(doc, "domain")
+}
+
+/// Runs `virt-xml-validate FILE KIND` (`domain`, `nwfilter`).
+fn validate_as(doc: &str, kind: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("domain.xml");
     std::fs::write(&path, doc).expect("write domain XML");
     let out = match Command::new("virt-xml-validate")
         .arg(&path)
-        .arg("domain")
+        .arg(kind)
         .output()
     {
         Ok(out) => out,
@@ -336,6 +341,8 @@ fn valid_raw_nic() -> impl Strategy<Value = RawNic> {
                     acpi_index,
                     vhost,
                     interface_id,
+                    anti_spoofing: false,
+                    ips: Vec::new(),
                 },
             )
     })
@@ -482,5 +489,43 @@ fn validator_rejects_a_broken_interface() {
             validate_domain(&wrap_in_domain(bad)).is_err(),
             "accepted: {bad}"
         );
+    }
+}
+
+#[test]
+fn agents_nwfilter_is_valid_for_libvirts_nwfilter_schema() {
+    validate_as(nic_agent::xml::nwfilter::FILTER_XML, "nwfilter").unwrap();
+}
+
+#[test]
+fn anti_spoofing_interface_is_valid_with_and_without_addresses() {
+    for ips in [
+        vec![],
+        vec!["10.1.1.5".to_string()],
+        vec!["10.1.1.5".into(), "10.1.1.6".into(), "2001:db8::5".into()],
+        vec!["fd00::5".to_string()],
+    ] {
+        let spec = NicSpec::try_from(RawNic {
+            mac: "52:54:00:aa:00:01".into(),
+            bridge: "cloudbr0".into(),
+            anti_spoofing: true,
+            ips: ips.clone(),
+            ..RawNic::default()
+        })
+        .unwrap();
+        let mut def = InterfaceDef::from_spec(&spec, spec.bridge.clone(), Alias::generate(), false);
+        def.filter = Some(nic_agent::xml::nwfilter::FilterRef {
+            mac: spec.mac,
+            ips: spec.ips.clone(),
+        });
+        let xml = def.to_xml().unwrap();
+        assert!(
+            xml.contains(r#"<filterref filter="nic-agent-clean">"#),
+            "{xml}"
+        );
+        for ip in &ips {
+            assert!(xml.contains(&format!(r#"value="{ip}""#)), "{ip}: {xml}");
+        }
+        validate_domain(&wrap_in_domain(&xml)).unwrap();
     }
 }

@@ -30,6 +30,8 @@ pub fn raw_nic(n: &pb::NicSpec) -> RawNic {
         acpi_index: n.acpi_index,
         vhost: n.vhost.clone(),
         interface_id: n.interface_id.clone(),
+        anti_spoofing: n.anti_spoofing,
+        ips: n.ips.clone(),
     }
 }
 
@@ -83,6 +85,7 @@ pub fn nic(n: &NicReport) -> pb::Nic {
         driver: n.driver.clone(),
         acpi_index: n.acpi_index,
         interface_id: n.interface_id.clone(),
+        filter: n.filter.clone(),
     }
 }
 
@@ -112,6 +115,7 @@ pub fn attach_response(o: &AttachOutcome, request_id: &str) -> pb::AttachNicResp
         already_present: o.already_present,
         applied,
         request_id: request_id.to_string(),
+        notes: o.notes.clone(),
     }
 }
 

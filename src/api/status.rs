@@ -37,6 +37,7 @@ pub fn code(e: &HotplugError) -> Code {
             HvErrorKind::BadDefinition => Code::InvalidArgument,
             HvErrorKind::DeviceMissing => Code::NotFound,
             HvErrorKind::Timeout => Code::DeadlineExceeded,
+            HvErrorKind::FilterMissing => Code::FailedPrecondition,
             HvErrorKind::Internal => Code::Internal,
         },
         HotplugError::Host(h) => match h.kind() {

@@ -213,6 +213,8 @@ pub async fn attach(a: &AttachArgs) -> Result<String, ClientError> {
         pci_slot: raw.pci_slot,
         acpi_index: raw.acpi_index,
         vhost: raw.vhost.clone(),
+        anti_spoofing: raw.anti_spoofing,
+        ips: raw.ips.clone(),
         interface_id: raw.interface_id.clone(),
     };
     let mut c = connect(&a.target.client.server).await?;

@@ -212,6 +212,13 @@ pub struct NicArgs {
     /// OVS interface-id (UUID).
     #[arg(long, default_value = "")]
     pub interface_id: String,
+    /// Bind the agent's anti-spoofing nwfilter to the NIC.
+    #[arg(long)]
+    pub anti_spoofing: bool,
+    /// The NIC's IPv4/IPv6 address (repeatable); the only sources
+    /// anti-spoofing lets the guest use.
+    #[arg(long = "ip")]
+    pub ips: Vec<String>,
 }
 
 /// `inspect` options.
@@ -354,6 +361,8 @@ impl NicArgs {
             acpi_index: self.acpi_index,
             vhost: self.vhost.clone(),
             interface_id: self.interface_id.clone(),
+            anti_spoofing: self.anti_spoofing,
+            ips: self.ips.clone(),
         })
     }
 }

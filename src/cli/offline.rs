@@ -57,6 +57,10 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
             function: 0,
         }),
         acpi_index: spec.acpi_index,
+        filter: spec.anti_spoofing.then(|| crate::xml::nwfilter::FilterRef {
+            mac: spec.mac,
+            ips: spec.ips.clone(),
+        }),
     };
     def.to_xml().map_err(|e| e.to_string())
 }

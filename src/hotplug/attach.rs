@@ -3,6 +3,7 @@
 //! apply step by step, pushing an undo for every change, and read back what
 //! libvirt really did.
 
+use super::antispoof::Protection;
 use super::report;
 use super::{intent_record, named, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
 use crate::host::objects::SegmentRecord;
@@ -165,6 +166,21 @@ impl Hotplug {
             })?);
         }
 
+        // Anti-spoofing: the filter must exist before a NIC references it,
+        // or libvirt refuses the attach (or, worse, a missing driver would
+        // leave the NIC unprotected). Checked before anything changes.
+        let protection = self.protection(spec);
+        if protection == Protection::Nwfilter {
+            self.ensure_filter().await?;
+        }
+        let notes: Vec<String> = protection
+            .note(&self.cfg.cloudstack_sg_script)
+            .into_iter()
+            .collect();
+        if let Some(n) = notes.first() {
+            tracing::info!(vm = %dom.name, mac = %mac, "{n}");
+        }
+
         let alias = ids_alias(spec)?;
         if spec.promiscuous && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
             return Err(HotplugError::Precondition(format!(
@@ -194,6 +210,7 @@ impl Hotplug {
             alias,
             pci: pinned,
             acpi_index: spec.acpi_index,
+            filter: (protection == Protection::Nwfilter).then(|| Hotplug::filter_ref(spec)),
         };
 
         let mut undo: Vec<Undo> = Vec::new();
@@ -235,6 +252,7 @@ impl Hotplug {
             nic,
             already_present: false,
             applied: targets,
+            notes,
         })
     }
 
@@ -463,6 +481,7 @@ impl Hotplug {
             nic,
             already_present: applied.is_empty(),
             applied,
+            notes: Vec::new(),
         })
     }
 

@@ -325,4 +325,11 @@ impl Hypervisor for Scoped {
         self.ticket.enter(&self.doubt, dom)?;
         self.inner.qemu_netdev_del(dom, id)
     }
+    // Host-wide calls: no VM to be in doubt about.
+    fn nwfilters(&self) -> Result<Vec<String>, HvError> {
+        self.inner.nwfilters()
+    }
+    fn define_nwfilter(&self, xml: &str) -> Result<(), HvError> {
+        self.inner.define_nwfilter(xml)
+    }
 }

@@ -19,6 +19,7 @@
 //! This file holds what they share: domain lookups and views, the undo
 //! runner, and the engine itself.
 
+mod antispoof;
 mod attach;
 mod detach;
 mod doubt;
@@ -40,6 +41,7 @@ pub use pending::detach_poll_reads;
 pub use report::{NicReport, VmReport};
 pub use update::{BandwidthChange, NicUpdate};
 
+use crate::config::AntiSpoofing;
 use crate::host::objects::{decide_removal, Intent, IntentRecord, Removal, Usage};
 use crate::host::{HostNet, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Hypervisor, Target};
@@ -89,6 +91,11 @@ pub struct HotplugConfig {
     /// Requests that may wait for one VM behind the running one; more are
     /// RESOURCE_EXHAUSTED.
     pub vm_queue_limit: usize,
+    /// Who enforces anti-spoofing on NICs that ask for it.
+    pub anti_spoofing: AntiSpoofing,
+    /// CloudStack's security-group script; under `auto`, its presence
+    /// leaves anti-spoofing to cloudstack-agent.
+    pub cloudstack_sg_script: std::path::PathBuf,
 }
 
 fn any_bridge() -> BridgePattern {
@@ -114,6 +121,8 @@ impl Default for HotplugConfig {
             allow_bridges: vec![any_bridge()],
             allow_promisc_bridges: vec![any_bridge()],
             vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
+            anti_spoofing: AntiSpoofing::Auto,
+            cloudstack_sg_script: crate::config::CLOUDSTACK_SG_SCRIPT.into(),
         }
     }
 }
@@ -127,6 +136,9 @@ pub struct AttachOutcome {
     pub already_present: bool,
     /// Which definitions were changed by this call.
     pub applied: Vec<Target>,
+    /// Decisions the caller should know about, e.g. anti-spoofing left to
+    /// cloudstack-agent on this host.
+    pub notes: Vec<String>,
 }
 
 /// The final state of a detach.
@@ -167,6 +179,9 @@ pub struct Hotplug {
     suspects: Arc<Mutex<HashSet<String>>>,
     /// VMs with a libvirt call still outstanding past its deadline.
     doubt: Arc<doubt::InDoubt>,
+    /// Whether the anti-spoofing nwfilter was defined in this run; the
+    /// lock also serialises the define.
+    filter_defined: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Hotplug {
@@ -185,6 +200,7 @@ impl Hotplug {
             pending: Arc::default(),
             suspects: Arc::default(),
             doubt: Arc::default(),
+            filter_defined: Arc::default(),
         }
     }
 
@@ -199,6 +215,7 @@ impl Hotplug {
             pending: self.pending.clone(),
             suspects: self.suspects.clone(),
             doubt: self.doubt.clone(),
+            filter_defined: self.filter_defined.clone(),
         }
     }
 

@@ -207,6 +207,15 @@ pub(super) fn spec_from_view(i: &InterfaceView) -> Result<NicSpec, HotplugError>
         } else {
             String::new()
         },
+        // The agent's filter moves with the NIC; `::` is the placeholder
+        // for "no IPv6 address" (see xml::nwfilter), not an address.
+        anti_spoofing: i.filter.as_deref() == Some(crate::xml::nwfilter::FILTER_NAME),
+        ips: i
+            .filter_params
+            .iter()
+            .filter(|(k, v)| (k == "IP" || k == "IPV6") && v != "::")
+            .map(|(_, v)| v.clone())
+            .collect(),
         ..RawNic::default()
     };
     NicSpec::try_from(raw).map_err(|e| {

@@ -48,6 +48,8 @@ pub struct NicReport {
     pub acpi_index: u32,
     /// OVS `<virtualport><parameters interfaceid=>`, empty when none.
     pub interface_id: String,
+    /// `<filterref filter=>`: the nwfilter on the NIC, empty when none.
+    pub filter: String,
 }
 
 impl NicReport {
@@ -71,6 +73,7 @@ impl NicReport {
             driver: i.driver.clone().unwrap_or_default(),
             acpi_index: i.acpi_index.unwrap_or(0),
             interface_id: i.interface_id.clone().unwrap_or_default(),
+            filter: i.filter.clone().unwrap_or_default(),
         }
     }
 }

@@ -28,7 +28,8 @@ pub enum Unplug {
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
-    /// "attach", "detach", "update", "device_del" or "netdev_del".
+    /// "attach", "detach", "update", "device_del", "netdev_del",
+    /// "list_nwfilters" or "define_nwfilter".
     pub op: &'static str,
     /// Live or config.
     pub target: Target,
@@ -68,6 +69,9 @@ pub struct FakeHypervisor {
     released: (Mutex<u64>, Condvar),
     events: Option<EventHub>,
     live_reads: AtomicU64,
+    /// Defined network filters by name; `None` when the "host" has no
+    /// nwfilter driver. Starts with libvirt's standard set.
+    pub nwfilters: Mutex<Option<Vec<String>>>,
 }
 
 fn mac_of(xml: &str) -> String {
@@ -93,6 +97,12 @@ impl Default for FakeHypervisor {
             released: (Mutex::new(0), Condvar::new()),
             events: None,
             live_reads: AtomicU64::new(0),
+            nwfilters: Mutex::new(Some(
+                crate::xml::nwfilter::STANDARD_PIECES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            )),
         }
     }
 }
@@ -461,6 +471,50 @@ impl Hypervisor for FakeHypervisor {
             Ok(())
         })
     }
+    fn nwfilters(&self) -> Result<Vec<String>, HvError> {
+        self.record("list_nwfilters", Target::Live, String::new());
+        self.scripted_failure("list_nwfilters", Target::Live)?;
+        let f = self
+            .nwfilters
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        f.clone().ok_or_else(|| {
+            HvError::new(
+                HvErrorKind::Unsupported,
+                "list nwfilters",
+                "this function is not supported by the connection driver",
+            )
+        })
+    }
+
+    fn define_nwfilter(&self, xml: &str) -> Result<(), HvError> {
+        let name = xml
+            .split_once("name='")
+            .and_then(|(_, rest)| rest.split_once('\''))
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default();
+        // `mac` carries the filter's name for this op.
+        self.record("define_nwfilter", Target::Live, name.clone());
+        self.scripted_failure("define_nwfilter", Target::Live)?;
+        let mut f = self
+            .nwfilters
+            .lock()
+            .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+        match f.as_mut() {
+            None => Err(HvError::new(
+                HvErrorKind::Unsupported,
+                "define nwfilter",
+                "this function is not supported by the connection driver",
+            )),
+            Some(list) => {
+                if !list.contains(&name) {
+                    list.push(name);
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
         let mac = mac_of(xml);
         self.record("update", target, mac.clone());

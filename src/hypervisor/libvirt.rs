@@ -315,6 +315,7 @@ fn classify(op: &str, e: &VirtError) -> HvError {
         | ErrorNumber::InvalidArg => HvErrorKind::BadDefinition,
         ErrorNumber::DeviceMissing => HvErrorKind::DeviceMissing,
         ErrorNumber::OperationTimeout | ErrorNumber::AgentUnresponsive => HvErrorKind::Timeout,
+        ErrorNumber::NoNwfilter | ErrorNumber::NoNwfilterStart => HvErrorKind::FilterMissing,
         _ => HvErrorKind::Internal,
     };
     HvError {
@@ -509,6 +510,41 @@ impl Hypervisor for Libvirt {
             });
         }
         Ok(out)
+    }
+
+    fn nwfilters(&self) -> Result<Vec<String>, HvError> {
+        let conn = self.conn()?;
+        count("virConnectListAllNWFilters");
+        let filters = conn
+            .list_all_nw_filters(0)
+            .map_err(|e| self.fail(&conn, "list nwfilters", &e))?;
+        filters
+            .iter()
+            .map(|f| f.name().map_err(|e| self.fail(&conn, "nwfilter name", &e)))
+            .collect()
+    }
+
+    fn define_nwfilter(&self, xml: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let c_xml = std::ffi::CString::new(xml).map_err(|_| {
+            HvError::new(
+                HvErrorKind::BadDefinition,
+                "define nwfilter",
+                "filter XML contains a NUL byte",
+            )
+        })?;
+        count("virNWFilterDefineXML");
+        // The virt crate (0.5) wraps lookup and list but not define.
+        // SAFETY: the connection pointer is valid while `conn` lives, and
+        // `c_xml` outlives the call. A non-null result is a new reference,
+        // which `NWFilter::from_ptr` takes over and releases on drop.
+        let ptr = unsafe { virt::sys::virNWFilterDefineXML(conn.as_ptr(), c_xml.as_ptr()) };
+        if ptr.is_null() {
+            return Err(self.fail(&conn, "define nwfilter", &VirtError::last_error()));
+        }
+        // SAFETY: non-null, freshly returned by libvirt, owned by us.
+        drop(unsafe { virt::nwfilter::NWFilter::from_ptr(ptr) });
+        Ok(())
     }
 
     fn qemu_device_del(&self, dom: &DomainRef, id: &str) -> Result<(), HvError> {

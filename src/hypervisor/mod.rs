@@ -98,6 +98,9 @@ pub enum HvErrorKind {
     DeviceMissing,
     /// A libvirt operation timed out.
     Timeout,
+    /// A network filter the call needs is not defined
+    /// (VIR_ERR_NO_NWFILTER), or the nwfilter driver failed to start.
+    FilterMissing,
     /// Anything else.
     Internal,
 }
@@ -215,5 +218,25 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// the backend is what releases the host's tap.
     fn qemu_netdev_del(&self, _dom: &DomainRef, _id: &str) -> Result<(), HvError> {
         Err(no_monitor("qemu-monitor netdev_del"))
+    }
+
+    /// The names of the network filters libvirt has defined
+    /// (virConnectListAllNWFilters). `Unsupported` when the connection has
+    /// no nwfilter driver.
+    fn nwfilters(&self) -> Result<Vec<String>, HvError> {
+        Err(HvError::new(
+            HvErrorKind::Unsupported,
+            "list nwfilters",
+            "this driver has no nwfilter support",
+        ))
+    }
+    /// virNWFilterDefineXML: defines a network filter, or replaces the one
+    /// with the same name and UUID.
+    fn define_nwfilter(&self, _xml: &str) -> Result<(), HvError> {
+        Err(HvError::new(
+            HvErrorKind::Unsupported,
+            "define nwfilter",
+            "this driver has no nwfilter support",
+        ))
     }
 }

@@ -90,6 +90,7 @@ mod never_panics {
                 inbound: Some(RawBandwidth { average_kbps: bw.0, peak_kbps: bw.1, burst_kb: bw.2, rate_mbps: bw.3 }),
                 outbound: None,
                 pci_slot: slots.0, acpi_index: slots.1, vhost, interface_id: iid,
+                anti_spoofing: false, ips: vec![],
             };
             if let Err(e) = NicSpec::try_from(raw) {
                 // Every rejection names a field and renders a message.

@@ -1,5 +1,7 @@
 //! The raw request ([`RawNic`]) and its validated form ([`NicSpec`]).
 
+use std::net::IpAddr;
+
 use super::bandwidth::{fields, MAX_KB};
 use super::{
     AcpiIndex, Alias, Bandwidth, BridgeName, InterfaceId, LinkState, MacAddr, Mtu, NicError,
@@ -59,6 +61,10 @@ pub struct RawNic {
     pub vhost: String,
     /// OVS interface id (UUID); OVS only.
     pub interface_id: String,
+    /// Bind the agent's anti-spoofing nwfilter to this NIC.
+    pub anti_spoofing: bool,
+    /// The NIC's IPv4/IPv6 addresses, as text.
+    pub ips: Vec<String>,
 }
 
 /// A fully validated NIC request. Every field already holds an allowed
@@ -97,6 +103,41 @@ pub struct NicSpec {
     pub vhost: VhostMode,
     /// OVS interface id; `None` lets libvirt generate one.
     pub interface_id: Option<InterfaceId>,
+    /// Bind the agent's anti-spoofing nwfilter to this NIC.
+    pub anti_spoofing: bool,
+    /// The NIC's addresses, without duplicates, in request order: the only
+    /// source addresses anti-spoofing lets the guest use.
+    pub ips: Vec<IpAddr>,
+}
+
+/// More addresses than any NIC needs; bounds the filter's parameter list.
+pub const MAX_IPS: usize = 64;
+
+/// Parses the `ips` field: unicast IPv4/IPv6 host addresses, no duplicates.
+fn ips(raw: &[String]) -> Result<Vec<IpAddr>, NicError> {
+    const ALLOWED: &str = "unicast IPv4 or IPv6 host addresses such as 10.1.1.5 or 2001:db8::5";
+    if raw.len() > MAX_IPS {
+        return Err(NicError::invalid(
+            "ips",
+            format!("{} addresses", raw.len()),
+            format!("at most {MAX_IPS}"),
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for s in raw {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| NicError::invalid("ips", s, ALLOWED))?;
+        let v4_broadcast = matches!(ip, IpAddr::V4(v) if v.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || v4_broadcast {
+            return Err(NicError::invalid("ips", s, ALLOWED));
+        }
+        if out.contains(&ip) {
+            return Err(NicError::conflict("ips", format!("{ip} is listed twice")));
+        }
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 const URI_ALLOWED: &str = "vlan://1-4094, vlan://untagged, vlan://4095, vxlan://1-16777215";
@@ -319,6 +360,8 @@ impl TryFrom<RawNic> for NicSpec {
             acpi_index,
             vhost,
             interface_id,
+            anti_spoofing: raw.anti_spoofing,
+            ips: ips(&raw.ips)?,
         })
     }
 }
@@ -365,6 +408,8 @@ impl NicSpec {
                 "interface_id",
                 same_if_both_set(&self.interface_id, &other.interface_id),
             ),
+            ("anti_spoofing", self.anti_spoofing == other.anti_spoofing),
+            ("ips", self.ips == other.ips),
         ];
         checks
             .into_iter()
@@ -946,5 +991,37 @@ mod tests {
             ..raw()
         });
         assert_eq!(full.diff(&other), vec!["alias", "pci_slot", "interface_id"]);
+    }
+
+    #[test]
+    fn ips_accept_both_families_and_refuse_non_host_addresses() {
+        let s = spec(RawNic {
+            anti_spoofing: true,
+            ips: vec!["10.1.1.5".into(), "2001:db8::5".into()],
+            ..raw()
+        });
+        assert!(s.anti_spoofing);
+        assert_eq!(s.ips.len(), 2);
+        for bad in [
+            "10.1.1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.0.0.0/8",
+        ] {
+            let e = err(RawNic {
+                ips: vec![bad.into()],
+                ..raw()
+            });
+            assert!(is_invalid(&e, "ips"), "{bad}: {e}");
+        }
+        let e = err(RawNic {
+            ips: vec!["10.1.1.5".into(), "10.1.1.5".into()],
+            ..raw()
+        });
+        assert!(is_conflict(&e, "ips"), "{e}");
     }
 }

@@ -110,6 +110,10 @@ pub struct InterfaceView {
     pub acpi_index: Option<u32>,
     /// The guest PCI address (`<address type='pci'>`), once libvirt assigned one.
     pub pci: Option<PciAddress>,
+    /// `<filterref filter>`: the nwfilter libvirt applies to the NIC.
+    pub filter: Option<String>,
+    /// The filter's `<parameter name value>` pairs, in document order.
+    pub filter_params: Vec<(String, String)>,
 }
 
 /// One direction of `<bandwidth>`; values as libvirt writes them (KiB/s, KiB).
@@ -262,6 +266,15 @@ fn interface(el: &Element) -> InterfaceView {
         outbound: direction("outbound"),
         acpi_index: num_of("acpi", "index"),
         pci: el.child("address").and_then(pci_address),
+        filter: attr_of("filterref", "filter"),
+        filter_params: el
+            .child("filterref")
+            .map(|f| {
+                f.children_named("parameter")
+                    .filter_map(|p| Some((p.attr("name")?.to_owned(), p.attr("value")?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::nic::{
     NicSpec, QueueCount, Segment, SwitchType, VhostMode, VlanId,
 };
 use crate::pci::PciAddress;
+use crate::xml::nwfilter::{FilterRef, XFilterRef};
 
 /// Which virtio-net backend libvirt should ask QEMU for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,8 @@ pub struct InterfaceDef {
     pub pci: Option<PciAddress>,
     /// ACPI index.
     pub acpi_index: Option<AcpiIndex>,
+    /// Anti-spoofing: a reference to the agent's nwfilter.
+    pub filter: Option<FilterRef>,
 }
 
 impl InterfaceDef {
@@ -144,14 +147,18 @@ impl InterfaceDef {
             alias,
             pci: None,
             acpi_index: spec.acpi_index,
+            // Whether the filter is applied is the hot-plug policy's call
+            // (anti_spoofing = auto/nwfilter/off), not the request's alone.
+            filter: None,
         }
     }
 
     /// Renders the element libvirt's `virDomainAttachDeviceFlags` takes:
     /// one `<interface>` element, no XML declaration, indented with two
     /// spaces, children in the order libvirt's `virsh dumpxml` prints them
-    /// (mac, source, vlan, virtualport, bandwidth, model, driver, link, mtu,
-    /// alias, acpi, address), so equal definitions give equal text.
+    /// (mac, source, vlan, virtualport, bandwidth, model, driver, filterref,
+    /// link, mtu, alias, acpi, address), so equal definitions give equal
+    /// text.
     pub fn to_xml(&self) -> Result<String, XmlWriteError> {
         let doc = self.document()?;
         let mut out = String::new();
@@ -220,6 +227,7 @@ impl InterfaceDef {
                 kind: self.model.as_str(),
             },
             driver,
+            filterref: self.filter.as_ref().map(FilterRef::element),
             mtu: self.mtu.map(|m| XMtu { size: m.get() }),
             link: XLink {
                 state: self.link.as_str(),
@@ -270,6 +278,8 @@ struct XInterface<'a> {
     model: XModel,
     #[serde(skip_serializing_if = "Option::is_none")]
     driver: Option<XDriver>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filterref: Option<XFilterRef>,
     link: XLink,
     #[serde(skip_serializing_if = "Option::is_none")]
     mtu: Option<XMtu>,
@@ -419,6 +429,7 @@ mod tests {
             alias: Alias::try_from("ua-net1").unwrap(),
             pci: None,
             acpi_index: None,
+            filter: None,
         }
     }
 
@@ -683,5 +694,32 @@ mod tests {
         assert_eq!(d.driver, None);
         let xml = d.to_xml().unwrap();
         assert!(!xml.contains("<driver"), "{xml}");
+    }
+
+    #[test]
+    fn anti_spoofing_nic_references_the_agents_filter_with_mac_and_ips() {
+        let d = InterfaceDef {
+            filter: Some(FilterRef {
+                mac: MacAddr::try_from("52:54:00:12:34:56").unwrap(),
+                ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+            }),
+            driver: Some(DriverName::Qemu),
+            ..def()
+        };
+        let xml = d.to_xml().unwrap();
+        let expected = r#"  <driver name="qemu"/>
+  <filterref filter="nic-agent-clean">
+    <parameter name="MAC" value="52:54:00:12:34:56"/>
+    <parameter name="IP" value="10.0.0.5"/>
+    <parameter name="IPV6" value="fd00::5"/>
+  </filterref>
+  <link state="up"/>"#;
+        assert!(xml.contains(expected), "{xml}");
+    }
+
+    #[test]
+    fn nic_without_anti_spoofing_has_no_filterref() {
+        let xml = def().to_xml().unwrap();
+        assert!(!xml.contains("filterref"), "{xml}");
     }
 }

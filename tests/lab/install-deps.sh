@@ -14,8 +14,13 @@ export DEBIAN_FRONTEND=noninteractive
 BPO=/etc/apt/sources.list.d/nic-agent-bookworm-backports.list
 stamp=/var/lib/nic-agent-deps.stamp
 
-pkgs_bpo="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86"
-pkgs="pkg-config protobuf-compiler libxml2-utils iproute2 openvswitch-switch dnsmasq-base python3-libvirt cpio busybox-static"
+# libvirt-daemon-driver-nwfilter and libvirt-daemon-config-nwfilter: the
+# nwfilter driver and its standard filters (no-mac-spoofing, no-ipv6-spoofing,
+# ...), which the agent's anti-spoofing filter is built from; iptables ships
+# ebtables-nft, which the driver runs. libvirtd loads both only when it
+# starts: start-libvirtd.sh restarts a lab-started libvirtd that lacks them.
+pkgs_bpo="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 libvirt-daemon-driver-nwfilter libvirt-daemon-config-nwfilter"
+pkgs="pkg-config protobuf-compiler libxml2-utils iproute2 openvswitch-switch dnsmasq-base python3-libvirt cpio busybox-static iptables"
 
 missing=0
 for p in $pkgs_bpo $pkgs; do
