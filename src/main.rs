@@ -122,6 +122,15 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         None
     };
     tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), "connected to libvirt");
+    // Wherever taps are real (also with --host-network off): libvirt
+    // shapes them with tc. The test driver has no taps and shapes nothing.
+    let tc = if !s.connect.starts_with("test:") {
+        let t = tokio::task::spawn_blocking(nic_agent::host::tc::TcAbilities::probe).await?;
+        tracing::info!(sfq = ?t.sfq, police = ?t.police, "kernel traffic-control probe");
+        t
+    } else {
+        nic_agent::host::tc::TcAbilities::default()
+    };
     let cfg = HotplugConfig {
         queue_cap: s.queue_cap,
         nic_limit: s.nic_limit,
@@ -133,6 +142,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         allow_bridges: s.allow_bridges.clone(),
         allow_promisc_bridges: s.allow_promisc_bridges.clone(),
         vm_queue_limit: s.limits.vm_queue,
+        tc,
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));

@@ -89,6 +89,9 @@ pub struct HotplugConfig {
     /// Requests that may wait for one VM behind the running one; more are
     /// RESOURCE_EXHAUSTED.
     pub vm_queue_limit: usize,
+    /// What the kernel lets libvirt do to a running guest's `<bandwidth>`,
+    /// probed once at start-up; the default (not probed) refuses nothing.
+    pub tc: crate::host::tc::TcAbilities,
 }
 
 fn any_bridge() -> BridgePattern {
@@ -114,6 +117,7 @@ impl Default for HotplugConfig {
             allow_bridges: vec![any_bridge()],
             allow_promisc_bridges: vec![any_bridge()],
             vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
+            tc: crate::host::tc::TcAbilities::default(),
         }
     }
 }
