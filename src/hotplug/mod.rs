@@ -169,6 +169,10 @@ pub struct Hotplug {
     /// VMs (by UUID) whose live attach lost libvirtd mid-call: QEMU may
     /// hold a NIC libvirt never recorded. See `ghosts`.
     suspects: Arc<Mutex<HashSet<String>>>,
+    /// Netdevs (by domain UUID) of lost NICs whose unplug a paused or hung
+    /// guest had not finished: their device_del is sent, their netdev_del
+    /// (which closes the host's tap) is owed. See `ghosts`.
+    lost_netdevs: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// VMs with a libvirt call still outstanding past its deadline.
     doubt: Arc<doubt::InDoubt>,
 }
@@ -188,6 +192,7 @@ impl Hotplug {
             cfg,
             pending: Arc::default(),
             suspects: Arc::default(),
+            lost_netdevs: Arc::default(),
             doubt: Arc::default(),
         }
     }
@@ -202,6 +207,7 @@ impl Hotplug {
             locks: self.locks.clone(),
             pending: self.pending.clone(),
             suspects: self.suspects.clone(),
+            lost_netdevs: self.lost_netdevs.clone(),
             doubt: self.doubt.clone(),
         }
     }

@@ -326,6 +326,28 @@ async fn a_lost_nic_the_guest_keeps_fails_the_attach_naming_it() {
     // No netdev_del while the device is still there, and nothing attached.
     assert!(!fake.calls().iter().any(|c| c.op == "netdev_del"));
     assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+    // The guest resumes and lets the device go. The netdev_del is still
+    // owed (it closes the host's tap), though QEMU now lists no lost NIC:
+    // the retried attach sends it, once, and goes through.
+    fake.release_ghosts("vm1");
+    hp.attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect("retry after resume");
+    let netdev_dels: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.op == "netdev_del")
+        .map(|c| c.mac)
+        .collect();
+    assert_eq!(netdev_dels, vec!["hostua-lost".to_string()]);
+    hp.attach("vm1", &spec("52:54:00:00:00:02"))
+        .await
+        .expect("next attach");
+    assert_eq!(
+        fake.calls().iter().filter(|c| c.op == "netdev_del").count(),
+        1,
+        "owed netdev_del sent once"
+    );
 }
 
 #[tokio::test]

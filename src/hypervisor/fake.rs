@@ -277,6 +277,15 @@ impl FakeHypervisor {
         });
     }
 
+    /// The guest resumes and acts on the unplugs it was sent: every ghost
+    /// leaves QEMU (its netdev stays until netdev_del, as in QEMU).
+    pub fn release_ghosts(&self, vm: &str) {
+        let _ = self.with(vm, |d| {
+            d.ghosts.clear();
+            Ok(())
+        });
+    }
+
     /// The ghost NICs a domain still has.
     pub fn ghosts(&self, vm: &str) -> Vec<QemuNic> {
         self.with(vm, |d| {
