@@ -1,6 +1,7 @@
 //! Orchestration tests of attach/detach against the recording fake
-//! hypervisor. The same paths are proven on the libvirt test driver
-//! (tests/agent_testdriver.rs) and on real QEMU (tests/lab).
+//! hypervisor. Most paths are also proven on the libvirt test driver
+//! (tests/agent_testdriver.rs) and on real QEMU (tests/lab); the ones only
+//! the fake proves are listed in `hypervisor::fake`'s module comment.
 
 use std::sync::Arc;
 use std::time::Duration;
