@@ -165,6 +165,21 @@ impl Hotplug {
             })?);
         }
 
+        if live.is_some() {
+            // libvirt shapes the new tap with tc as it plugs it; see update.rs.
+            let missing = self
+                .cfg
+                .tc
+                .missing_for(spec.inbound.is_some(), spec.outbound.is_some());
+            if !missing.is_empty() {
+                return Err(HotplugError::Precondition(format!(
+                    "this host's kernel lacks {} (probed at start-up), so libvirt cannot shape a NIC plugged into running vm {}; \
+                     attach without inbound/outbound, or load the module",
+                    missing.join(" and "),
+                    dom.name
+                )));
+            }
+        }
         let alias = ids_alias(spec)?;
         if spec.promiscuous && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
             return Err(HotplugError::Precondition(format!(

@@ -468,3 +468,46 @@ async fn a_live_attach_lost_with_nothing_recorded_answers_unavailable_and_leaves
     assert!(hp.list_nics("vm1").await.expect("list").is_empty());
     assert!(!fake.calls().iter().any(|c| c.target == Target::Config));
 }
+
+#[tokio::test]
+async fn shaped_attach_to_a_running_vm_without_kernel_support_is_refused_before_libvirt() {
+    use crate::host::tc::{Ability, TcAbilities};
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    let hp = Hotplug::new(
+        fake.clone(),
+        None,
+        HotplugConfig {
+            tc: TcAbilities {
+                sfq: Ability::Missing,
+                police: Ability::Missing,
+            },
+            ..HotplugConfig::default()
+        },
+    );
+    let shaped = NicSpec::try_from(RawNic {
+        mac: "52:54:00:00:00:01".into(),
+        bridge: "cloudbr0".into(),
+        outbound: Some(crate::nic::RawBandwidth {
+            average_kbps: 100,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .expect("spec");
+    let err = hp.attach("vm1", &shaped).await.expect_err("no act_police");
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(err.to_string().contains("act_police"), "{err}");
+    assert!(
+        fake.calls().is_empty(),
+        "libvirt was asked: {:?}",
+        fake.calls()
+    );
+    // Unshaped NICs still attach.
+    hp.attach("vm1", &spec("52:54:00:00:00:02"))
+        .await
+        .expect("plain attach");
+}
