@@ -541,7 +541,6 @@ class FaultsE2E(unittest.TestCase):
         xml = lk.virsh("dumpxml", vm).stdout
         used = {int(s, 16) for s in re.findall(r"bus='0x00' slot='(0x[0-9a-f]+)'", xml)}
         slot = min(set(range(2, 32)) - used)
-        g = lk.Guest(vm, "pc", OUT)
 
         def qmp(cmd, **args):
             out = lk.virsh("qemu-monitor-command", vm,
@@ -568,12 +567,13 @@ class FaultsE2E(unittest.TestCase):
             self.assertTrue(os.path.exists(f"/sys/class/net/{tap}"),
                             "netdev_del was sent while the device was still in the guest")
         finally:
-            mark = g.console.mark()
             lk.virsh("resume", vm)
         try:
-            # The unplug the agent requested lands once the guest runs.
-            g.console.wait(rf"LAB: nic-remove name=\S+ mac={lost_mac}", timeout=60, after=mark)
-            lk.wait_until(lambda: not ghost_devices(vm), 30, what=f"{lost_id} gone from QEMU")
+            # The unplug the agent requested lands once the guest runs. The
+            # guest never saw the NIC while paused, so its console may show
+            # no nic-add/nic-remove pair; QEMU's device list is the proof.
+            lk.wait_until(lambda: not ghost_devices(vm), 60, interval=0.5,
+                          what=f"{lost_id} gone from QEMU")
             c, r = outcome(attach, agent.stub, vm, new_mac)
             self.assertEqual(c, "OK", r)
             lk.wait_until(lambda: not os.path.exists(f"/sys/class/net/{tap}"), 10,
@@ -584,7 +584,8 @@ class FaultsE2E(unittest.TestCase):
             REPORT.append(f"lost NIC with tap {tap} on a paused guest: FAILED_PRECONDITION, "
                           "then after resume unplugged and its tap closed")
         finally:
-            agent.stop()
+            if agent is not None:
+                agent.stop()
 
 
 if __name__ == "__main__":
