@@ -116,6 +116,15 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         None
     };
     tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), "connected to libvirt");
+    // Wherever taps are real (also with --host-network off): libvirt
+    // shapes them with tc. The test driver has no taps and shapes nothing.
+    let tc = if !s.connect.starts_with("test:") {
+        let t = tokio::task::spawn_blocking(nic_agent::host::tc::TcAbilities::probe).await?;
+        tracing::info!(sfq = ?t.sfq, police = ?t.police, "kernel traffic-control probe");
+        t
+    } else {
+        nic_agent::host::tc::TcAbilities::default()
+    };
     let cfg = HotplugConfig {
         queue_cap: s.queue_cap,
         nic_limit: s.nic_limit,
@@ -129,6 +138,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         vm_queue_limit: s.limits.vm_queue,
         anti_spoofing: s.anti_spoofing,
         cloudstack_sg_script: s.cloudstack_security_group_script.clone(),
+        tc,
         ..HotplugConfig::default()
     };
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));

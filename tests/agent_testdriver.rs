@@ -494,3 +494,35 @@ async fn bad_ips_are_invalid_argument() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("ips"), "{}", e.message());
 }
+
+/// test:///default's own VM `test` (`type='test'`, no machine type, no
+/// ACPI) is the first thing a newcomer tries. QEMU's i440fx ACPI rule does
+/// not apply to the test driver, so the attach goes through and capacity
+/// says there is room.
+#[tokio::test]
+async fn test_default_own_vm_takes_a_nic() {
+    let a = start_agent("test:///default", &[]);
+    let mut c = client(&a).await;
+    let cap = c
+        .get_pci_capacity(pb::GetPciCapacityRequest { vm: "test".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(cap.machine_family, "pc");
+    assert_eq!(
+        (cap.free_slots, cap.used_slots, cap.total_slots),
+        (29, 1, 30)
+    );
+    assert_eq!(cap.full_reason, "");
+    assert!(cap.notes.is_empty(), "{:?}", cap.notes);
+    let before = nics(&mut c, "test").await.len();
+    let r = attach(&mut c, "test", nic("02:00:0a:00:77:01", "cloudbr0"))
+        .await
+        .expect("attach to test:///default's VM test");
+    assert_eq!(r.applied, "live");
+    let got = r.nic.expect("nic");
+    assert_eq!(got.mac, "02:00:0a:00:77:01");
+    // The test driver assigns no PCI addresses (lab-facts), so no slot to check.
+    assert_eq!(got.pci, None);
+    assert_eq!(nics(&mut c, "test").await.len(), before + 1);
+}

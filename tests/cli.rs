@@ -303,3 +303,129 @@ fn list_table_prints_an_unknown_mtu_as_a_dash() {
         .expect("the lab node's NIC");
     assert_eq!(own["mtu"], 0);
 }
+
+fn attach_cli(server: &str, vm: &str, mac: &str) {
+    let (ok, _, err) = run(&[
+        "attach", "--server", server, "--vm", vm, "--mac", mac, "--bridge", "cloudbr0",
+    ]);
+    assert!(ok, "attach {mac} to {vm}: {err}");
+}
+
+/// Runs the CLI and returns (exit code, stdout, stderr).
+fn run_code(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = bin().args(args).output().expect("run nic-agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// `update`, `move` and `detach` through the real CLI against the test
+/// driver. This libvirt's test driver implements neither
+/// virDomainDetachDeviceFlags nor an interface update (`virsh update-device`
+/// there says "persistent update of device 'interface' is not supported",
+/// also with --live), and a move starts with a detach. So all three answer
+/// UNIMPLEMENTED, exit 1, say so in one line, and leave the NIC as it was.
+/// They succeed on real QEMU: tests/lab/test_e2e_hotplug.py (detach by
+/// this CLI), test_e2e_day2.py (UpdateNic, MoveNic).
+#[test]
+fn update_move_and_detach_cli_say_unimplemented_on_the_test_driver() {
+    let a = common::start_agent(&common::lab_uri(), &[]);
+    let mac = "02:00:0a:00:77:21";
+    attach_cli(&a.addr, "i-2-10-VM", mac);
+    let before = run(&["list", "--server", &a.addr, "--vm", "i-2-10-VM", "--json"]).1;
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "update",
+                "--vm",
+                "i-2-10-VM",
+                "--mac",
+                mac,
+                "--link",
+                "down",
+            ],
+            "error: UNIMPLEMENTED: updating a NIC is not supported by the libvirt TEST driver\n",
+        ),
+        (
+            &[
+                "update",
+                "--vm",
+                "i-2-10-VM",
+                "--mac",
+                mac,
+                "--inbound",
+                "1000",
+            ],
+            "error: UNIMPLEMENTED: updating a NIC is not supported by the libvirt TEST driver\n",
+        ),
+        (
+            &[
+                "move",
+                "--from-vm",
+                "i-2-10-VM",
+                "--to-vm",
+                "i-3-20-VM",
+                "--mac",
+                mac,
+            ],
+            "error: UNIMPLEMENTED: detach is not supported by the libvirt TEST driver\n",
+        ),
+        (
+            &["detach", "--vm", "i-2-10-VM", "--mac", mac],
+            "error: UNIMPLEMENTED: detach is not supported by the libvirt TEST driver\n",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec![args[0], "--server", &a.addr];
+        full.extend_from_slice(&args[1..]);
+        let (code, out, err) = run_code(&full);
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (Some(1), "", want),
+            "{args:?}"
+        );
+    }
+    assert_eq!(
+        run(&["list", "--server", &a.addr, "--vm", "i-2-10-VM", "--json"]).1,
+        before,
+        "a refused update/move/detach changed the VM"
+    );
+    let (_, out, _) = run(&["list", "--server", &a.addr, "--vm", "i-3-20-VM", "--json"]);
+    assert!(
+        !out.contains(mac),
+        "the refused move put {mac} on i-3-20-VM: {out}"
+    );
+    // A NIC that is not there is NOT_FOUND before the driver is asked.
+    let (code, _, err) = run_code(&[
+        "update",
+        "--server",
+        &a.addr,
+        "--vm",
+        "i-2-10-VM",
+        "--mac",
+        "02:00:0a:00:77:2f",
+        "--link",
+        "down",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("error: NOT_FOUND: no NIC 02:00:0a:00:77:2f in vm i-2-10-VM"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_says_why_a_pc_without_acpi_takes_nothing() {
+    let f = common::fixture("domains/pc-noacpi.xml");
+    let (ok, out, err) = run(&["inspect", "--domain-xml", &f, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["free_pci_slots"], 0);
+    assert_eq!(v["full_reason"], "acpi_missing");
+    let f = common::fixture("domains/pc-full.xml");
+    let (_, out, _) = run(&["inspect", "--domain-xml", &f, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["full_reason"], "no_slot");
+}

@@ -152,6 +152,7 @@ pub fn capacity(
         nic_count,
         attachable,
         notes: c.notes.clone(),
+        full_reason: c.full.map(|f| f.as_str().to_owned()).unwrap_or_default(),
     }
 }
 

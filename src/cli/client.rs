@@ -290,6 +290,7 @@ pub async fn capacity(a: &VmArgs) -> Result<String, ClientError> {
             "free_slots": r.free_slots, "used_slots": r.used_slots, "total_slots": r.total_slots,
             "next": r.next.as_ref().map(|_| pci_str(&r.next)), "machine_family": r.machine_family,
             "nic_limit": r.nic_limit, "nic_count": r.nic_count, "attachable": r.attachable, "notes": r.notes,
+            "full_reason": (!r.full_reason.is_empty()).then_some(&r.full_reason),
         }))
         .unwrap_or_default());
     }
@@ -304,6 +305,14 @@ pub async fn capacity(a: &VmArgs) -> Result<String, ClientError> {
         if r.nic_limit == 0 { "none".to_string() } else { r.nic_limit.to_string() },
         r.attachable
     );
+    match r.full_reason.as_str() {
+        "" => {}
+        "acpi_missing" => s.push_str(&format!(
+            "blocked: acpi_missing: QEMU refuses hot-plug on a pc machine without ACPI; {}\n",
+            crate::pci::ENABLE_ACPI
+        )),
+        other => s.push_str(&format!("blocked: {other}\n")),
+    }
     for n in &r.notes {
         s.push_str(&format!("note: {n}\n"));
     }

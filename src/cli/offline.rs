@@ -90,6 +90,9 @@ struct InspectOut {
     used_pci_slots: u32,
     total_pci_slots: u32,
     next_pci_slot: Option<String>,
+    /// Why nothing can be hot-plugged (`no_slot`, `acpi_missing`), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_reason: Option<&'static str>,
     notes: Vec<String>,
 }
 
@@ -124,6 +127,7 @@ pub fn inspect(args: &InspectArgs) -> Result<String, String> {
         used_pci_slots: cap.used,
         total_pci_slots: cap.total,
         next_pci_slot: cap.next.map(|a| a.to_string()),
+        full_reason: cap.full.map(pci::FullReason::as_str),
         notes: cap.notes.clone(),
     };
     if args.json {

@@ -26,6 +26,7 @@ mod netlink;
 pub mod objects;
 mod ovs;
 mod promisc;
+pub mod tc;
 pub mod vxlan;
 
 use std::net::{IpAddr, Ipv4Addr};

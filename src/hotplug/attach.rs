@@ -147,8 +147,8 @@ impl Hotplug {
         let mut pinned: Option<PciAddress> = None;
         if let Some(lv) = &live {
             let cap = pci::capacity(lv);
-            if cap.free == 0 {
-                return Err(HotplugError::NoCapacity(no_room_message(&dom.name, &cap)));
+            if let Some(full) = cap.full {
+                return Err(room_error(&dom.name, &cap, full));
             }
             if let Some(slot) = spec.pci_slot {
                 if lv.family() == MachineFamily::Q35 {
@@ -181,6 +181,21 @@ impl Hotplug {
             tracing::info!(vm = %dom.name, mac = %mac, "{n}");
         }
 
+        if live.is_some() {
+            // libvirt shapes the new tap with tc as it plugs it; see update.rs.
+            let missing = self
+                .cfg
+                .tc
+                .missing_for(spec.inbound.is_some(), spec.outbound.is_some());
+            if !missing.is_empty() {
+                return Err(HotplugError::Precondition(format!(
+                    "this host's kernel lacks {} (probed at start-up), so libvirt cannot shape a NIC plugged into running vm {}; \
+                     attach without inbound/outbound, or load the module",
+                    missing.join(" and "),
+                    dom.name
+                )));
+            }
+        }
         let alias = ids_alias(spec)?;
         if spec.promiscuous && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
             return Err(HotplugError::Precondition(format!(
@@ -641,6 +656,22 @@ fn differences(
     d
 }
 
+/// The refusal for a domain with no hot-plug room. A pc machine without
+/// ACPI has free slots that QEMU refuses: that is a precondition to fix in
+/// the definition, not exhaustion, and "0 of 30 used" must not read as full.
+fn room_error(vm: &str, cap: &Capacity, full: pci::FullReason) -> HotplugError {
+    match full {
+        pci::FullReason::AcpiMissing => HotplugError::Precondition(format!(
+            "vm {vm} is a pc (i440fx) machine without ACPI, and QEMU refuses PCI hot-plug \
+             there ({} of {} slots used); {}",
+            cap.used,
+            cap.total,
+            pci::ENABLE_ACPI
+        )),
+        pci::FullReason::NoSlot => HotplugError::NoCapacity(no_room_message(vm, cap)),
+    }
+}
+
 fn no_room_message(vm: &str, cap: &Capacity) -> String {
     let hint = match cap.family {
         MachineFamily::Pc => "stop the VM and add a pci-bridge controller to its definition",
@@ -660,5 +691,42 @@ fn plan_segment(plan: &HostPlan) -> String {
         Some(crate::host::SegmentDevice::Vxlan(v)) => format!("vxlan://{}", v.vni.get()),
         Some(crate::host::SegmentDevice::Vlan { id, .. }) => format!("vlan://{}", id.get()),
         None => "plain".into(),
+    }
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+    use crate::xml::domain::DomainView;
+
+    fn fixture(xml: &str) -> Capacity {
+        pci::capacity(&DomainView::parse(xml).expect("fixture parses"))
+    }
+
+    /// A real running qemu pc domain without ACPI (captured by
+    /// fixtures/capture): QEMU refused every hot-plug there, and the
+    /// operator's fix is ACPI plus a restart, not fewer devices.
+    #[test]
+    fn qemu_pc_without_acpi_is_failed_precondition_saying_how_to_enable_it() {
+        let cap = fixture(include_str!("../../fixtures/domains/pc-noacpi.xml"));
+        let full = cap.full.expect("blocked");
+        assert_eq!(full, pci::FullReason::AcpiMissing);
+        let e = room_error("fx-pc-noacpi", &cap, full);
+        assert_eq!(
+            crate::api::status::code(&e),
+            tonic::Code::FailedPrecondition
+        );
+        let m = e.to_string();
+        assert!(m.contains("<features><acpi/></features>"), "{m}");
+        assert!(m.contains("restart the VM"), "{m}");
+    }
+
+    #[test]
+    fn qemu_pc_with_every_slot_used_stays_resource_exhausted() {
+        let cap = fixture(include_str!("../../fixtures/domains/pc-full.xml"));
+        let full = cap.full.expect("full");
+        assert_eq!(full, pci::FullReason::NoSlot);
+        let e = room_error("fx-pc-full", &cap, full);
+        assert_eq!(crate::api::status::code(&e), tonic::Code::ResourceExhausted);
     }
 }

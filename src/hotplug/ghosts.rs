@@ -86,7 +86,14 @@ impl Hotplug {
         dom: &DomainRef,
     ) -> Result<Vec<QemuNic>, HotplugError> {
         let ghosts = self.ghosts(dom).await?;
-        if ghosts.is_empty() {
+        // Netdevs a previous call left owed: their devices were unplugged
+        // while the guest was paused, and are gone now or still in `ghosts`.
+        let owed: Vec<String> = self
+            .lost_netdevs
+            .lock()
+            .map(|m| m.get(&dom.uuid).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        if ghosts.is_empty() && owed.is_empty() {
             return Ok(ghosts);
         }
         for g in &ghosts {
@@ -120,6 +127,20 @@ impl Hotplug {
                 break;
             }
             if start.elapsed() >= self.cfg.detach_timeout {
+                // The unplug stays requested; once the guest lets go, the
+                // netdev (and with it the tap) must still be deleted. Keep
+                // the VM a suspect so its next change comes back here.
+                let mut netdevs: Vec<String> =
+                    ghosts.iter().filter_map(|g| g.netdev.clone()).collect();
+                netdevs.extend(owed.iter().cloned());
+                netdevs.sort();
+                netdevs.dedup();
+                if let Ok(mut m) = self.lost_netdevs.lock() {
+                    m.insert(dom.uuid.clone(), netdevs);
+                }
+                if let Ok(mut s) = self.suspects.lock() {
+                    s.insert(dom.uuid.clone());
+                }
                 let names: Vec<String> = left
                     .iter()
                     .map(|g| format!("{} (mac {})", g.id, g.mac.as_deref().unwrap_or("?")))
@@ -133,21 +154,23 @@ impl Hotplug {
             }
             tokio::time::sleep(self.cfg.poll_interval).await;
         }
-        for g in &ghosts {
-            let Some(netdev) = g.netdev.clone() else {
-                continue;
-            };
+        let mut netdevs: Vec<String> = ghosts.iter().filter_map(|g| g.netdev.clone()).collect();
+        netdevs.extend(owed);
+        netdevs.sort();
+        netdevs.dedup();
+        for netdev in netdevs {
             let d = dom.clone();
-            match self
-                .blocking(move |hv| hv.qemu_netdev_del(&d, &netdev))
-                .await
-            {
+            let id = netdev.clone();
+            match self.blocking(move |hv| hv.qemu_netdev_del(&d, &id)).await {
                 Ok(()) => {}
                 Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::DeviceMissing => {}
                 Err(e) => {
-                    tracing::warn!(vm = %dom.name, id = %g.id, error = %e, "netdev_del of a lost NIC failed; its tap stays until the VM stops")
+                    tracing::warn!(vm = %dom.name, %netdev, error = %e, "netdev_del of a lost NIC failed; its tap stays until the VM stops")
                 }
             }
+        }
+        if let Ok(mut m) = self.lost_netdevs.lock() {
+            m.remove(&dom.uuid);
         }
         Ok(ghosts)
     }

@@ -96,6 +96,9 @@ pub struct HotplugConfig {
     /// CloudStack's security-group script; under `auto`, its presence
     /// leaves anti-spoofing to cloudstack-agent.
     pub cloudstack_sg_script: std::path::PathBuf,
+    /// What the kernel lets libvirt do to a running guest's `<bandwidth>`,
+    /// probed once at start-up; the default (not probed) refuses nothing.
+    pub tc: crate::host::tc::TcAbilities,
 }
 
 fn any_bridge() -> BridgePattern {
@@ -123,6 +126,7 @@ impl Default for HotplugConfig {
             vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
             anti_spoofing: AntiSpoofing::Auto,
             cloudstack_sg_script: crate::config::CLOUDSTACK_SG_SCRIPT.into(),
+            tc: crate::host::tc::TcAbilities::default(),
         }
     }
 }
@@ -177,6 +181,10 @@ pub struct Hotplug {
     /// VMs (by UUID) whose live attach lost libvirtd mid-call: QEMU may
     /// hold a NIC libvirt never recorded. See `ghosts`.
     suspects: Arc<Mutex<HashSet<String>>>,
+    /// Netdevs (by domain UUID) of lost NICs whose unplug a paused or hung
+    /// guest had not finished: their device_del is sent, their netdev_del
+    /// (which closes the host's tap) is owed. See `ghosts`.
+    lost_netdevs: Arc<Mutex<HashMap<String, Vec<String>>>>,
     /// VMs with a libvirt call still outstanding past its deadline.
     doubt: Arc<doubt::InDoubt>,
     /// Whether the anti-spoofing nwfilter was defined in this run; the
@@ -199,6 +207,7 @@ impl Hotplug {
             cfg,
             pending: Arc::default(),
             suspects: Arc::default(),
+            lost_netdevs: Arc::default(),
             doubt: Arc::default(),
             filter_defined: Arc::default(),
         }
@@ -214,6 +223,7 @@ impl Hotplug {
             locks: self.locks.clone(),
             pending: self.pending.clone(),
             suspects: self.suspects.clone(),
+            lost_netdevs: self.lost_netdevs.clone(),
             doubt: self.doubt.clone(),
             filter_defined: self.filter_defined.clone(),
         }

@@ -1,6 +1,7 @@
 //! Orchestration tests of attach/detach against the recording fake
-//! hypervisor. The same paths are proven on the libvirt test driver
-//! (tests/agent_testdriver.rs) and on real QEMU (tests/lab).
+//! hypervisor. Most paths are also proven on the libvirt test driver
+//! (tests/agent_testdriver.rs) and on real QEMU (tests/lab); the ones only
+//! the fake proves are listed in `hypervisor::fake`'s module comment.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -326,6 +327,28 @@ async fn a_lost_nic_the_guest_keeps_fails_the_attach_naming_it() {
     // No netdev_del while the device is still there, and nothing attached.
     assert!(!fake.calls().iter().any(|c| c.op == "netdev_del"));
     assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+    // The guest resumes and lets the device go. The netdev_del is still
+    // owed (it closes the host's tap), though QEMU now lists no lost NIC:
+    // the retried attach sends it, once, and goes through.
+    fake.release_ghosts("vm1");
+    hp.attach("vm1", &spec("52:54:00:00:00:01"))
+        .await
+        .expect("retry after resume");
+    let netdev_dels: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.op == "netdev_del")
+        .map(|c| c.mac)
+        .collect();
+    assert_eq!(netdev_dels, vec!["hostua-lost".to_string()]);
+    hp.attach("vm1", &spec("52:54:00:00:00:02"))
+        .await
+        .expect("next attach");
+    assert_eq!(
+        fake.calls().iter().filter(|c| c.op == "netdev_del").count(),
+        1,
+        "owed netdev_del sent once"
+    );
 }
 
 #[tokio::test]
@@ -444,4 +467,47 @@ async fn a_live_attach_lost_with_nothing_recorded_answers_unavailable_and_leaves
     );
     assert!(hp.list_nics("vm1").await.expect("list").is_empty());
     assert!(!fake.calls().iter().any(|c| c.target == Target::Config));
+}
+
+#[tokio::test]
+async fn shaped_attach_to_a_running_vm_without_kernel_support_is_refused_before_libvirt() {
+    use crate::host::tc::{Ability, TcAbilities};
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    let hp = Hotplug::new(
+        fake.clone(),
+        None,
+        HotplugConfig {
+            tc: TcAbilities {
+                sfq: Ability::Missing,
+                police: Ability::Missing,
+            },
+            ..HotplugConfig::default()
+        },
+    );
+    let shaped = NicSpec::try_from(RawNic {
+        mac: "52:54:00:00:00:01".into(),
+        bridge: "cloudbr0".into(),
+        outbound: Some(crate::nic::RawBandwidth {
+            average_kbps: 100,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .expect("spec");
+    let err = hp.attach("vm1", &shaped).await.expect_err("no act_police");
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(err.to_string().contains("act_police"), "{err}");
+    assert!(
+        fake.calls().is_empty(),
+        "libvirt was asked: {:?}",
+        fake.calls()
+    );
+    // Unshaped NICs still attach.
+    hp.attach("vm1", &spec("52:54:00:00:00:02"))
+        .await
+        .expect("plain attach");
 }

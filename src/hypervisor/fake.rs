@@ -3,8 +3,28 @@
 //! It records every call and can be scripted to fail, to delay an unplug,
 //! or to hang like a stopped libvirtd. Built with [`FakeHypervisor::with_events`]
 //! it publishes DEVICE_REMOVED when a device leaves, and tests can publish
-//! any other event. It is never the only proof of a feature: the same paths
-//! run against the libvirt test driver and real QEMU in `tests/`.
+//! any other event.
+//!
+//! Most paths it drives also run against the libvirt test driver and real
+//! QEMU in `tests/`. For these it is still the only proof, because the lab
+//! cannot force the timing or the failure (read from the tests as of this
+//! comment; keep the list true when a lab test takes one over):
+//!
+//! - a CONFIG attach failing after the LIVE half succeeded, and a LIVE
+//!   detach failing after CONFIG was removed, each undone
+//!   (`hotplug::tests`);
+//! - a call that libvirt recorded and then lost its reply for
+//!   (`lose_reply`), and an undo that waits for a restarting libvirtd: the
+//!   lab kills libvirtd mid-storm, but cannot choose the step it lands in;
+//! - DEVICE_REMOVAL_FAILED ending a detach's wait, an event arriving during
+//!   the unplug call, a reconnect mid-wait, and a dropped request leaving its
+//!   VM in doubt (`hotplug::event_tests`);
+//! - MoveNic's rollbacks: libvirt failing on the second VM, a pending unplug
+//!   from the first, crossing moves (`hotplug::moves`); the lab proves a
+//!   move and a refused move by capacity;
+//! - the per-VM queue limit answering RESOURCE_EXHAUSTED (`hotplug::locks`);
+//! - live bandwidth going through on a kernel that has `sch_sfq` and
+//!   `act_police` (`hotplug::update`): the lab's kernel has neither.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,6 +303,15 @@ impl FakeHypervisor {
                 },
                 releases,
             ));
+            Ok(())
+        });
+    }
+
+    /// The guest resumes and acts on the unplugs it was sent: every ghost
+    /// leaves QEMU (its netdev stays until netdev_del, as in QEMU).
+    pub fn release_ghosts(&self, vm: &str) {
+        let _ = self.with(vm, |d| {
+            d.ghosts.clear();
             Ok(())
         });
     }

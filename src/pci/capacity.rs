@@ -11,7 +11,10 @@
 //!   explicit address there is accepted.
 //! - libvirt does not know that a pc machine without `<acpi/>` cannot
 //!   hot-plug into `pci.0`; it picks the slot and QEMU refuses. So free slots
-//!   only count up to the first slot QEMU would refuse.
+//!   only count up to the first slot QEMU would refuse. That rule is QEMU's:
+//!   it holds for `qemu`/`kvm` domains, not for the libvirt test driver's
+//!   `type='test'` domains (test:///default's own VM `test` has no ACPI and
+//!   takes hot-plugged NICs).
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -32,9 +35,38 @@ pub struct Capacity {
     pub total: u32,
     /// The address libvirt would give the next device; `None` when full.
     pub next: Option<PciAddress>,
+    /// Why nothing can be hot-plugged; `None` while `free > 0`.
+    pub full: Option<FullReason>,
     /// Hints for an operator: why it is full and what to do.
     pub notes: Vec<String>,
 }
+
+/// Why a domain takes no hot-plugged device now. The two need different
+/// operator actions, and attach answers them with different codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullReason {
+    /// Every auto-assignable slot is taken: RESOURCE_EXHAUSTED.
+    NoSlot,
+    /// Slots are free, but QEMU refuses hot-plug on an i440fx `pci.0`
+    /// without ACPI: FAILED_PRECONDITION until ACPI is on and the VM restarted.
+    AcpiMissing,
+}
+
+impl FullReason {
+    /// Stable name for the API and the CLI (`no_slot`, `acpi_missing`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullReason::NoSlot => "no_slot",
+            FullReason::AcpiMissing => "acpi_missing",
+        }
+    }
+}
+
+/// How to turn ACPI on; said by attach and by `capacity`.
+pub const ENABLE_ACPI: &str =
+    "add <features><acpi/></features> to the domain definition, then restart the VM \
+     (ACPI cannot be turned on in a running guest)";
 
 /// What a bus accepts, derived from its controller model.
 struct BusRule {
@@ -158,7 +190,8 @@ impl<'a> Topology<'a> {
         }
         Topology {
             family,
-            acpi: dom.acpi,
+            // QEMU's rule; the test driver runs no QEMU and hot-plugs anyway.
+            acpi: dom.acpi || dom.domain_type == "test",
             buses,
             used,
         }
@@ -241,6 +274,12 @@ pub fn capacity(dom: &DomainView) -> Capacity {
     let next = candidates
         .first()
         .and_then(|(a, refused)| refused.is_none().then_some(*a));
+    let full = match candidates.first() {
+        _ if free > 0 => None,
+        // The only QEMU refusal modelled is pc's pci.0 without ACPI.
+        Some((_, Some(_))) => Some(FullReason::AcpiMissing),
+        _ => Some(FullReason::NoSlot),
+    };
     if let Some((addr, Some(why))) = candidates.first() {
         notes.insert(
             0,
@@ -272,6 +311,7 @@ pub fn capacity(dom: &DomainView) -> Capacity {
         used,
         total,
         next,
+        full,
         notes,
     }
 }
@@ -479,6 +519,55 @@ mod tests {
         }
         let cap = capacity(&dom);
         assert_eq!((cap.free, cap.next), (31, Some(addr(1, 1))));
+    }
+
+    #[test]
+    fn pc_without_acpi_is_blocked_by_acpi_not_full() {
+        let mut dom = pc("");
+        dom.acpi = false;
+        let cap = capacity(&dom);
+        assert_eq!((cap.free, cap.used, cap.total), (0, 0, 30));
+        assert_eq!(cap.full, Some(FullReason::AcpiMissing));
+        assert!(
+            cap.notes[0].contains("<features><acpi/></features>"),
+            "{:?}",
+            cap.notes
+        );
+    }
+
+    #[test]
+    fn exhausted_pc_is_full_for_want_of_slots() {
+        let nics: String = (2..=31).map(|s| nic_at(0, s)).collect();
+        assert_eq!(capacity(&pc(&nics)).full, Some(FullReason::NoSlot));
+        assert_eq!(capacity(&pc("")).full, None);
+    }
+
+    /// test:///default's own VM `test`, as `virsh dumpxml test` prints it:
+    /// `type='test'`, no machine type, no ACPI. The test driver runs no
+    /// QEMU, so QEMU's ACPI rule must not block it.
+    #[test]
+    fn test_driver_domain_without_machine_or_acpi_takes_nics() {
+        let dom = DomainView::parse(
+            "<domain type='test' id='1'><name>test</name>\
+             <os><type arch='i686'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></disk>\
+             <interface type='network'><mac address='aa:bb:cc:dd:ee:ff'/>\
+             <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x0'/></interface>\
+             <memballoon model='virtio'><address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></memballoon>\
+             </devices></domain>",
+        )
+        .expect("parses");
+        assert!(!dom.acpi);
+        let cap = capacity(&dom);
+        assert_eq!(cap.family, MachineFamily::Pc);
+        assert_eq!((cap.free, cap.used, cap.total), (29, 1, 30));
+        assert_eq!(cap.full, None);
+        assert_eq!(cap.next, Some(addr(0, 3)));
+        assert!(cap.notes.is_empty(), "{:?}", cap.notes);
+        // The same definition as a qemu domain is blocked by ACPI.
+        let mut qemu = dom.clone();
+        qemu.domain_type = "qemu".into();
+        assert_eq!(capacity(&qemu).full, Some(FullReason::AcpiMissing));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::str::FromStr;
 
 mod capacity;
 
-pub use capacity::{attachable, capacity, check_address, check_pinned, Capacity};
+pub use capacity::{
+    attachable, capacity, check_address, check_pinned, Capacity, FullReason, ENABLE_ACPI,
+};
 
 /// A PCI address as libvirt writes it: `<address type='pci' domain='0x0000'
 /// bus='0x00' slot='0x03' function='0x0'/>`.

@@ -2,7 +2,8 @@
 
 UpdateNic (link down/up seen as carrier changes by the guest, never an
 unplug; bandwidth written to a stopped VM's persistent definition by real
-libvirt), MoveNic between two running guests (nic-remove in A, nic-add and a
+libvirt; live bandwidth refused FAILED_PRECONDITION naming sch_sfq/act_police
+where this kernel lacks them), MoveNic between two running guests (nic-remove in A, nic-add and a
 DHCP lease in B) and a refused move that leaves the NIC back on A, and the
 policy routing printed by `nic-agent guest-config`, run inside a guest with
 two NICs on two bridges.
@@ -317,6 +318,43 @@ class Day2E2E(unittest.TestCase):
             self.assertNotIn(m, q.iflist(inactive=True))
         finally:
             q.remove()
+
+    def test_6_live_bandwidth_is_refused_honestly_where_the_kernel_cannot_shape(self):
+        # What this kernel allows, asked the way the agent asks it at
+        # start-up: an sfq qdisc and a police action on a veth in a
+        # throwaway network namespace.
+        probe = lk.run(["unshare", "--net", "--", "sh", "-c",
+                        "ip link add nap0 type veth peer name nap1 || exit 90; ip link set nap0 up;"
+                        " tc qdisc add dev nap0 root sfq perturb 10 2>/dev/null; echo sfq=$?;"
+                        " tc qdisc add dev nap0 ingress 2>/dev/null; tc filter add dev nap0 parent ffff:"
+                        " protocol all u32 match u32 0 0 police rate 1mbit burst 10k drop flowid :1"
+                        " 2>/dev/null; echo police=$?"], check=False)
+        self.assertEqual(probe.returncode, 0, probe.stdout + probe.stderr)
+        has = dict(l.split("=") for l in probe.stdout.split())
+        a, m = self.a, mac(6, 1)
+        mark = a.console.mark()
+        self.attach(a.name, m)
+        self.wait_add(a, m, mark)
+        bw = dict(inbound=pb.Bandwidth(average_kbps=1000), outbound=pb.Bandwidth(average_kbps=500))
+        if has["sfq"] == "0" and has["police"] == "0":
+            # Where the kernel can, the update goes through as before.
+            r = self.update(a.name, m, **bw)
+            self.assertEqual(r.nic.inbound.average_kbps, 1000)
+            return
+        live_before = lk.virsh("dumpxml", a.name).stdout
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.update(a.name, m, **bw)
+        err = cm.exception
+        self.assertEqual(err.code(), grpc.StatusCode.FAILED_PRECONDITION, err.details())
+        if has["sfq"] != "0":
+            self.assertIn("sch_sfq", err.details())
+        if has["police"] != "0":
+            self.assertIn("act_police", err.details())
+        self.assertEqual(lk.virsh("dumpxml", a.name).stdout, live_before, "nothing changed")
+        self.assertNotIn("<bandwidth", lk.virsh("dumpxml", "--inactive", a.name).stdout)
+        # A link change on the same running NIC needs no tc and still works.
+        self.assertEqual(self.update(a.name, m, link_down=True).nic.link_state, "down")
+        self.stub.DetachNic(pb.DetachNicRequest(vm=a.name, mac=m), timeout=RPC_TIMEOUT)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ broken from the host and doctor must name exactly that hop as FAULT:
 - the bridge set down -> bridge;
 - the bridge MTU lowered below the tap's -> mtu;
 - a VXLAN NIC (vxlan://5141 over the same bridge) whose vxlan5141 device is
-  deleted -> segment.
+  deleted -> segment;
+- an OVS NIC (vlan://141 on an OVS bridge with the userspace datapath,
+  lab-facts) whose port gets a wrong tag, then is removed from the bridge
+  -> tap, naming the tag and the bridge.
 
 Run as root: python3 tests/lab/test_e2e_doctor.py [path/to/nic-agent]
 Env: NIC_AGENT_BIN, LAB_DOCTOR_EXAMPLE=path (write the CLI output of the
@@ -36,6 +39,8 @@ VNI = 5141
 VX_BR, VX_DEV = f"brvx-{VNI}", f"vxlan{VNI}"
 MAC = "02:d0:00:41:00:01"
 MAC_VX = "02:d0:00:41:00:02"
+MAC_OVS = "02:d0:00:41:00:03"
+OVS_BR, OVS_VLAN = "lab-dovs", 141
 GUEST_DIR = os.path.join(labkit.WORK, "guest")
 HOPS = ["xml", "tap", "bridge", "segment", "mtu", "promisc", "counters", "fdb"]
 
@@ -67,6 +72,7 @@ class DoctorE2E(unittest.TestCase):
         cls.workdir = tempfile.mkdtemp(prefix="lab-d-doctor-")
         try:
             script("start-libvirtd.sh")
+            script("start-ovs.sh")
             script("build-guest.sh", GUEST_DIR, timeout=600)
             cls.cleanup()
             script("net.sh", "up", BR, "--subnet", str(SUBNET), "--mtu", "1500")
@@ -86,6 +92,8 @@ class DoctorE2E(unittest.TestCase):
     def cleanup(cls):
         script("teardown.sh", PREFIX, check=False)
         script("net.sh", "down", BR, check=False)
+        if shutil.which("ovs-vsctl"):
+            run(["ovs-vsctl", "--if-exists", "del-br", OVS_BR], check=False)
         # The agent's VXLAN links, only when they carry its mark.
         for name in (VX_DEV, VX_BR):
             if link_exists(name) and link_alias(name) == "nic-agent":
@@ -229,6 +237,55 @@ class DoctorE2E(unittest.TestCase):
         d = self.diagnose(MAC)
         self.assertFalse([h.name for h in d.hops
                           if self.pb.HopStatus.Name(h.status) == "HOP_STATUS_FAULT"], str(d))
+
+    def test_6_ovs_port_with_a_wrong_tag_or_off_its_bridge_is_a_tap_fault(self):
+        run(["ovs-vsctl", "--may-exist", "add-br", OVS_BR, "--", "set", "bridge", OVS_BR,
+             "datapath_type=netdev"])
+        run(["ip", "link", "set", "dev", OVS_BR, "up"])
+        r = self.agent.stub.AttachNic(self.pb.AttachNicRequest(
+            vm=GUEST, nic=self.pb.NicSpec(mac=MAC_OVS, bridge=OVS_BR,
+                                          switch_type=self.pb.SWITCH_TYPE_OPEN_VSWITCH,
+                                          broadcast_uri=f"vlan://{OVS_VLAN}")), timeout=60)
+        tap = r.nic.target_dev
+        self.assertEqual((r.nic.bridge, r.nic.vlan), (OVS_BR, OVS_VLAN), str(r))
+
+        def faults(d):
+            return {h.name for h in d.hops if self.pb.HopStatus.Name(h.status) == "HOP_STATUS_FAULT"}
+
+        try:
+            d = self.diagnose(MAC_OVS)
+            st, h = self.status(d, "tap")
+            self.assertEqual(st, "OK", str(d))
+            self.assertIn(f"port of OVS bridge {OVS_BR}", h.evidence)
+            self.assertIn(f"VLAN tag {OVS_VLAN}", h.evidence)
+            base = faults(d)
+            self.assertNotIn("tap", base)
+
+            run(["ovs-vsctl", "set", "port", tap, "tag=999"])
+            d = self.diagnose(MAC_OVS)
+            self.assertEqual(faults(d), base | {"tap"}, str(d))
+            _, h = self.status(d, "tap")
+            self.assertIn(f"VLAN tag 999 on the port, XML says {OVS_VLAN}", h.evidence)
+            self.assertEqual(h.fix, f"ovs-vsctl set port {tap} tag={OVS_VLAN}")
+            out = run([labkit.BIN, "doctor", "--server", self.agent.addr, "--vm", GUEST,
+                       "--mac", MAC_OVS], check=False)
+            self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+            self.assertRegex(out.stdout, r"\ntap\s+FAULT\s+")
+            run(["ovs-vsctl", "set", "port", tap, f"tag={OVS_VLAN}"])
+            self.assertEqual(self.status(self.diagnose(MAC_OVS), "tap")[0], "OK")
+
+            run(["ovs-vsctl", "del-port", OVS_BR, tap])
+            d = self.diagnose(MAC_OVS)
+            self.assertIn("tap", faults(d), str(d))
+            _, h = self.status(d, "tap")
+            self.assertIn(f"{tap} is not a port of any OVS bridge (expected {OVS_BR})",
+                          h.evidence)
+            self.assertEqual(h.fix, f"ovs-vsctl add-port {OVS_BR} {tap} tag={OVS_VLAN}")
+            run(["ovs-vsctl", "add-port", OVS_BR, tap, f"tag={OVS_VLAN}"])
+            self.assertEqual(self.status(self.diagnose(MAC_OVS), "tap")[0], "OK")
+        finally:
+            self.agent.stub.DetachNic(self.pb.DetachNicRequest(
+                vm=GUEST, mac=MAC_OVS, timeout_ms=20000), timeout=60)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,10 @@ def mac(test, n):
     return f"52:54:00:f{test:01x}:{n // 256:02x}:{n % 256:02x}"
 
 
-def start_agent(tag):
+def start_agent(tag, *extra):
     a = lk.Agent(os.path.join(WORKDIR, f"agent-{tag}.stderr"), "--host-network", "on",
                  "--state-dir", STATE_DIR, "--persist-dir", STATE_DIR + "-persist",
-                 "--bridge-grace-s", "0", "--detach-timeout-ms", "20000")
+                 "--bridge-grace-s", "0", "--detach-timeout-ms", "20000", *extra)
     AGENTS.append(a)
     return a
 
@@ -282,8 +282,9 @@ class FaultsE2E(unittest.TestCase):
             # Fails the suite (see labkit.finish) unless allowed-skips.txt lists it.
             self.skipTest(why)
         lk.log(f"restarting libvirtd is allowed: {why}")
-        agent = start_agent("storm")
+        agent = start_agent("storm", "--metrics-listen", "127.0.0.1:0")
         try:
+            self.assertEqual(lk.metrics(agent).get("nic_agent_libvirt_connected"), 1.0)
             # Each round kills libvirtd at a different point of the storm, so
             # the kill lands in different attach steps (lookup, LIVE, CONFIG,
             # read-back) across rounds.
@@ -304,6 +305,7 @@ class FaultsE2E(unittest.TestCase):
     def storm_round(self, agent, rnd, kill_after):
         self.assertEqual(lk.health(agent.channel), lk.SERVING, "agent not SERVING before the storm")
         statuses = []
+        down = None
         stop = threading.Event()
 
         def watch():
@@ -330,6 +332,9 @@ class FaultsE2E(unittest.TestCase):
                     lk.log(f"SIGKILLed libvirtd {pid}")
                     lk.wait_until(lambda: lk.NOT_SERVING in statuses, 15, interval=0.05,
                                   what="health NOT_SERVING")
+                    # Scraped while libvirtd is still down: the gauge an
+                    # operator alerts on must say so.
+                    down = lk.metrics(agent).get("nic_agent_libvirt_connected")
                 finally:
                     # Never leave the shared libvirtd down.
                     restart_libvirtd(pid)
@@ -340,6 +345,9 @@ class FaultsE2E(unittest.TestCase):
         finally:
             stop.set()
             watcher.join(5)
+        self.assertEqual(down, 0.0, "nic_agent_libvirt_connected while libvirtd was down")
+        self.assertEqual(lk.metrics(agent).get("nic_agent_libvirt_connected"), 1.0,
+                         "nic_agent_libvirt_connected after libvirtd came back")
         codes = {}
         for c, _ in results.values():
             codes[c] = codes.get(c, 0) + 1
@@ -523,6 +531,61 @@ class FaultsE2E(unittest.TestCase):
                           f"new NIC attached at slot {r.nic.pci.slot:#x}")
         finally:
             agent.stop()
+
+    def test_4b_lost_tap_nic_a_paused_guest_keeps_is_failed_precondition_then_its_tap_closed(self):
+        # Runs after test_4 on the same guest. The lost NIC has a real tap
+        # netdev, created by QEMU (root here, lab-facts), so it exists only
+        # while QEMU holds it open: the tap link vanishing proves netdev_del.
+        vm, lost_id, lost_mac, new_mac = G_LOST, "ua-lab-f-lost2", mac(6, 0xee), mac(6, 1)
+        tap = "lab-f-ltap0"
+        xml = lk.virsh("dumpxml", vm).stdout
+        used = {int(s, 16) for s in re.findall(r"bus='0x00' slot='(0x[0-9a-f]+)'", xml)}
+        slot = min(set(range(2, 32)) - used)
+
+        def qmp(cmd, **args):
+            out = lk.virsh("qemu-monitor-command", vm,
+                           json.dumps({"execute": cmd, "arguments": args})).stdout
+            reply = json.loads(out)
+            self.assertNotIn("error", reply, f"{cmd}: {out}")
+            return reply["return"]
+
+        lk.virsh("suspend", vm)
+        agent = None
+        try:
+            qmp("netdev_add", type="tap", id=f"host{lost_id}", ifname=tap, script="no",
+                downscript="no")
+            qmp("device_add", driver="virtio-net-pci", id=lost_id, netdev=f"host{lost_id}",
+                mac=lost_mac, bus="pci.0", addr=hex(slot))
+            self.assertTrue(os.path.exists(f"/sys/class/net/{tap}"), "QEMU made no tap")
+            self.assertEqual(ghost_devices(vm), {lost_id}, "the lost NIC was not made")
+            agent = start_agent("lost-paused")
+            c, r = outcome(attach, agent.stub, vm, new_mac)
+            self.assertEqual(c, "FAILED_PRECONDITION", r)
+            self.assertIn(lost_id, r)
+            self.assertIn(lost_mac, r)
+            self.assertNotIn(new_mac, macs_in(vm))
+            self.assertTrue(os.path.exists(f"/sys/class/net/{tap}"),
+                            "netdev_del was sent while the device was still in the guest")
+        finally:
+            lk.virsh("resume", vm)
+        try:
+            # The unplug the agent requested lands once the guest runs. The
+            # guest never saw the NIC while paused, so its console may show
+            # no nic-add/nic-remove pair; QEMU's device list is the proof.
+            lk.wait_until(lambda: not ghost_devices(vm), 60, interval=0.5,
+                          what=f"{lost_id} gone from QEMU")
+            c, r = outcome(attach, agent.stub, vm, new_mac)
+            self.assertEqual(c, "OK", r)
+            lk.wait_until(lambda: not os.path.exists(f"/sys/class/net/{tap}"), 10,
+                          what=f"tap {tap} closed by netdev_del")
+            net = lk.virsh("qemu-monitor-command", vm, "--hmp", "info network").stdout
+            self.assertNotIn(f"host{lost_id}", net, "the lost NIC's netdev is still open")
+            self.assertIn(new_mac, macs_in(vm))
+            REPORT.append(f"lost NIC with tap {tap} on a paused guest: FAILED_PRECONDITION, "
+                          "then after resume unplugged and its tap closed")
+        finally:
+            if agent is not None:
+                agent.stop()
 
 
 if __name__ == "__main__":

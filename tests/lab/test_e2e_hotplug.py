@@ -10,6 +10,7 @@ Everything made here is named lab-a* and removed at the end, also on failure.
 Run (root): python3 tests/lab/test_e2e_hotplug.py
 Env: NIC_AGENT_BIN (default target/debug/nic-agent), LAB_WAIT (poll bound, s, default 20).
 """
+import json
 import os
 import re
 import signal
@@ -265,6 +266,31 @@ class HotplugE2E(unittest.TestCase):
                 self.assertEqual(again.state, pb.DETACH_STATE_ALREADY_ABSENT)
                 TIMINGS.append(f"{g.machine}: DetachNic {t_detach:.2f}s (returns after the guest "
                                f"released it), ->nic-remove {t_gone:.2f}s")
+
+    def test_2b_detach_through_the_cli_removes_the_nic_and_exits_zero(self):
+        # The real binary's `detach` subcommand against the lab agent.
+        g, m = self.pc, mac(2, 0x0b)
+        self.track(g)
+        mark = g.console.mark()
+        self.attach(g.name, m)
+        ifname = self.wait_nic_add(g, m, mark)
+        server = STATE["agent"].addr
+        mark = g.console.mark()
+        p = lk.run([lk.BIN, "detach", "--server", server, "--vm", g.name, "--mac", m],
+                   timeout=RPC_TIMEOUT + 10, check=False)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stdout, rf"^REMOVED {m} from {g.name}: request \S+\n$")
+        g.console.wait(rf"LAB: nic-remove name={ifname} mac={m}", timeout=WAIT, after=mark)
+        self.assertNotIn(m, self.macs(g.name))
+        self.assertNotIn(m, g.iflist(inactive=True))
+        p = lk.run([lk.BIN, "detach", "--server", server, "--vm", g.name, "--mac", m, "--json"],
+                   timeout=RPC_TIMEOUT + 10, check=False)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["state"], "ALREADY_ABSENT", p.stdout)
+        p = lk.run([lk.BIN, "detach", "--server", server, "--vm", "lab-a-nope", "--mac", m],
+                   timeout=RPC_TIMEOUT + 10, check=False)
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertTrue(p.stderr.startswith("error: NOT_FOUND: "), p.stderr)
 
     def test_3_detach_from_paused_guest_is_pending_then_completes_without_second_device_del(self):
         g = self.pc
