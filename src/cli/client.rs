@@ -214,6 +214,12 @@ pub async fn attach(a: &AttachArgs) -> Result<String, ClientError> {
         acpi_index: raw.acpi_index,
         vhost: raw.vhost.clone(),
         interface_id: raw.interface_id.clone(),
+        pxe_disable: raw.pxe_disable,
+        nic_uuid: raw.nic_uuid.clone(),
+        device_id: raw.device_id,
+        packed: raw.packed,
+        default_nic: raw.default_nic,
+        ..Default::default()
     };
     let mut c = connect(&a.target.client.server).await?;
     let r = c
@@ -254,6 +260,7 @@ pub async fn detach(a: &DetachArgs) -> Result<String, ClientError> {
             alias: a.alias.clone(),
             timeout_ms: a.timeout_ms,
             request_id: a.request_id.clone(),
+            keep_bridge: a.keep_bridge,
         })
         .await?
         .into_inner();

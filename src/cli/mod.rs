@@ -212,6 +212,21 @@ pub struct NicArgs {
     /// OVS interface-id (UUID).
     #[arg(long, default_value = "")]
     pub interface_id: String,
+    /// No option ROM, no PXE (`<rom enabled='no'/>`).
+    #[arg(long)]
+    pub pxe_disable: bool,
+    /// CloudStack's NIC uuid (kept in the alias `ua-nic-<uuid>`).
+    #[arg(long, default_value = "")]
+    pub nic_uuid: String,
+    /// CloudStack's deviceId (0-16382); kept as ACPI index device_id+1.
+    #[arg(long)]
+    pub device_id: Option<u32>,
+    /// virtio packed virtqueues.
+    #[arg(long)]
+    pub packed: bool,
+    /// The guest's default NIC (carried for guest-config).
+    #[arg(long)]
+    pub default_nic: bool,
 }
 
 /// `inspect` options.
@@ -280,6 +295,10 @@ pub struct DetachArgs {
     /// Correlation id.
     #[arg(long, default_value = "")]
     pub request_id: String,
+    /// Keep the bridge and segment device even when unused (persistent
+    /// networks), beside the static keep_bridges list.
+    #[arg(long)]
+    pub keep_bridge: bool,
 }
 
 impl NicArgs {
@@ -354,6 +373,12 @@ impl NicArgs {
             acpi_index: self.acpi_index,
             vhost: self.vhost.clone(),
             interface_id: self.interface_id.clone(),
+            pxe_disable: self.pxe_disable,
+            nic_uuid: self.nic_uuid.clone(),
+            device_id: self.device_id,
+            packed: self.packed,
+            default_nic: self.default_nic,
+            ..crate::nic::RawNic::default()
         })
     }
 }

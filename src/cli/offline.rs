@@ -57,6 +57,8 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
             function: 0,
         }),
         acpi_index: spec.acpi_index,
+        pxe_disable: spec.pxe_disable,
+        packed: spec.packed && spec.model.is_virtio(),
     };
     def.to_xml().map_err(|e| e.to_string())
 }

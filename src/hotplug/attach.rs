@@ -194,6 +194,8 @@ impl Hotplug {
             alias,
             pci: pinned,
             acpi_index: spec.acpi_index,
+            pxe_disable: spec.pxe_disable,
+            packed: spec.packed && spec.model.is_virtio(),
         };
 
         let mut undo: Vec<Undo> = Vec::new();
@@ -607,6 +609,21 @@ fn differences(
     if let Some(a) = &spec.alias {
         if have.alias.as_deref() != Some(a.as_str()) {
             d.push("alias");
+        }
+    }
+    if have.rom_off != spec.pxe_disable {
+        d.push("pxe_disable");
+    }
+    if have.packed != (spec.packed && spec.model.is_virtio()) {
+        d.push("packed");
+    }
+    if let Some(a) = spec.acpi_index {
+        if have.acpi_index != Some(a.get()) {
+            d.push(if spec.device_id.is_some() {
+                "device_id"
+            } else {
+                "acpi_index"
+            });
         }
     }
     if let Some(b) = &spec.inbound {
