@@ -526,3 +526,55 @@ async fn test_default_own_vm_takes_a_nic() {
     assert_eq!(got.pci, None);
     assert_eq!(nics(&mut c, "test").await.len(), before + 1);
 }
+
+/// CloudStack's PlugNic fields that libvirt can hold come back from
+/// libvirt's own XML: the NIC uuid in the alias, deviceId as ACPI index + 1,
+/// the option ROM off, packed virtqueues.
+#[tokio::test]
+async fn plugnic_fields_are_read_back_from_libvirt() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    // Every switch type, not only OVS (whose interface-id is no help here).
+    for (mac, bridge, ovs, uuid) in [
+        (
+            "02:00:0a:00:10:41",
+            "cloudbr0",
+            false,
+            "0f5c3b8e-1d2a-4c6b-9e7f-112233445566",
+        ),
+        (
+            "02:00:0a:00:10:42",
+            "br-ovs0",
+            true,
+            "1f5c3b8e-1d2a-4c6b-9e7f-112233445566",
+        ),
+    ] {
+        let mut n = nic(mac, bridge);
+        if ovs {
+            n.switch_type = pb::SwitchType::OpenVswitch as i32;
+        }
+        n.pxe_disable = true;
+        n.nic_uuid = uuid.into();
+        n.device_id = Some(if ovs { 6 } else { 5 });
+        n.packed = true;
+        n.default_nic = true;
+        n.ipv4_cidr = "10.1.1.5/24".into();
+        let r = attach(&mut c, "i-3-20-VM", n.clone())
+            .await
+            .expect("attach");
+        assert_eq!(r.carried.as_ref().map(|c| c.default_nic), Some(true));
+        let got = nics(&mut c, "i-3-20-VM")
+            .await
+            .into_iter()
+            .find(|x| x.mac == mac)
+            .expect("listed");
+        assert_eq!(got.nic_uuid, uuid, "{bridge}");
+        assert_eq!(got.alias, format!("ua-nic-{uuid}"));
+        assert_eq!(got.device_id, n.device_id);
+        assert_eq!(got.acpi_index, n.device_id.unwrap() + 1);
+        assert!(got.pxe_disabled && got.packed, "{got:?}");
+        // A faithful retry is idempotent.
+        let again = attach(&mut c, "i-3-20-VM", n).await.expect("retry");
+        assert!(again.already_present);
+    }
+}

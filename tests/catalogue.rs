@@ -79,6 +79,7 @@ fn detach_req(vm: &str, mac: &str, alias: &str) -> pb::DetachNicRequest {
         alias: alias.into(),
         timeout_ms: 1000,
         request_id: String::new(),
+        keep_bridge: false,
     }
 }
 
@@ -557,6 +558,139 @@ fn catalogue() -> Vec<Case> {
             }),
             want: InvalidArgument,
         },
+        // ---- PlugNic fields (NicSpec 40+) ----
+        attach(
+            "broadcast_uri pvlan (unsupported)",
+            with(next(), |s| s.broadcast_uri = "pvlan://100-i200".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "nic_uuid garbage",
+            with(next(), |s| s.nic_uuid = "not-a-uuid".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "nic_uuid nil",
+            with(next(), |s| {
+                s.nic_uuid = "00000000-0000-0000-0000-000000000000".into()
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "nic_uuid markup injection",
+            with(next(), |s| s.nic_uuid = format!("1b4e28ba-{INJECT}")),
+            InvalidArgument,
+        ),
+        attach(
+            "nic_uuid with a different alias",
+            with(next(), |s| {
+                s.nic_uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427".into();
+                s.alias = "ua-other".into();
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "device_id 16383",
+            with(next(), |s| s.device_id = Some(16383)),
+            InvalidArgument,
+        ),
+        attach(
+            "device_id disagrees with acpi_index",
+            with(next(), |s| {
+                s.device_id = Some(2);
+                s.acpi_index = Some(9);
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv4_cidr without prefix",
+            with(next(), |s| s.ipv4_cidr = "10.1.1.5".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv4_cidr prefix 33",
+            with(next(), |s| s.ipv4_cidr = "10.1.1.5/33".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv4_gateway outside the subnet",
+            with(next(), |s| {
+                s.ipv4_cidr = "10.1.1.5/24".into();
+                s.ipv4_gateway = "10.2.0.1".into();
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv4_gateway without an address",
+            with(next(), |s| s.ipv4_gateway = "10.1.1.1".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv6_cidr multicast",
+            with(next(), |s| s.ipv6_cidr = "ff02::1/64".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "ipv6_cidr prefix 129",
+            with(next(), |s| s.ipv6_cidr = "2001:db8::5/129".into()),
+            InvalidArgument,
+        ),
+        attach(
+            "secondary_ips markup injection",
+            with(next(), |s| {
+                s.secondary_ips = vec![format!("10.0.0.1{INJECT}")]
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "secondary_ips duplicate",
+            with(next(), |s| {
+                s.secondary_ips = vec!["10.0.0.1".into(), "10.0.0.1".into()]
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "secondary_ips 65 addresses",
+            with(next(), |s| {
+                s.secondary_ips = (1..=65).map(|i| format!("10.0.1.{i}")).collect()
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "multicast_rate_mbps above the u32 KB/s bound",
+            with(next(), |s| s.multicast_rate_mbps = u32::MAX),
+            InvalidArgument,
+        ),
+        attach(
+            "packed on e1000",
+            with(next(), |s| {
+                s.packed = true;
+                s.model = "e1000".into();
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "mac_policy promiscuous_mode false with promiscuous true",
+            with(next(), |s| {
+                s.promiscuous = true;
+                s.mac_policy = Some(pb::MacPolicy {
+                    promiscuous_mode: Some(false),
+                    ..Default::default()
+                });
+            }),
+            InvalidArgument,
+        ),
+        attach(
+            "mac_policy PromiscuousMode on a forbidden bridge",
+            with(next(), |s| {
+                s.bridge = "cloudbr2".into();
+                s.mac_policy = Some(pb::MacPolicy {
+                    promiscuous_mode: Some(true),
+                    ..Default::default()
+                });
+            }),
+            FailedPrecondition,
+        ),
         // ---- request id: not validated, only carried; hostile text must
         // not break the idempotent retry it rides on ----
         Case {

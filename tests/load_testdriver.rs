@@ -226,6 +226,7 @@ async fn client_run(addr: String, phase: u8, id: u8, ops: usize) -> Report {
                     alias: String::new(),
                     timeout_ms: 1000,
                     request_id: String::new(),
+                    keep_bridge: false,
                 })
                 .await
                 .map(|r| {

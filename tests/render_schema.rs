@@ -314,15 +314,20 @@ fn valid_raw_nic() -> impl Strategy<Value = RawNic> {
                 proptest::option::of("ua-[A-Za-z0-9_-]{1,61}"),
                 raw_bandwidth(),
                 raw_bandwidth(),
+                any::<bool>(),
+                any::<bool>(),
             ),
             (proptest::option::of(1..=31u32), proptest::option::of(1..=16383u32), iid),
         )
             .prop_map(
                 move |(
                     (mac, bridge, (vlan, vni, broadcast_uri), (model, mtu, queues, vhost)),
-                    (link_down, promiscuous, alias, inbound, outbound),
+                    (link_down, promiscuous, alias, inbound, outbound, pxe_disable, packed),
                     (pci_slot, acpi_index, interface_id),
                 )| RawNic {
+                    // Packed virtqueues are virtio-only (refused otherwise).
+                    packed: packed && (model.is_empty() || model == "virtio"),
+                    pxe_disable,
                     mac,
                     bridge,
                     ovs,
@@ -341,8 +346,7 @@ fn valid_raw_nic() -> impl Strategy<Value = RawNic> {
                     acpi_index,
                     vhost,
                     interface_id,
-                    anti_spoofing: false,
-                    ips: Vec::new(),
+                    ..RawNic::default()
                 },
             )
     })

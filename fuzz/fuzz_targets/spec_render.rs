@@ -184,6 +184,10 @@ struct Input {
     vhost: Pick,
     interface_id: IidIn,
     vhost_net_present: bool,
+    pxe_disable: bool,
+    packed: bool,
+    device_id: NumIn,
+    nic_uuid: IidIn,
 }
 
 impl Input {
@@ -223,7 +227,30 @@ impl Input {
                 }
                 IidIn::Raw(s) => s.clone(),
             },
+            pxe_disable: self.pxe_disable,
+            packed: self.packed,
+            device_id: self.device_id.get(),
+            nic_uuid: iid_text(&self.nic_uuid),
+            ..RawNic::default()
         }
+    }
+}
+
+fn iid_text(i: &IidIn) -> String {
+    match i {
+        IidIn::None => String::new(),
+        IidIn::Uuid(b) => {
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            )
+        }
+        IidIn::Raw(s) => s.clone(),
     }
 }
 
@@ -319,4 +346,10 @@ fuzz_target!(|input: Input| {
     }
     assert_eq!(got.acpi_index, spec.acpi_index.map(|a| a.get()), "{doc}");
     assert_eq!(got.pci, def.pci, "{doc}");
+    assert_eq!(got.rom_off, spec.pxe_disable, "pxe_disable dropped: {doc}");
+    assert_eq!(got.packed, spec.packed, "packed dropped: {doc}");
+    if let Some(u) = spec.nic_uuid {
+        let a = got.alias.as_deref().unwrap_or_default();
+        assert_eq!(nic_agent::nic::plug::uuid_from_alias(a), Some(u), "{doc}");
+    }
 });

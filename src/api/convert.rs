@@ -4,7 +4,7 @@
 use super::pb;
 use crate::hotplug::{AttachOutcome, NicReport, VmReport};
 use crate::hypervisor::Target;
-use crate::nic::{RawBandwidth, RawNic};
+use crate::nic::{MacPolicy, PlugDetails, RawAddresses, RawBandwidth, RawNic};
 use crate::pci::{Capacity, PciAddress};
 use crate::xml::domain::BandwidthView;
 
@@ -32,6 +32,66 @@ pub fn raw_nic(n: &pb::NicSpec) -> RawNic {
         interface_id: n.interface_id.clone(),
         anti_spoofing: n.anti_spoofing,
         ips: n.ips.clone(),
+        pxe_disable: n.pxe_disable,
+        nic_uuid: n.nic_uuid.clone(),
+        device_id: n.device_id,
+        default_nic: n.default_nic,
+        addresses: RawAddresses {
+            ipv4_cidr: n.ipv4_cidr.clone(),
+            ipv4_gateway: n.ipv4_gateway.clone(),
+            ipv6_cidr: n.ipv6_cidr.clone(),
+            ipv6_gateway: n.ipv6_gateway.clone(),
+            secondary_ips: n.secondary_ips.clone(),
+        },
+        security_group_enabled: n.security_group_enabled,
+        multicast_rate_mbps: n.multicast_rate_mbps,
+        packed: n.packed,
+        mac_policy: n
+            .mac_policy
+            .as_ref()
+            .map(|m| MacPolicy {
+                promiscuous_mode: m.promiscuous_mode,
+                mac_address_changes: m.mac_address_changes,
+                forged_transmits: m.forged_transmits,
+                mac_learning: m.mac_learning,
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// The carried (validated, not applied) PlugNic fields → proto.
+pub fn carried(p: &PlugDetails) -> pb::PlugCarried {
+    let cidr = |a: String, prefix: u8| format!("{a}/{prefix}");
+    let m = p.mac_policy;
+    pb::PlugCarried {
+        default_nic: p.default_nic,
+        ipv4_cidr: p
+            .ipv4
+            .map(|c| cidr(c.addr.to_string(), c.prefix))
+            .unwrap_or_default(),
+        ipv4_gateway: p
+            .ipv4
+            .and_then(|c| c.gateway)
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
+        ipv6_cidr: p
+            .ipv6
+            .map(|c| cidr(c.addr.to_string(), c.prefix))
+            .unwrap_or_default(),
+        ipv6_gateway: p
+            .ipv6
+            .and_then(|c| c.gateway)
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
+        secondary_ips: p.secondary_ips.iter().map(|ip| ip.to_string()).collect(),
+        security_group_enabled: p.security_group_enabled,
+        multicast_rate_mbps: p.multicast_rate_mbps.unwrap_or(0),
+        mac_policy: Some(pb::MacPolicy {
+            promiscuous_mode: m.promiscuous_mode,
+            mac_address_changes: m.mac_address_changes,
+            forged_transmits: m.forged_transmits,
+            mac_learning: m.mac_learning,
+        }),
     }
 }
 
@@ -86,6 +146,10 @@ pub fn nic(n: &NicReport) -> pb::Nic {
         acpi_index: n.acpi_index,
         interface_id: n.interface_id.clone(),
         filter: n.filter.clone(),
+        nic_uuid: n.nic_uuid.clone(),
+        device_id: n.device_id,
+        pxe_disabled: n.pxe_disabled,
+        packed: n.packed,
     }
 }
 
@@ -116,6 +180,7 @@ pub fn attach_response(o: &AttachOutcome, request_id: &str) -> pb::AttachNicResp
         applied,
         request_id: request_id.to_string(),
         notes: o.notes.clone(),
+        carried: None,
     }
 }
 

@@ -135,12 +135,18 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                 })?;
                 convert::check_switch_type(nic.switch_type)?;
                 let spec = NicSpec::try_from(convert::raw_nic(nic))?;
+                let carried = convert::carried(&spec.plug);
                 let (h, vm) = (self.hotplug.clone(), r.vm.clone());
-                to_completion(async move { h.attach(&vm, &spec).await }).await
+                to_completion(async move { h.attach(&vm, &spec).await })
+                    .await
+                    .map(|o| (o, carried))
             }
             .await;
-            finish("attach", start, result)
-                .map(|o| Response::new(convert::attach_response(&o, &rid)))
+            finish("attach", start, result).map(|(o, carried)| {
+                let mut resp = convert::attach_response(&o, &rid);
+                resp.carried = Some(carried);
+                Response::new(resp)
+            })
         }
         .instrument(span)
         .await
@@ -165,12 +171,12 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                     Some(Alias::try_from(r.alias.as_str())?)
                 };
                 let timeout = request_timeout(r.timeout_ms)?;
-                let (h, vm) = (self.hotplug.clone(), r.vm.clone());
-                let st =
-                    to_completion(
-                        async move { h.detach(&vm, &mac, alias.as_ref(), timeout).await },
-                    )
-                    .await?;
+                let (h, vm, keep) = (self.hotplug.clone(), r.vm.clone(), r.keep_bridge);
+                let st = to_completion(async move {
+                    h.detach_keeping(&vm, &mac, alias.as_ref(), timeout, keep)
+                        .await
+                })
+                .await?;
                 Ok((mac, st))
             }
             .await;

@@ -216,6 +216,12 @@ pub async fn attach(a: &AttachArgs) -> Result<String, ClientError> {
         anti_spoofing: raw.anti_spoofing,
         ips: raw.ips.clone(),
         interface_id: raw.interface_id.clone(),
+        pxe_disable: raw.pxe_disable,
+        nic_uuid: raw.nic_uuid.clone(),
+        device_id: raw.device_id,
+        packed: raw.packed,
+        default_nic: raw.default_nic,
+        ..Default::default()
     };
     let mut c = connect(&a.target.client.server).await?;
     let r = c
@@ -256,6 +262,7 @@ pub async fn detach(a: &DetachArgs) -> Result<String, ClientError> {
             alias: a.alias.clone(),
             timeout_ms: a.timeout_ms,
             request_id: a.request_id.clone(),
+            keep_bridge: a.keep_bridge,
         })
         .await?
         .into_inner();

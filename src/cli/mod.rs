@@ -219,6 +219,21 @@ pub struct NicArgs {
     /// anti-spoofing lets the guest use.
     #[arg(long = "ip")]
     pub ips: Vec<String>,
+    /// No option ROM, no PXE (`<rom enabled='no'/>`).
+    #[arg(long)]
+    pub pxe_disable: bool,
+    /// CloudStack's NIC uuid (kept in the alias `ua-nic-<uuid>`).
+    #[arg(long, default_value = "")]
+    pub nic_uuid: String,
+    /// CloudStack's deviceId (0-16382); kept as ACPI index device_id+1.
+    #[arg(long)]
+    pub device_id: Option<u32>,
+    /// virtio packed virtqueues.
+    #[arg(long)]
+    pub packed: bool,
+    /// The guest's default NIC (carried for guest-config).
+    #[arg(long)]
+    pub default_nic: bool,
 }
 
 /// `inspect` options.
@@ -287,6 +302,10 @@ pub struct DetachArgs {
     /// Correlation id.
     #[arg(long, default_value = "")]
     pub request_id: String,
+    /// Keep the bridge and segment device even when unused (persistent
+    /// networks), beside the static keep_bridges list.
+    #[arg(long)]
+    pub keep_bridge: bool,
 }
 
 impl NicArgs {
@@ -363,6 +382,12 @@ impl NicArgs {
             interface_id: self.interface_id.clone(),
             anti_spoofing: self.anti_spoofing,
             ips: self.ips.clone(),
+            pxe_disable: self.pxe_disable,
+            nic_uuid: self.nic_uuid.clone(),
+            device_id: self.device_id,
+            packed: self.packed,
+            default_nic: self.default_nic,
+            ..crate::nic::RawNic::default()
         })
     }
 }

@@ -61,6 +61,8 @@ pub fn render(args: &NicArgs) -> Result<String, String> {
             mac: spec.mac,
             ips: spec.ips.clone(),
         }),
+        pxe_disable: spec.pxe_disable,
+        packed: spec.packed && spec.model.is_virtio(),
     };
     def.to_xml().map_err(|e| e.to_string())
 }

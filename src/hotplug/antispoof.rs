@@ -66,15 +66,30 @@ impl Hotplug {
     /// Who protects this NIC, on this host, now.
     pub(crate) fn protection(&self, spec: &NicSpec) -> Protection {
         let script = self.cfg.cloudstack_sg_script.exists();
-        decide(self.cfg.anti_spoofing, spec.anti_spoofing, script)
+        // CloudStack asks for protection through security groups; the
+        // per-NIC flag asks for it directly. Either one is a request.
+        let asked = spec.anti_spoofing || spec.plug.security_group_enabled;
+        decide(self.cfg.anti_spoofing, asked, script)
     }
 
     /// The `<filterref>` for a NIC the agent protects.
+    /// The guest may use the `ips` of the request and the addresses
+    /// CloudStack sent (primary IPv4 and IPv6, secondary IPs), each once.
     pub(crate) fn filter_ref(spec: &NicSpec) -> FilterRef {
-        FilterRef {
-            mac: spec.mac,
-            ips: spec.ips.clone(),
+        let p = &spec.plug;
+        let mut ips = spec.ips.clone();
+        let plugged = p
+            .ipv4
+            .map(|c| std::net::IpAddr::V4(c.addr))
+            .into_iter()
+            .chain(p.ipv6.map(|c| std::net::IpAddr::V6(c.addr)))
+            .chain(p.secondary_ips.iter().copied());
+        for ip in plugged {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
         }
+        FilterRef { mac: spec.mac, ips }
     }
 
     /// Defines the agent's nwfilter, once per agent run: at start-up and,

@@ -226,6 +226,8 @@ impl Hotplug {
             pci: pinned,
             acpi_index: spec.acpi_index,
             filter: (protection == Protection::Nwfilter).then(|| Hotplug::filter_ref(spec)),
+            pxe_disable: spec.pxe_disable,
+            packed: spec.packed && spec.model.is_virtio(),
         };
 
         let mut undo: Vec<Undo> = Vec::new();
@@ -641,6 +643,21 @@ fn differences(
     if let Some(a) = &spec.alias {
         if have.alias.as_deref() != Some(a.as_str()) {
             d.push("alias");
+        }
+    }
+    if have.rom_off != spec.pxe_disable {
+        d.push("pxe_disable");
+    }
+    if have.packed != (spec.packed && spec.model.is_virtio()) {
+        d.push("packed");
+    }
+    if let Some(a) = spec.acpi_index {
+        if have.acpi_index != Some(a.get()) {
+            d.push(if spec.device_id.is_some() {
+                "device_id"
+            } else {
+                "acpi_index"
+            });
         }
     }
     if let Some(b) = &spec.inbound {

@@ -26,9 +26,24 @@ impl Hotplug {
         alias: Option<&Alias>,
         timeout: Option<Duration>,
     ) -> Result<DetachState, HotplugError> {
+        self.detach_keeping(vm, mac, alias, timeout, false).await
+    }
+
+    /// [`Hotplug::detach`], with the per-call keep-bridge flag: `true`
+    /// keeps the NIC's bridge and segment device even when nothing uses
+    /// them any more (CloudStack's UnPlugNic for persistent networks),
+    /// beside the static `keep_bridges` list.
+    pub async fn detach_keeping(
+        &self,
+        vm: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        timeout: Option<Duration>,
+        keep_bridge: bool,
+    ) -> Result<DetachState, HotplugError> {
         let first = self.lookup(vm).await?;
         let _guard = self.locks.lock(&first).await?;
-        self.detach_locked(&first.uuid, mac, alias, timeout, true)
+        self.detach_locked(&first.uuid, mac, alias, timeout, true, keep_bridge)
             .await
             .map_err(|e| named(e, &first))
     }
@@ -43,6 +58,7 @@ impl Hotplug {
         alias: Option<&Alias>,
         timeout: Option<Duration>,
         host_cleanup: bool,
+        keep_bridge: bool,
     ) -> Result<DetachState, HotplugError> {
         let timeout = timeout.unwrap_or(self.cfg.detach_timeout);
         let dom = self.lookup(uuid).await?;
@@ -65,7 +81,8 @@ impl Hotplug {
             // clean-up is still due if the background watch has not run it.
             for p in self.pending_take_mac(&dom.uuid, &mac_s) {
                 if p.host_cleanup && host_cleanup {
-                    self.host_after_detach(&p.nic).await;
+                    self.host_after_detach(&p.nic, keep_bridge || p.keep_bridge)
+                        .await;
                 }
             }
             return Ok(DetachState::AlreadyAbsent);
@@ -119,7 +136,8 @@ impl Hotplug {
             }
             self.pending_insert(
                 key.clone(),
-                pending::Pending::new(mac_s.clone(), iface.clone(), host_cleanup),
+                pending::Pending::new(mac_s.clone(), iface.clone(), host_cleanup)
+                    .keeping_bridge(keep_bridge),
             );
         } else {
             tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting without a second device_del");
@@ -139,7 +157,7 @@ impl Hotplug {
             Wait::Removed => {
                 self.pending_take(&key);
                 if host_cleanup {
-                    self.host_after_detach(&iface).await;
+                    self.host_after_detach(&iface, keep_bridge).await;
                 }
                 Ok(DetachState::Removed)
             }
@@ -184,8 +202,9 @@ impl Hotplug {
     /// an OVS sensor, restore a Linux bridge's flags when the last IDS NIC
     /// on it is gone, and collect an agent-made VLAN/VXLAN bridge nothing
     /// uses any more. Failures are logged: the NIC is gone, which is what
-    /// the operator asked for.
-    pub(crate) async fn host_after_detach(&self, nic: &InterfaceView) {
+    /// the operator asked for. `keep_bridge` skips only the bridge
+    /// collection.
+    pub(crate) async fn host_after_detach(&self, nic: &InterfaceView, keep_bridge: bool) {
         let Some(host) = &self.host else { return };
         let Some(bridge) = nic
             .source
@@ -217,7 +236,9 @@ impl Hotplug {
                 tracing::warn!(%bridge, error = %e, "restoring bridge flags failed");
             }
         }
-        if !ovs {
+        if keep_bridge {
+            tracing::info!(%bridge, "bridge kept: the caller asked for keep_bridge");
+        } else if !ovs {
             if let Err(e) = self.collect_bridge(&bridge).await {
                 tracing::warn!(%bridge, error = %e, "bridge clean-up failed");
             }

@@ -460,3 +460,50 @@ async fn a_dropped_request_leaves_its_vm_in_doubt_too() {
     fake.release_hangs();
     eventually("vm1 out of doubt", || !hp.doubt.contains(&uuid)).await;
 }
+
+#[tokio::test]
+async fn keep_bridge_per_call_leaves_the_bridge_and_the_next_detach_collects() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    let st = hp
+        .detach_keeping("vm1", &mac(), None, None, true)
+        .await
+        .expect("detach");
+    assert_eq!(st, DetachState::Removed);
+    assert!(
+        host.cleaned().is_empty(),
+        "keep_bridge: the bridge must stay: {:?}",
+        host.cleaned()
+    );
+    // The flag is per call: the same NIC plugged again and detached
+    // without it lets the clean-up take the bridge.
+    let dom = fake.lookup("vm1").expect("vm1");
+    fake.attach(
+        &dom,
+        &format!("<interface type='bridge'><mac address='{MAC}'/><source bridge='{BRIDGE}'/><model type='virtio'/><alias name='{ALIAS}'/></interface>"),
+        Target::Live,
+    )
+    .expect("nic");
+    hp.detach("vm1", &mac(), None, None).await.expect("detach");
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+}
+
+#[tokio::test]
+async fn keep_bridge_holds_for_an_unplug_that_lands_later() {
+    let (fake, host, hp) = setup(FakeHypervisor::with_events());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let err = hp
+        .detach_keeping("vm1", &mac(), None, Some(Duration::from_millis(100)), true)
+        .await
+        .expect_err("pending");
+    assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
+    fake.guest_release("vm1", MAC);
+    eventually("the NIC is gone", || {
+        fake.lookup("vm1")
+            .ok()
+            .and_then(|d| fake.xml(&d, Target::Live).ok())
+            .is_some_and(|x| !x.contains(MAC))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(host.cleaned().is_empty(), "{:?}", host.cleaned());
+}

@@ -28,6 +28,7 @@ mod ghosts;
 pub mod locks;
 mod moves;
 mod pending;
+pub mod replug;
 pub(crate) mod report;
 mod update;
 

@@ -113,7 +113,7 @@ impl Hotplug {
         // Host clean-up is off: the bridge the NIC leaves is the one it is
         // about to join (on B, or on A again), so it must not be removed.
         match self
-            .detach_locked(&a.uuid, mac, alias, timeout, false)
+            .detach_locked(&a.uuid, mac, alias, timeout, false, false)
             .await
         {
             Ok(_) => {}

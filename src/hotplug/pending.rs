@@ -43,16 +43,26 @@ pub(super) struct Pending {
     /// Whether the host clean-up runs when it lands (false for a move,
     /// whose NIC goes to another VM on the same bridge).
     pub host_cleanup: bool,
+    /// The caller asked to keep the bridge and its segment device
+    /// (DetachNicRequest.keep_bridge); IDS clean-up still runs.
+    pub keep_bridge: bool,
     /// Whether a background watch already follows it.
     watched: bool,
 }
 
 impl Pending {
+    /// This pending unplug, keeping its bridge when it lands.
+    pub(super) fn keeping_bridge(mut self, keep_bridge: bool) -> Self {
+        self.keep_bridge = keep_bridge;
+        self
+    }
+
     pub(super) fn new(mac: String, nic: InterfaceView, host_cleanup: bool) -> Self {
         Pending {
             mac,
             nic,
             host_cleanup,
+            keep_bridge: false,
             watched: false,
         }
     }
@@ -297,7 +307,7 @@ impl Hotplug {
             }
             tracing::info!(vm = %dom.name, mac = %p.mac, alias = %key.1, host_cleanup = p.host_cleanup, "pending unplug landed");
             if p.host_cleanup {
-                self.host_after_detach(&p.nic).await;
+                self.host_after_detach(&p.nic, p.keep_bridge).await;
             }
             return;
         }

@@ -50,6 +50,15 @@ pub struct NicReport {
     pub interface_id: String,
     /// `<filterref filter=>`: the nwfilter on the NIC, empty when none.
     pub filter: String,
+    /// CloudStack NIC uuid read from the alias `ua-nic-<uuid>`; empty when
+    /// none.
+    pub nic_uuid: String,
+    /// CloudStack deviceId: `acpi_index - 1`, when an index is set.
+    pub device_id: Option<u32>,
+    /// The option ROM is off (`<rom enabled='no'>` or CloudStack's `<rom bar='off'>`).
+    pub pxe_disabled: bool,
+    /// `<driver packed='on'>`.
+    pub packed: bool,
 }
 
 impl NicReport {
@@ -74,6 +83,15 @@ impl NicReport {
             acpi_index: i.acpi_index.unwrap_or(0),
             interface_id: i.interface_id.clone().unwrap_or_default(),
             filter: i.filter.clone().unwrap_or_default(),
+            nic_uuid: i
+                .alias
+                .as_deref()
+                .and_then(crate::nic::plug::uuid_from_alias)
+                .map(|u| u.hyphenated().to_string())
+                .unwrap_or_default(),
+            device_id: i.acpi_index.and_then(|a| a.checked_sub(1)),
+            pxe_disabled: i.rom_off,
+            packed: i.packed,
         }
     }
 }

@@ -32,6 +32,15 @@ pub enum NicError {
 /// INVALID_ARGUMENT into an h2 protocol error.
 pub const MAX_ECHOED_CHARS: usize = 64;
 
+/// `value` cut to [`MAX_ECHOED_CHARS`] characters, for messages that
+/// repeat caller input.
+pub(crate) fn cut(value: &str) -> String {
+    match value.char_indices().nth(MAX_ECHOED_CHARS) {
+        Some((cut, _)) => format!("{}…", &value[..cut]),
+        None => value.to_string(),
+    }
+}
+
 impl NicError {
     /// The proto field name this error is about.
     pub fn field(&self) -> &'static str {
@@ -45,11 +54,7 @@ impl NicError {
         value: impl ToString,
         allowed: impl Into<String>,
     ) -> Self {
-        let value = value.to_string();
-        let value = match value.char_indices().nth(MAX_ECHOED_CHARS) {
-            Some((cut, _)) => format!("{}…", &value[..cut]),
-            None => value,
-        };
+        let value = cut(&value.to_string());
         NicError::Invalid {
             field,
             value,

@@ -20,6 +20,7 @@ pub mod error;
 pub mod ids;
 pub mod kinds;
 pub mod mac;
+pub mod plug;
 pub mod ranged;
 pub mod spec;
 
@@ -29,6 +30,7 @@ pub use error::NicError;
 pub use ids::{Alias, InterfaceId};
 pub use kinds::{LinkState, NicModel, Segment, SwitchType, VhostMode};
 pub use mac::MacAddr;
+pub use plug::{MacPolicy, PlugDetails, RawAddresses};
 pub use ranged::{AcpiIndex, Mtu, PciSlot, QueueCount, VlanId, Vni};
 pub use spec::{parse_segment_uri, NicSpec, RawBandwidth, RawNic};
 
@@ -83,6 +85,7 @@ mod never_panics {
             slots in (proptest::option::of(any::<u32>()), proptest::option::of(any::<u32>())),
             vhost in prop_oneof![Just("on".to_string()), any::<String>()],
             iid in any::<String>(),
+            plug in (any::<String>(), any::<String>(), any::<String>(), proptest::option::of(any::<u32>()), any::<u32>(), any::<String>()),
         ) {
             let raw = RawNic {
                 mac, bridge, ovs, vlan, vni, broadcast_uri: uri, mtu, queues, model,
@@ -91,6 +94,13 @@ mod never_panics {
                 outbound: None,
                 pci_slot: slots.0, acpi_index: slots.1, vhost, interface_id: iid,
                 anti_spoofing: false, ips: vec![],
+                nic_uuid: plug.0,
+                addresses: RawAddresses { ipv4_cidr: plug.1, ipv6_cidr: plug.2, secondary_ips: vec![plug.5], ..RawAddresses::default() },
+                device_id: plug.3,
+                multicast_rate_mbps: plug.4,
+                packed: true,
+                pxe_disable: true,
+                ..RawNic::default()
             };
             if let Err(e) = NicSpec::try_from(raw) {
                 // Every rejection names a field and renders a message.

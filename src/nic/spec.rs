@@ -3,6 +3,9 @@
 use std::net::IpAddr;
 
 use super::bandwidth::{fields, MAX_KB};
+use uuid::Uuid;
+
+use super::plug::{self, MacPolicy, PlugDetails, RawAddresses};
 use super::{
     AcpiIndex, Alias, Bandwidth, BridgeName, InterfaceId, LinkState, MacAddr, Mtu, NicError,
     NicModel, PciSlot, QueueCount, Segment, SwitchType, VhostMode, VlanId, Vni,
@@ -65,6 +68,24 @@ pub struct RawNic {
     pub anti_spoofing: bool,
     /// The NIC's IPv4/IPv6 addresses, as text.
     pub ips: Vec<String>,
+    /// No option ROM (`<rom enabled='no'/>`).
+    pub pxe_disable: bool,
+    /// CloudStack's NIC uuid; empty means none.
+    pub nic_uuid: String,
+    /// CloudStack's deviceId (NIC order).
+    pub device_id: Option<u32>,
+    /// The guest's default NIC.
+    pub default_nic: bool,
+    /// Primary and secondary addresses.
+    pub addresses: RawAddresses,
+    /// Security groups apply to this NIC.
+    pub security_group_enabled: bool,
+    /// Multicast rate, Mbit/s; 0 means unset.
+    pub multicast_rate_mbps: u32,
+    /// virtio packed virtqueues.
+    pub packed: bool,
+    /// MAC-policy details.
+    pub mac_policy: MacPolicy,
 }
 
 /// A fully validated NIC request. Every field already holds an allowed
@@ -103,6 +124,16 @@ pub struct NicSpec {
     pub vhost: VhostMode,
     /// OVS interface id; `None` lets libvirt generate one.
     pub interface_id: Option<InterfaceId>,
+    /// No option ROM: no PXE from this NIC.
+    pub pxe_disable: bool,
+    /// virtio packed virtqueues.
+    pub packed: bool,
+    /// CloudStack's NIC uuid; also encoded in `alias`.
+    pub nic_uuid: Option<Uuid>,
+    /// CloudStack's deviceId; also in `acpi_index` as `device_id + 1`.
+    pub device_id: Option<u32>,
+    /// What is carried but not applied.
+    pub plug: PlugDetails,
     /// Bind the agent's anti-spoofing nwfilter to this NIC.
     pub anti_spoofing: bool,
     /// The NIC's addresses, without duplicates, in request order: the only
@@ -170,6 +201,18 @@ fn parse_broadcast_uri(uri: &str) -> Result<Option<Segment>, NicError> {
                 .map_err(|_| bad()),
             None => Err(bad()),
         };
+    }
+    // PVLAN isolates secondary VLANs with OVS flows (CloudStack's
+    // ovs-pvlan-*.sh) that this agent does not program; accepting the URI
+    // as a plain VLAN would silently let isolated VMs talk to each other.
+    if scheme.eq_ignore_ascii_case("pvlan") {
+        return Err(NicError::conflict(
+            "broadcast_uri",
+            format!(
+                "{}: private VLANs are not supported by nic-agent (they need OVS flows it does not program); plug this NIC with cloudstack-agent",
+                super::error::cut(uri)
+            ),
+        ));
     }
     if scheme.eq_ignore_ascii_case("vxlan") {
         return uri_number(rest)
@@ -317,15 +360,83 @@ impl TryFrom<RawNic> for NicSpec {
             }
         }
 
+        let mp = raw.mac_policy;
+        // PromiscuousMode is the IDS flag, so the allow_promisc_bridges
+        // check applies to it unchanged; an explicit "false" beside
+        // promiscuous=true is a contradiction, not a tie to break.
+        if mp.promiscuous_mode == Some(false) && raw.promiscuous {
+            return Err(NicError::conflict(
+                "mac_policy.promiscuous_mode",
+                "false contradicts promiscuous=true; drop one",
+            ));
+        }
+        let promiscuous = raw.promiscuous || mp.promiscuous_mode == Some(true);
+        let nic_uuid = if raw.nic_uuid.is_empty() {
+            None
+        } else {
+            Some(plug::nic_uuid(&raw.nic_uuid)?)
+        };
         let alias = if raw.alias.is_empty() {
             None
         } else {
             Some(Alias::try_from(raw.alias.as_str())?)
         };
+        // The NIC uuid lives in the alias: it is the one free-form,
+        // caller-chosen name libvirt keeps on every interface type, live
+        // and persistent, and reports in dumpxml.
+        let alias = match (nic_uuid, alias) {
+            (None, a) => a,
+            (Some(u), None) => Some(Alias::try_from(
+                plug::alias_for_uuid(u, promiscuous).as_str(),
+            )?),
+            (Some(u), Some(a)) => {
+                let want = plug::alias_for_uuid(u, promiscuous);
+                if a.as_str() != want {
+                    return Err(NicError::conflict(
+                        "nic_uuid",
+                        format!("the NIC uuid is kept in the alias {want}; drop alias or set it to that"),
+                    ));
+                }
+                Some(a)
+            }
+        };
         let inbound = bandwidth("inbound", raw.inbound.as_ref())?;
         let outbound = bandwidth("outbound", raw.outbound.as_ref())?;
         let pci_slot = raw.pci_slot.map(PciSlot::try_from).transpose()?;
         let acpi_index = raw.acpi_index.map(AcpiIndex::try_from).transpose()?;
+        let device_id = raw.device_id.map(plug::device_id).transpose()?;
+        // libvirt keeps a NIC's order only through the ACPI index (the PCI
+        // slot is the PCI module's choice), so deviceId N becomes index N+1.
+        let acpi_index = match (device_id, acpi_index) {
+            (None, a) => a,
+            (Some(d), None) => Some(AcpiIndex::try_from(d + 1)?),
+            (Some(d), Some(a)) if a.get() == d + 1 => Some(a),
+            (Some(d), Some(a)) => {
+                return Err(NicError::conflict(
+                    "device_id",
+                    format!(
+                        "device_id {d} is kept as acpi_index {}, but acpi_index is {a}; drop one",
+                        d + 1
+                    ),
+                ))
+            }
+        };
+        if raw.packed && !model.is_virtio() {
+            return Err(NicError::conflict(
+                "packed",
+                format!("packed virtqueues are virtio-only; model {model} has none"),
+            ));
+        }
+        let (ipv4, ipv6, secondary_ips) = plug::addresses(&raw.addresses)?;
+        let plug = PlugDetails {
+            default_nic: raw.default_nic,
+            ipv4,
+            ipv6,
+            secondary_ips,
+            security_group_enabled: raw.security_group_enabled,
+            multicast_rate_mbps: plug::multicast_rate(raw.multicast_rate_mbps)?,
+            mac_policy: mp,
+        };
         let interface_id = if raw.interface_id.is_empty() {
             None
         } else {
@@ -352,7 +463,7 @@ impl TryFrom<RawNic> for NicSpec {
             } else {
                 LinkState::Up
             },
-            promiscuous: raw.promiscuous,
+            promiscuous,
             alias,
             inbound,
             outbound,
@@ -362,6 +473,11 @@ impl TryFrom<RawNic> for NicSpec {
             interface_id,
             anti_spoofing: raw.anti_spoofing,
             ips: ips(&raw.ips)?,
+            pxe_disable: raw.pxe_disable,
+            packed: raw.packed,
+            nic_uuid,
+            device_id,
+            plug,
         })
     }
 }
@@ -404,6 +520,8 @@ impl NicSpec {
             ),
             ("acpi_index", self.acpi_index == other.acpi_index),
             ("vhost", self.vhost == other.vhost),
+            ("pxe_disable", self.pxe_disable == other.pxe_disable),
+            ("packed", self.packed == other.packed),
             (
                 "interface_id",
                 same_if_both_set(&self.interface_id, &other.interface_id),
@@ -715,7 +833,7 @@ mod tests {
             "vxlan://16777216",
             "vxlan://untagged",
             "lswitch://abc",
-            "pvlan://100-i200",
+            // pvlan:// has its own message: pvlan_is_refused_naming_the_uri.
             "vlan:100",
             "100",
         ] {
@@ -1023,5 +1141,140 @@ mod tests {
             ..raw()
         });
         assert!(is_conflict(&e, "ips"), "{e}");
+    }
+
+    const NIC_UUID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+
+    #[test]
+    fn nic_uuid_becomes_the_alias_and_ids_nics_keep_their_prefix() {
+        let s = spec(RawNic {
+            nic_uuid: NIC_UUID.into(),
+            ..raw()
+        });
+        assert_eq!(
+            s.alias.as_ref().map(Alias::as_str),
+            Some(format!("ua-nic-{NIC_UUID}").as_str())
+        );
+        let ids = spec(RawNic {
+            nic_uuid: NIC_UUID.into(),
+            mac_policy: MacPolicy {
+                promiscuous_mode: Some(true),
+                ..MacPolicy::default()
+            },
+            ..raw()
+        });
+        assert!(ids.promiscuous, "PromiscuousMode is the IDS flag");
+        assert_eq!(
+            ids.alias.as_ref().map(Alias::as_str),
+            Some(format!("ua-ids-nic-{NIC_UUID}").as_str())
+        );
+        // The same alias given explicitly is fine; another is a conflict.
+        spec(RawNic {
+            nic_uuid: NIC_UUID.into(),
+            alias: format!("ua-nic-{NIC_UUID}"),
+            ..raw()
+        });
+        let e = err(RawNic {
+            nic_uuid: NIC_UUID.into(),
+            alias: "ua-web".into(),
+            ..raw()
+        });
+        assert!(is_conflict(&e, "nic_uuid"), "{e}");
+        assert!(is_invalid(
+            &err(RawNic {
+                nic_uuid: "x".into(),
+                ..raw()
+            }),
+            "nic_uuid"
+        ));
+    }
+
+    #[test]
+    fn device_id_is_kept_as_acpi_index_plus_one() {
+        let s = spec(RawNic {
+            device_id: Some(0),
+            ..raw()
+        });
+        assert_eq!(
+            (s.device_id, s.acpi_index.map(AcpiIndex::get)),
+            (Some(0), Some(1))
+        );
+        spec(RawNic {
+            device_id: Some(2),
+            acpi_index: Some(3),
+            ..raw()
+        });
+        assert!(is_conflict(
+            &err(RawNic {
+                device_id: Some(2),
+                acpi_index: Some(4),
+                ..raw()
+            }),
+            "device_id"
+        ));
+        assert!(is_invalid(
+            &err(RawNic {
+                device_id: Some(16383),
+                ..raw()
+            }),
+            "device_id"
+        ));
+    }
+
+    #[test]
+    fn pvlan_is_refused_naming_the_uri() {
+        let e = err(RawNic {
+            broadcast_uri: "pvlan://100-i200".into(),
+            ..raw()
+        });
+        assert!(is_conflict(&e, "broadcast_uri"), "{e}");
+        assert!(e.to_string().contains("pvlan://100-i200"), "{e}");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn packed_is_virtio_only_and_pxe_and_carried_fields_pass_through() {
+        assert!(is_conflict(
+            &err(RawNic {
+                packed: true,
+                model: "e1000".into(),
+                ..raw()
+            }),
+            "packed"
+        ));
+        let s = spec(RawNic {
+            packed: true,
+            pxe_disable: true,
+            default_nic: true,
+            security_group_enabled: true,
+            multicast_rate_mbps: 10,
+            addresses: RawAddresses {
+                ipv4_cidr: "10.1.1.5/24".into(),
+                ipv4_gateway: "10.1.1.1".into(),
+                secondary_ips: vec!["10.1.1.6".into()],
+                ..RawAddresses::default()
+            },
+            mac_policy: MacPolicy {
+                forged_transmits: Some(false),
+                ..MacPolicy::default()
+            },
+            ..raw()
+        });
+        assert!(s.packed && s.pxe_disable && !s.promiscuous);
+        assert!(s.plug.default_nic && s.plug.security_group_enabled);
+        assert_eq!(s.plug.multicast_rate_mbps, Some(10));
+        assert_eq!(s.plug.secondary_ips.len(), 1);
+        assert_eq!(s.plug.mac_policy.forged_transmits, Some(false));
+        assert!(is_conflict(
+            &err(RawNic {
+                promiscuous: true,
+                mac_policy: MacPolicy {
+                    promiscuous_mode: Some(false),
+                    ..MacPolicy::default()
+                },
+                ..raw()
+            }),
+            "mac_policy.promiscuous_mode"
+        ));
     }
 }

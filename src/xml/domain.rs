@@ -108,6 +108,10 @@ pub struct InterfaceView {
     pub outbound: Option<BandwidthView>,
     /// `<acpi index>`.
     pub acpi_index: Option<u32>,
+    /// `<rom bar='off'>` or `<rom enabled='no'>`: no option ROM exposed.
+    pub rom_off: bool,
+    /// `<driver packed='on'>`.
+    pub packed: bool,
     /// The guest PCI address (`<address type='pci'>`), once libvirt assigned one.
     pub pci: Option<PciAddress>,
     /// `<filterref filter>`: the nwfilter libvirt applies to the NIC.
@@ -265,6 +269,9 @@ fn interface(el: &Element) -> InterfaceView {
         inbound: direction("inbound"),
         outbound: direction("outbound"),
         acpi_index: num_of("acpi", "index"),
+        rom_off: attr_of("rom", "bar").as_deref() == Some("off")
+            || attr_of("rom", "enabled").as_deref() == Some("no"),
+        packed: attr_of("driver", "packed").as_deref() == Some("on"),
         pci: el.child("address").and_then(pci_address),
         filter: attr_of("filterref", "filter"),
         filter_params: el
@@ -551,6 +558,18 @@ mod tests {
                 function: 0
             })
         );
+    }
+
+    #[test]
+    fn rom_off_and_packed_are_read_in_either_rom_spelling() {
+        for rom in ["<rom bar='off' file=''/>", "<rom enabled='no'/>"] {
+            let nic = only_interface(&format!(
+                "<interface type='bridge'><source bridge='br0'/><driver packed='on'/>{rom}</interface>"
+            ));
+            assert!(nic.rom_off && nic.packed, "{rom}");
+        }
+        let nic = only_interface("<interface type='bridge'><rom bar='on'/></interface>");
+        assert!(!nic.rom_off && !nic.packed);
     }
 
     #[test]

@@ -109,6 +109,10 @@ pub struct InterfaceDef {
     pub acpi_index: Option<AcpiIndex>,
     /// Anti-spoofing: a reference to the agent's nwfilter.
     pub filter: Option<FilterRef>,
+    /// `<rom enabled='no'/>`: no option ROM, so no PXE.
+    pub pxe_disable: bool,
+    /// `<driver packed='on'>` (virtio only).
+    pub packed: bool,
 }
 
 impl InterfaceDef {
@@ -150,6 +154,8 @@ impl InterfaceDef {
             // Whether the filter is applied is the hot-plug policy's call
             // (anti_spoofing = auto/nwfilter/off), not the request's alone.
             filter: None,
+            pxe_disable: spec.pxe_disable,
+            packed: spec.packed && virtio,
         }
     }
 
@@ -176,6 +182,7 @@ impl InterfaceDef {
                 ("driver", self.driver.is_some()),
                 ("queues", self.queues.is_some()),
                 ("mtu", self.mtu.is_some()),
+                ("packed", self.packed),
             ];
             if let Some((field, _)) = set.into_iter().find(|(_, is_set)| *is_set) {
                 return Err(XmlWriteError::VirtioOnly {
@@ -186,11 +193,12 @@ impl InterfaceDef {
         }
         let address = self.pci.map(pci_address).transpose()?;
         // A queues value without a driver name still needs a <driver>.
-        let driver = match (self.driver, self.queues) {
-            (None, None) => None,
-            (name, queues) => Some(XDriver {
+        let driver = match (self.driver, self.queues, self.packed) {
+            (None, None, false) => None,
+            (name, queues, packed) => Some(XDriver {
                 name: name.map(DriverName::as_str),
                 queues: queues.map(QueueCount::get),
+                packed: packed.then_some("on"),
             }),
         };
         let bandwidth = match (&self.inbound, &self.outbound) {
@@ -236,6 +244,13 @@ impl InterfaceDef {
             alias: XAlias {
                 name: self.alias.as_str(),
             },
+            // CloudStack writes <rom bar='off' file=''/>. libvirt's parser
+            // takes that, but its schema does not (file is an absolute
+            // path), so a validating define of the domain would fail.
+            // enabled='no' is libvirt's own spelling for the same QEMU
+            // result (romfile="": no ROM loaded, no BAR), schema-valid.
+            // The reader accepts both.
+            rom: self.pxe_disable.then_some(XRom { enabled: "no" }),
             acpi: self.acpi_index.map(|a| XAcpi { index: a.get() }),
             address,
         })
@@ -284,6 +299,8 @@ struct XInterface<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     mtu: Option<XMtu>,
     alias: XAlias<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rom: Option<XRom>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acpi: Option<XAcpi>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -339,6 +356,14 @@ struct XDriver {
     name: Option<&'static str>,
     #[serde(rename = "@queues", skip_serializing_if = "Option::is_none")]
     queues: Option<u16>,
+    #[serde(rename = "@packed", skip_serializing_if = "Option::is_none")]
+    packed: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct XRom {
+    #[serde(rename = "@enabled")]
+    enabled: &'static str,
 }
 
 #[derive(Serialize)]
@@ -430,6 +455,8 @@ mod tests {
             pci: None,
             acpi_index: None,
             filter: None,
+            pxe_disable: false,
+            packed: false,
         }
     }
 
@@ -453,6 +480,8 @@ mod tests {
                 function: 0,
             }),
             acpi_index: Some(AcpiIndex::try_from(3).unwrap()),
+            pxe_disable: true,
+            packed: true,
             ..def()
         }
     }
@@ -487,10 +516,11 @@ mod tests {
     <outbound average="125"/>
   </bandwidth>
   <model type="virtio"/>
-  <driver name="qemu" queues="4"/>
+  <driver name="qemu" queues="4" packed="on"/>
   <link state="down"/>
   <mtu size="1450"/>
   <alias name="ua-net1"/>
+  <rom enabled="no"/>
   <acpi index="3"/>
   <address type="pci" domain="0x0000" bus="0x00" slot="0x05" function="0x0"/>
 </interface>"#;

@@ -137,6 +137,53 @@ class PythonClientTest(unittest.TestCase):
             self.stub.ListNics(pb.ListNicsRequest(vm="no-such-vm"))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
 
+    def test_plugnic_fields_round_trip_through_libvirt(self):
+        # CloudStack's PlugNicCommand fields: what libvirt can hold is read
+        # back from libvirt by ListNics; the rest is echoed as carried.
+        nic_uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+        spec = pb.NicSpec(
+            mac="02:00:0a:00:20:05", bridge="cloudbr0", pxe_disable=True, nic_uuid=nic_uuid,
+            device_id=3, packed=True, default_nic=True, ipv4_cidr="10.1.1.5/24",
+            ipv4_gateway="10.1.1.1", ipv6_cidr="2001:db8::5/64", ipv6_gateway="fe80::1",
+            secondary_ips=["10.1.1.6", "2001:db8::6"], security_group_enabled=True,
+            multicast_rate_mbps=10,
+            mac_policy=pb.MacPolicy(mac_address_changes=False, forged_transmits=False,
+                                    mac_learning=True))
+        r = self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
+        self.assertFalse(r.already_present)
+        listed = [n for n in self.nics("i-2-10-VM") if n.mac == "02:00:0a:00:20:05"]
+        self.assertEqual(len(listed), 1)
+        n = listed[0]
+        self.assertEqual(n.nic_uuid, nic_uuid)
+        self.assertEqual(n.alias, "ua-nic-" + nic_uuid)
+        self.assertTrue(n.HasField("device_id"))
+        self.assertEqual(n.device_id, 3)
+        self.assertEqual(n.acpi_index, 4)
+        self.assertTrue(n.pxe_disabled)
+        self.assertTrue(n.packed)
+        c = r.carried
+        self.assertTrue(c.default_nic and c.security_group_enabled)
+        self.assertEqual((c.ipv4_cidr, c.ipv4_gateway), ("10.1.1.5/24", "10.1.1.1"))
+        self.assertEqual((c.ipv6_cidr, c.ipv6_gateway), ("2001:db8::5/64", "fe80::1"))
+        self.assertEqual(list(c.secondary_ips), ["10.1.1.6", "2001:db8::6"])
+        self.assertEqual(c.multicast_rate_mbps, 10)
+        self.assertFalse(c.mac_policy.HasField("promiscuous_mode"))
+        self.assertTrue(c.mac_policy.mac_learning)
+        self.assertFalse(c.mac_policy.forged_transmits)
+        # The same request again is an idempotent retry, not a conflict.
+        again = self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
+        self.assertTrue(again.already_present)
+
+    def test_pvlan_is_refused_naming_the_uri(self):
+        before = self.nics("i-2-10-VM")
+        spec = pb.NicSpec(mac="02:00:0a:00:20:06", bridge="cloudbr0",
+                          broadcast_uri="pvlan://100-i200")
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("pvlan://100-i200", cm.exception.details())
+        self.assertEqual(self.nics("i-2-10-VM"), before)
+
     def test_detach_on_test_driver_is_unimplemented(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.stub.DetachNic(pb.DetachNicRequest(vm="i-2-10-VM", mac="02:00:0a:00:00:01"))
