@@ -135,6 +135,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         vm_queue_limit: s.limits.vm_queue,
         ..HotplugConfig::default()
     };
+    let ports_host = host.clone();
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
     // Install the handlers now, before anything is announced: a SIGTERM
     // that arrives right after READY=1 must reach the graceful path, not
@@ -156,6 +157,11 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
             hotplug.clone(),
             s.reconcile_interval,
         ));
+    }
+    // Ports that come and go through cloudstack-agent's own plugs fire no
+    // call of ours: follow them so IDS sensors keep getting every copy.
+    if let Some(h) = ports_host {
+        tokio::spawn(nic_agent::host::portwatch::follow_bridge_ports(h));
     }
     // SIGHUP's default action would kill the agent; here it reloads.
     let mut hup = signal(SignalKind::hangup())?;

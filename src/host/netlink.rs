@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use super::error::netlink_errno;
 use super::vxlan::{self, Family, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour, VxlanLock};
 use super::{
-    naming, ovs, promisc, BridgePorts, HostConfig, HostError, HostNet, HostPlan, HostUndo,
-    PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
+    naming, ovs, promisc, tcmirror, BridgePorts, HostConfig, HostError, HostNet, HostPlan,
+    HostUndo, PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
 };
 use crate::nic::{BridgeName, Segment, SwitchType, Vni};
 
@@ -1046,7 +1046,12 @@ impl NetlinkHost {
             format!("set promisc {} on {}", state.promisc, bridge.name),
         )
         .await?;
-        self.set_ageing(bridge, state.ageing_time).await
+        // Ageing is put back only where the old IDS mode left it at 0: the
+        // agent no longer changes it, and an operator's later setting wins.
+        if bridge.ageing == Some(0) && state.ageing_time != 0 {
+            self.set_ageing(bridge, state.ageing_time).await?;
+        }
+        Ok(())
     }
 }
 
@@ -1122,27 +1127,34 @@ impl HostNet for NetlinkHost {
     async fn promisc_enable(&self, bridge: &BridgeName) -> Result<Option<HostUndo>, HostError> {
         let b = self.need_bridge(bridge.as_str()).await?;
         let now = self.promisc_state(bridge).await?;
-        if now.is_flooding() {
+        let dir = &self.config.state_dir;
+        if now.promisc {
+            // Already promiscuous. A bridge the old IDS mode left at ageing
+            // 0 gets its saved ageing back: the copies now come from tc.
+            if let Some(a) = self.repair_ageing(bridge).await? {
+                info!(bridge = %bridge, ageing_time = a, "restored ageing_time the old IDS mode set to 0");
+            }
             return Ok(None);
         }
-        let dir = &self.config.state_dir;
         let saved_before = promisc::load(dir, bridge.as_str()).await?.is_some();
         let original = promisc::save_original(dir, bridge.as_str(), now).await?;
-        let flood = PromiscState {
-            promisc: true,
-            ageing_time: 0,
-        };
-        if let Err(e) = self.apply_promisc(&b, flood).await {
-            if let Err(u) = self.apply_promisc(&b, now).await {
-                warn!(bridge = %bridge, error = %u, "could not put promiscuous state back");
-            } else if !saved_before {
+        let on = self
+            .set(
+                LinkUnspec::new_with_index(b.index)
+                    .promiscuous(true)
+                    .build(),
+                format!("set promisc on on {bridge}"),
+            )
+            .await;
+        if let Err(e) = on {
+            if !saved_before {
                 // Nothing changed after all: do not leave a saved original
                 // that a later restore would wrongly apply.
                 promisc::forget(dir, bridge.as_str()).await?;
             }
             return Err(e);
         }
-        info!(bridge = %bridge, ?original, "bridge floods all frames (IDS)");
+        info!(bridge = %bridge, ?original, "bridge promiscuous (IDS); ageing left alone");
         Ok(Some(HostUndo::RestorePromisc {
             bridge: bridge.to_string(),
             original,
@@ -1161,6 +1173,87 @@ impl HostNet for NetlinkHost {
             }
         }
         promisc::forget(&self.config.state_dir, bridge.as_str()).await
+    }
+
+    async fn repair_ageing(&self, bridge: &BridgeName) -> Result<Option<u32>, HostError> {
+        let Some(saved) = promisc::load(&self.config.state_dir, bridge.as_str()).await? else {
+            return Ok(None);
+        };
+        let Some(b) = self.link(bridge.as_str()).await? else {
+            return Ok(None);
+        };
+        if !b.is(&InfoKind::Bridge) || b.ageing != Some(0) || saved.ageing_time == 0 {
+            return Ok(None);
+        }
+        self.set_ageing(&b, saved.ageing_time).await?;
+        Ok(Some(saved.ageing_time))
+    }
+
+    async fn ids_sensors(&self, bridge: &BridgeName) -> Result<Vec<String>, HostError> {
+        tcmirror::load_sensors(&self.config.state_dir, bridge.as_str()).await
+    }
+
+    async fn ids_tracked_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(tcmirror::tracked_bridges(&self.config.state_dir).await)
+    }
+
+    async fn ids_mirror_sync(
+        &self,
+        bridge: &BridgeName,
+        sensors: Option<&[String]>,
+    ) -> Result<usize, HostError> {
+        let dir = &self.config.state_dir;
+        let mut list = match sensors {
+            Some(s) => s.to_vec(),
+            None => tcmirror::load_sensors(dir, bridge.as_str()).await?,
+        };
+        list.sort();
+        list.dedup();
+        // A sensor whose tap is gone (its VM stopped) gets no copies; its
+        // name may come back on another VM's tap.
+        let mut present = Vec::with_capacity(list.len());
+        for s in list {
+            if self.link(&s).await?.is_some() {
+                present.push(s);
+            }
+        }
+        let list = present;
+        if list.len() > tcmirror::MAX_SENSORS {
+            warn!(bridge = %bridge, sensors = list.len(), max = tcmirror::MAX_SENSORS, "too many IDS sensors on one bridge; the rest get no copies");
+        }
+        if sensors.is_some() {
+            tcmirror::save_sensors(dir, bridge.as_str(), &list).await?;
+        }
+        let Some(b) = self.link(bridge.as_str()).await? else {
+            return Ok(0);
+        };
+        if !b.is(&InfoKind::Bridge) {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut first_err = None;
+        for p in self.ports_of(&b).await? {
+            match tcmirror::sync_port(&p.name, &list).await {
+                Ok(k) => n += k,
+                // A port can vanish between the dump and tc (a tap going
+                // away); keep the other ports in step and report once.
+                Err(e) => {
+                    if self.link(&p.name).await?.is_some() {
+                        warn!(bridge = %bridge, port = %p.name, error = %e, "IDS mirror filters on a port");
+                        if first_err.is_none() {
+                            first_err = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            info!(bridge = %bridge, sensors = ?list, changed = n, "IDS mirror filters in step");
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 
     async fn saved_promisc_state(

@@ -218,6 +218,9 @@ impl Hotplug {
             }
         }
         if !ovs {
+            // The mirror set follows the ports: a gone sensor's filters go,
+            // and a gone port's filters went with it.
+            self.ids_sync_if_tracked(&bridge).await;
             if let Err(e) = self.collect_bridge(&bridge).await {
                 tracing::warn!(%bridge, error = %e, "bridge clean-up failed");
             }
