@@ -1295,3 +1295,52 @@ fn ids_copies_reach_the_sensor_and_no_other_tenant() {
     assert!(q.contains("ingress"), "never delete a qdisc: {q}");
     assert!(!dir.path().join("ids/br0.json").exists());
 }
+
+/// A port that joins a bridge with a sensor without any call of ours (as
+/// cloudstack-agent's own plugs do) gets its mirror filter from the link
+/// event follower, from the sensor list saved in the state dir.
+#[test]
+fn a_port_plugged_behind_the_agents_back_gets_its_mirror_filter_from_link_events() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    for (p, q) in [("p1", "q1"), ("p4", "q4")] {
+        ns.ip(&["link", "add", p, "type", "veth", "peer", "name", q]);
+        ns.ip(&["link", "set", p, "master", "br0"]);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let name = ns.name.clone();
+    let filters = ns.run(config(&dir), move |host| async move {
+        let host: std::sync::Arc<dyn HostNet> = std::sync::Arc::new(host);
+        host.ids_mirror_sync(&br("br0"), Some(&["p4".to_string()]))
+            .await
+            .expect("sync");
+        tokio::spawn(nic_agent::host::portwatch::follow_bridge_ports(
+            host.clone(),
+        ));
+        // Let the follower subscribe before the port appears.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for args in [
+            vec!["link", "add", "p7", "type", "veth", "peer", "name", "q7"],
+            vec!["link", "set", "p7", "master", "br0"],
+        ] {
+            let mut a = vec!["-n", name.as_str()];
+            a.extend(args);
+            let out = Command::new("ip").args(&a).output().expect("ip");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let out = Command::new("tc")
+                .args(["-j", "filter", "show", "dev", "p7", "ingress"])
+                .output()
+                .expect("tc");
+            let s = String::from_utf8_lossy(&out.stdout).to_string();
+            if s.contains("\"to_dev\":\"p4\"") || std::time::Instant::now() > deadline {
+                return s;
+            }
+        }
+    });
+    assert!(filters.contains("\"pref\":49152"), "{filters}");
+    assert_eq!(agent_filters(&ns, "p7"), vec![(49152, "p4".to_string())]);
+}

@@ -362,6 +362,8 @@ impl Hotplug {
                 if let Err(e) = self.restore_ids_if_unused(&b).await {
                     tracing::warn!(vm = %dom.name, bridge = %b, error = %e, "undo: restoring IDS state failed");
                 }
+                // The rolled-back sensor's filters go with it.
+                self.ids_sync_if_tracked(&b).await;
             }
         }
         if created_links {
