@@ -1344,3 +1344,34 @@ fn a_port_plugged_behind_the_agents_back_gets_its_mirror_filter_from_link_events
     assert!(filters.contains("\"pref\":49152"), "{filters}");
     assert_eq!(agent_filters(&ns, "p7"), vec![(49152, "p4".to_string())]);
 }
+
+/// libvirt reuses tap names: a sensor's `vnetN` that went away and came
+/// back as another VM's tap must not make that tenant a sensor.
+#[test]
+fn a_reused_sensor_tap_name_makes_no_sensor() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    for (p, q) in [("p1", "q1"), ("p4", "q4")] {
+        ns.ip(&["link", "add", p, "type", "veth", "peer", "name", q]);
+        ns.ip(&["link", "set", p, "master", "br0"]);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), Some(&["p4".to_string()]))
+            .await
+            .expect("sync")
+    });
+    assert_eq!(agent_filters(&ns, "p1"), vec![(49152, "p4".to_string())]);
+    // The sensor's VM stops; another VM's NIC gets the same name.
+    ns.ip(&["link", "del", "p4"]);
+    ns.ip(&["link", "add", "p4", "type", "veth", "peer", "name", "q4"]);
+    ns.ip(&["link", "set", "p4", "master", "br0"]);
+    let sensors = ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), None)
+            .await
+            .expect("resync");
+        host.ids_sensors(&br("br0")).await.expect("sensors")
+    });
+    assert!(sensors.is_empty(), "{sensors:?}");
+    assert!(agent_filters(&ns, "p1").is_empty());
+}

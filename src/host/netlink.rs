@@ -1038,6 +1038,24 @@ impl NetlinkHost {
         }
     }
 
+    /// The saved sensors of `bridge` whose tap is still the same link.
+    async fn saved_sensors(
+        &self,
+        bridge: &BridgeName,
+    ) -> Result<Vec<tcmirror::SavedSensor>, HostError> {
+        let mut out = Vec::new();
+        for s in tcmirror::load_sensors(&self.config.state_dir, bridge.as_str()).await? {
+            if self
+                .link(&s.tap)
+                .await?
+                .is_some_and(|l| l.index == s.ifindex)
+            {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
     async fn apply_promisc(&self, bridge: &Link, state: PromiscState) -> Result<(), HostError> {
         self.set(
             LinkUnspec::new_with_index(bridge.index)
@@ -1190,7 +1208,12 @@ impl HostNet for NetlinkHost {
     }
 
     async fn ids_sensors(&self, bridge: &BridgeName) -> Result<Vec<String>, HostError> {
-        tcmirror::load_sensors(&self.config.state_dir, bridge.as_str()).await
+        Ok(self
+            .saved_sensors(bridge)
+            .await?
+            .into_iter()
+            .map(|s| s.tap)
+            .collect())
     }
 
     async fn ids_tracked_bridges(&self) -> Result<Vec<String>, HostError> {
@@ -1203,27 +1226,32 @@ impl HostNet for NetlinkHost {
         sensors: Option<&[String]>,
     ) -> Result<usize, HostError> {
         let dir = &self.config.state_dir;
-        let mut list = match sensors {
-            Some(s) => s.to_vec(),
-            None => tcmirror::load_sensors(dir, bridge.as_str()).await?,
+        // The list from libvirt (`Some`) is the truth: its taps are bound to
+        // their ifindex now. The saved list (`None`) keeps only taps that
+        // are still the same link; a sensor whose tap is gone gets no
+        // copies, and its name on another VM's tap makes no sensor.
+        let saved = match sensors {
+            Some(names) => {
+                let mut v = Vec::with_capacity(names.len());
+                for n in names {
+                    if let Some(l) = self.link(n).await? {
+                        v.push(tcmirror::SavedSensor {
+                            tap: n.clone(),
+                            ifindex: l.index,
+                        });
+                    }
+                }
+                v
+            }
+            None => self.saved_sensors(bridge).await?,
         };
+        let mut list: Vec<String> = saved.iter().map(|s| s.tap.clone()).collect();
         list.sort();
         list.dedup();
-        // A sensor whose tap is gone (its VM stopped) gets no copies; its
-        // name may come back on another VM's tap.
-        let mut present = Vec::with_capacity(list.len());
-        for s in list {
-            if self.link(&s).await?.is_some() {
-                present.push(s);
-            }
-        }
-        let list = present;
         if list.len() > tcmirror::MAX_SENSORS {
             warn!(bridge = %bridge, sensors = list.len(), max = tcmirror::MAX_SENSORS, "too many IDS sensors on one bridge; the rest get no copies");
         }
-        if sensors.is_some() {
-            tcmirror::save_sensors(dir, bridge.as_str(), &list).await?;
-        }
+        tcmirror::save_sensors(dir, bridge.as_str(), &saved).await?;
         let Some(b) = self.link(bridge.as_str()).await? else {
             return Ok(0);
         };

@@ -27,8 +27,9 @@
 //! so the agent counts upwards from it): filters there are the agent's, to
 //! add and delete; everything else is left alone.
 //!
-//! The sensor list of each bridge is kept in `<state_dir>/ids/<bridge>.json`,
-//! so the link-event follower can re-sync a bridge without asking libvirt.
+//! The sensor list of each bridge is kept in `<state_dir>/ids/<bridge>.json`
+//! (tap name and ifindex, see [`SavedSensor`]), so the link-event follower
+//! can re-sync a bridge without asking libvirt.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -239,8 +240,20 @@ fn sensors_file(dir: &Path, bridge: &str) -> PathBuf {
     dir.join("ids").join(format!("{bridge}.json"))
 }
 
-/// The sensor taps saved for `bridge` (empty when none).
-pub async fn load_sensors(dir: &Path, bridge: &str) -> Result<Vec<String>, HostError> {
+/// One saved sensor: its tap's name and ifindex. libvirt reuses tap names
+/// (`vnet5` of a stopped sensor can come back as another tenant's NIC), so
+/// a name alone must never make a tap a sensor: only the same ifindex does
+/// (the kernel does not reuse it soon).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSensor {
+    /// Tap name (`<target dev>`).
+    pub tap: String,
+    /// Its ifindex when the sensor was seen in libvirt's live XML.
+    pub ifindex: u32,
+}
+
+/// The sensors saved for `bridge` (empty when none).
+pub async fn load_sensors(dir: &Path, bridge: &str) -> Result<Vec<SavedSensor>, HostError> {
     let path = sensors_file(dir, bridge);
     match tokio::fs::read(&path).await {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| {
@@ -254,8 +267,12 @@ pub async fn load_sensors(dir: &Path, bridge: &str) -> Result<Vec<String>, HostE
     }
 }
 
-/// Saves the sensor taps of `bridge`; an empty list removes the file.
-pub async fn save_sensors(dir: &Path, bridge: &str, sensors: &[String]) -> Result<(), HostError> {
+/// Saves the sensors of `bridge`; an empty list removes the file.
+pub async fn save_sensors(
+    dir: &Path,
+    bridge: &str,
+    sensors: &[SavedSensor],
+) -> Result<(), HostError> {
     let path = sensors_file(dir, bridge);
     let io = |op: String| move |source: std::io::Error| HostError::Io { op, source };
     if sensors.is_empty() {
@@ -341,14 +358,13 @@ mod tests {
             .await
             .expect("load")
             .is_empty());
-        save_sensors(dir.path(), "br0", &["vnet1".into()])
-            .await
-            .expect("save");
+        let s = vec![SavedSensor {
+            tap: "vnet1".into(),
+            ifindex: 12,
+        }];
+        save_sensors(dir.path(), "br0", &s).await.expect("save");
         assert_eq!(tracked_bridges(dir.path()).await, vec!["br0".to_string()]);
-        assert_eq!(
-            load_sensors(dir.path(), "br0").await.expect("load"),
-            vec!["vnet1".to_string()]
-        );
+        assert_eq!(load_sensors(dir.path(), "br0").await.expect("load"), s);
         save_sensors(dir.path(), "br0", &[]).await.expect("forget");
         assert!(tracked_bridges(dir.path()).await.is_empty());
     }
