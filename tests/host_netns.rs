@@ -1216,8 +1216,23 @@ fn ids_copies_reach_the_sensor_and_no_other_tenant() {
     // libvirt's own ingress qdisc with a filter of its own on p2: shared.
     ns.exec(&["tc", "qdisc", "add", "dev", "p2", "ingress"]);
     let foreign = ns.exec(&[
-        "tc", "filter", "add", "dev", "p2", "ingress", "prio", "1", "protocol", "ip", "u32",
-        "match", "u32", "0", "0", "action", "pass",
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        "p2",
+        "ingress",
+        "prio",
+        "1",
+        "protocol",
+        "ip",
+        "u32",
+        "match",
+        "ip",
+        "dst",
+        "10.99.0.0/16",
+        "flowid",
+        "1:1",
     ]);
     assert!(foreign.status.success(), "{foreign:?}");
 
