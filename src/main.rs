@@ -141,6 +141,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         tc,
         ..HotplugConfig::default()
     };
+    let ports_host = host.clone();
     let hotplug = Arc::new(Hotplug::new(Arc::new(hv), host, cfg));
     // Define the anti-spoofing filter now, so the first protected attach
     // does not pay for it; if it fails, that attach tries again and refuses
@@ -178,6 +179,11 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
             hotplug.clone(),
             s.reconcile_interval,
         ));
+    }
+    // Ports that come and go through cloudstack-agent's own plugs fire no
+    // call of ours: follow them so IDS sensors keep getting every copy.
+    if let Some(h) = ports_host {
+        tokio::spawn(nic_agent::host::portwatch::follow_bridge_ports(h));
     }
     // SIGHUP's default action would kill the agent; here it reloads.
     let mut hup = signal(SignalKind::hangup())?;

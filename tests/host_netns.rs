@@ -513,14 +513,16 @@ fn promiscuous_mode_reads_back_and_restores_even_after_agent_restart() {
         );
         let undo = host.promisc_enable(&br("cloudbr0")).await.expect("enable");
         let now = host.promisc_state(&br("cloudbr0")).await.expect("state");
+        // Intended change (issue 13): IDS no longer sets ageing_time 0 (a
+        // hub for every tenant); the bridge keeps learning.
         assert_eq!(
             now,
             PromiscState {
                 promisc: true,
-                ageing_time: 0
+                ageing_time: 30000
             }
         );
-        // Already flooding: a second IDS guest changes nothing.
+        // Already promiscuous: a second IDS guest changes nothing.
         assert_eq!(
             host.promisc_enable(&br("cloudbr0")).await.expect("enable"),
             None
@@ -536,7 +538,7 @@ fn promiscuous_mode_reads_back_and_restores_even_after_agent_restart() {
     );
     let j = ns.link_json("cloudbr0");
     assert!(has_flag(&j, "PROMISC"), "{j}");
-    assert_eq!(j["linkinfo"]["info_data"]["ageing_time"], 0);
+    assert_eq!(j["linkinfo"]["info_data"]["ageing_time"], 30000);
     assert!(state_dir.join("promisc-cloudbr0.json").exists());
 
     // A new agent process (new NetlinkHost) finds the original in the state dir.
@@ -1049,4 +1051,342 @@ fn vlan_parent_is_never_a_tap_even_one_named_like_a_nic() {
         plan.segment_device.as_ref().map(|d| d.name()),
         Some("up0.100")
     );
+}
+
+#[test]
+fn bridge_left_at_ageing_zero_by_the_old_ids_mode_gets_its_ageing_back() {
+    let ns = Netns::new();
+    ns.label_bridge("cloudbr0", "veth0a", "veth0b");
+    let dir = tempfile::tempdir().expect("tmp");
+    // What the old version left: its saved original, and a flooding bridge.
+    std::fs::write(
+        dir.path().join("promisc-cloudbr0.json"),
+        br#"{"promisc":false,"ageing_time":30000}"#,
+    )
+    .expect("write old state");
+    ns.ip(&[
+        "link",
+        "set",
+        "cloudbr0",
+        "promisc",
+        "on",
+        "type",
+        "bridge",
+        "ageing_time",
+        "0",
+    ]);
+    ns.run(config(&dir), move |host| async move {
+        // A sensor is still there: the bridge stays promiscuous, stops flooding.
+        assert_eq!(
+            host.repair_ageing(&br("cloudbr0")).await.expect("repair"),
+            Some(30000)
+        );
+        assert_eq!(
+            host.repair_ageing(&br("cloudbr0")).await.expect("repair"),
+            None
+        );
+        let now = host.promisc_state(&br("cloudbr0")).await.expect("state");
+        assert_eq!(
+            now,
+            PromiscState {
+                promisc: true,
+                ageing_time: 30000
+            }
+        );
+    });
+    // And a restore from that state puts everything back.
+    ns.ip(&[
+        "link",
+        "set",
+        "cloudbr0",
+        "type",
+        "bridge",
+        "ageing_time",
+        "0",
+    ]);
+    ns.run(config(&dir), move |host| async move {
+        let saved = host
+            .saved_promisc_state(&br("cloudbr0"))
+            .await
+            .expect("saved")
+            .expect("old state file read");
+        host.promisc_restore(&br("cloudbr0"), saved)
+            .await
+            .expect("restore");
+    });
+    let j = ns.link_json("cloudbr0");
+    assert!(!has_flag(&j, "PROMISC"), "{j}");
+    assert_eq!(j["linkinfo"]["info_data"]["ageing_time"], 30000);
+}
+
+/// `tc -j filter show dev X ingress` inside the namespace: the agent-range
+/// priorities and their mirred targets.
+fn agent_filters(ns: &Netns, dev: &str) -> Vec<(u64, String)> {
+    let out = ns.exec(&["tc", "-j", "filter", "show", "dev", dev, "ingress"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    let mut found = Vec::new();
+    for f in v.as_array().cloned().unwrap_or_default() {
+        let pref = f["pref"].as_u64().unwrap_or(0);
+        if let Some(acts) = f["options"]["actions"].as_array() {
+            for a in acts {
+                if a["kind"] == "mirred" {
+                    found.push((pref, a["to_dev"].as_str().unwrap_or("").to_string()));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn rx_packets(ns: &Netns, dev: &str) -> u64 {
+    let out = ns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{dev}/statistics/rx_packets"),
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("rx_packets")
+}
+
+/// Four "guests" on one bridge: veth ports p1..p4, their peers q1..q4 in
+/// namespaces of their own. p4 is the IDS sensor. Unicast between guests 1
+/// and 2 must reach the sensor (as tc mirror copies) and not guest 3: the
+/// bridge keeps learning, so no tenant sees another's unicast.
+#[test]
+fn ids_copies_reach_the_sensor_and_no_other_tenant() {
+    let ns = Netns::new();
+    let guests: Vec<Netns> = (0..4).map(|_| Netns::new()).collect();
+    // No IPv6 chatter (router solicitations, MLD) to blur the counts.
+    for n in std::iter::once(&ns).chain(guests.iter()) {
+        let _ = n.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"]);
+    }
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    let macs = [
+        "02:aa:00:00:00:01",
+        "02:aa:00:00:00:02",
+        "02:aa:00:00:00:03",
+        "02:aa:00:00:00:04",
+    ];
+    for (k, g) in guests.iter().enumerate() {
+        let (p, q) = (format!("p{}", k + 1), format!("q{}", k + 1));
+        ns.ip(&["link", "add", &p, "type", "veth", "peer", "name", &q]);
+        ns.ip(&["link", "set", &q, "address", macs[k], "netns", &g.name]);
+        ns.ip(&["link", "set", &p, "master", "br0"]);
+        ns.ip(&["link", "set", &p, "up"]);
+        g.ip(&["addr", "add", &format!("10.77.0.{}/24", k + 1), "dev", &q]);
+        g.ip(&["link", "set", &q, "up"]);
+    }
+    ns.ip(&["link", "set", "br0", "up"]);
+    // Unicast only: static neighbours (no ARP) and static FDB entries (no
+    // unknown-unicast flooding while the bridge learns).
+    for (k, g) in guests.iter().enumerate() {
+        for (j, mac) in macs.iter().enumerate() {
+            if j != k {
+                g.ip(&[
+                    "neigh",
+                    "add",
+                    &format!("10.77.0.{}", j + 1),
+                    "lladdr",
+                    mac,
+                    "dev",
+                    &format!("q{}", k + 1),
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.name,
+                "bridge",
+                "fdb",
+                "add",
+                macs[k],
+                "dev",
+                &format!("p{}", k + 1),
+                "master",
+                "static",
+            ],
+        );
+    }
+    // libvirt's own ingress qdisc with a filter of its own on p2: shared.
+    ns.exec(&["tc", "qdisc", "add", "dev", "p2", "ingress"]);
+    let foreign = ns.exec(&[
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        "p2",
+        "ingress",
+        "prio",
+        "1",
+        "protocol",
+        "ip",
+        "u32",
+        "match",
+        "ip",
+        "dst",
+        "10.99.0.0/16",
+        "flowid",
+        "1:1",
+    ]);
+    assert!(foreign.status.success(), "{foreign:?}");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let changed = ns.run(config(&dir), move |host| async move {
+        host.promisc_enable(&br("br0")).await.expect("promisc");
+        host.ids_mirror_sync(&br("br0"), Some(&["p4".to_string()]))
+            .await
+            .expect("sync")
+    });
+    assert_eq!(changed, 3, "one filter on each of p1..p3");
+    for p in ["p1", "p2", "p3"] {
+        assert_eq!(
+            agent_filters(&ns, p),
+            vec![(49152, "p4".to_string())],
+            "{p}"
+        );
+    }
+    assert!(
+        agent_filters(&ns, "p4").is_empty(),
+        "no filter on the sensor's own port"
+    );
+    let p2 = String::from_utf8_lossy(
+        &ns.exec(&["tc", "filter", "show", "dev", "p2", "ingress"])
+            .stdout,
+    )
+    .to_string();
+    assert!(p2.contains("pref 1 "), "the foreign filter stays: {p2}");
+    let j = ns.link_json("br0");
+    assert!(has_flag(&j, "PROMISC"), "{j}");
+    assert_ne!(j["linkinfo"]["info_data"]["ageing_time"], 0, "no hub: {j}");
+
+    let (s0, t0) = (rx_packets(&guests[3], "q4"), rx_packets(&guests[2], "q3"));
+    const N: u64 = 2000;
+    let send = guests[0].exec(&[
+        "python3", "-c",
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(2000): s.sendto(b'x'*64,('10.77.0.2',9999))",
+    ]);
+    assert!(send.status.success(), "{send:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (s1, t1) = (rx_packets(&guests[3], "q4"), rx_packets(&guests[2], "q3"));
+    let got2 = rx_packets(&guests[1], "q2");
+    assert!(got2 >= N, "guest 2 received its traffic: {got2}");
+    assert!(s1 - s0 >= N, "the sensor got the copies: +{}", s1 - s0);
+    assert!(t1 - t0 <= 5, "guest 3 stays flat: +{}", t1 - t0);
+
+    // libvirt clearing a bandwidth deletes the qdisc and our filter with
+    // it: a sync from the saved list puts it back.
+    ns.exec(&["tc", "qdisc", "del", "dev", "p1", "ingress"]);
+    let back = ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), None)
+            .await
+            .expect("resync")
+    });
+    assert_eq!(back, 1);
+    assert_eq!(agent_filters(&ns, "p1"), vec![(49152, "p4".to_string())]);
+
+    // The sensor goes: its filters go from every port, the qdiscs stay.
+    ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), Some(&[]))
+            .await
+            .expect("sync empty")
+    });
+    for p in ["p1", "p2", "p3"] {
+        assert!(agent_filters(&ns, p).is_empty(), "{p}");
+    }
+    let p2 = String::from_utf8_lossy(
+        &ns.exec(&["tc", "filter", "show", "dev", "p2", "ingress"])
+            .stdout,
+    )
+    .to_string();
+    assert!(p2.contains("pref 1 "), "the foreign filter stays: {p2}");
+    let q =
+        String::from_utf8_lossy(&ns.exec(&["tc", "qdisc", "show", "dev", "p1"]).stdout).to_string();
+    assert!(q.contains("ingress"), "never delete a qdisc: {q}");
+    assert!(!dir.path().join("ids/br0.json").exists());
+}
+
+/// A port that joins a bridge with a sensor without any call of ours (as
+/// cloudstack-agent's own plugs do) gets its mirror filter from the link
+/// event follower, from the sensor list saved in the state dir.
+#[test]
+fn a_port_plugged_behind_the_agents_back_gets_its_mirror_filter_from_link_events() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    for (p, q) in [("p1", "q1"), ("p4", "q4")] {
+        ns.ip(&["link", "add", p, "type", "veth", "peer", "name", q]);
+        ns.ip(&["link", "set", p, "master", "br0"]);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let name = ns.name.clone();
+    let filters = ns.run(config(&dir), move |host| async move {
+        let host: std::sync::Arc<dyn HostNet> = std::sync::Arc::new(host);
+        host.ids_mirror_sync(&br("br0"), Some(&["p4".to_string()]))
+            .await
+            .expect("sync");
+        tokio::spawn(nic_agent::host::portwatch::follow_bridge_ports(
+            host.clone(),
+        ));
+        // Let the follower subscribe before the port appears.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for args in [
+            vec!["link", "add", "p7", "type", "veth", "peer", "name", "q7"],
+            vec!["link", "set", "p7", "master", "br0"],
+        ] {
+            let mut a = vec!["-n", name.as_str()];
+            a.extend(args);
+            let out = Command::new("ip").args(&a).output().expect("ip");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let out = Command::new("tc")
+                .args(["-j", "filter", "show", "dev", "p7", "ingress"])
+                .output()
+                .expect("tc");
+            let s = String::from_utf8_lossy(&out.stdout).to_string();
+            if s.contains("\"to_dev\":\"p4\"") || std::time::Instant::now() > deadline {
+                return s;
+            }
+        }
+    });
+    assert!(filters.contains("\"pref\":49152"), "{filters}");
+    assert_eq!(agent_filters(&ns, "p7"), vec![(49152, "p4".to_string())]);
+}
+
+/// libvirt reuses tap names: a sensor's `vnetN` that went away and came
+/// back as another VM's tap must not make that tenant a sensor.
+#[test]
+fn a_reused_sensor_tap_name_makes_no_sensor() {
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    for (p, q) in [("p1", "q1"), ("p4", "q4")] {
+        ns.ip(&["link", "add", p, "type", "veth", "peer", "name", q]);
+        ns.ip(&["link", "set", p, "master", "br0"]);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), Some(&["p4".to_string()]))
+            .await
+            .expect("sync")
+    });
+    assert_eq!(agent_filters(&ns, "p1"), vec![(49152, "p4".to_string())]);
+    // The sensor's VM stops; another VM's NIC gets the same name.
+    ns.ip(&["link", "del", "p4"]);
+    ns.ip(&["link", "add", "p4", "type", "veth", "peer", "name", "q4"]);
+    ns.ip(&["link", "set", "p4", "master", "br0"]);
+    let sensors = ns.run(config(&dir), move |host| async move {
+        host.ids_mirror_sync(&br("br0"), None)
+            .await
+            .expect("resync");
+        host.ids_sensors(&br("br0")).await.expect("sensors")
+    });
+    assert!(sensors.is_empty(), "{sensors:?}");
+    assert!(agent_filters(&ns, "p1").is_empty());
 }

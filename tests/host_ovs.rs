@@ -154,7 +154,7 @@ async fn ovs_resolve_of_missing_bridge_is_not_found() {
 }
 
 #[tokio::test]
-async fn ovs_ids_mirror_selects_all_to_the_sensor_port_and_is_removed() {
+async fn ovs_ids_mirror_selects_the_sensors_vlan_to_its_port_and_is_removed() {
     let b = OvsBridge::new();
     let port = format!("nat-ids-{:05x}", rand::random::<u32>() & 0xF_FFFF);
     b.add_internal_port(&port);
@@ -189,6 +189,15 @@ async fn ovs_ids_mirror_selects_all_to_the_sensor_port_and_is_removed() {
         &format!("name={mirror}"),
     ]);
     assert_eq!(rows.split_whitespace().count(), 1, "{rows}");
+    // Untagged sensor: every VLAN (OVS has no narrower segment to name).
+    assert_eq!(vsctl(&["get", "Mirror", mirror, "select_vlan"]), "[]");
+
+    // A sensor on VLAN 100 gets that VLAN only, never every VLAN (issue 13).
+    vsctl(&["set", "Port", &port, "tag=100"]);
+    host.ovs_mirror_add(&b.br(), &port)
+        .await
+        .expect("mirror add tagged");
+    assert_eq!(vsctl(&["get", "Mirror", mirror, "select_vlan"]), "[100]");
 
     host.undo(undo.clone()).await.expect("undo");
     assert_eq!(vsctl(&["get", "Bridge", &b.name, "mirrors"]), "[]");

@@ -37,7 +37,8 @@ pub mod hop {
     pub const SEGMENT: &str = "segment";
     /// guest <mtu> ≤ tap ≤ bridge, underlay ≥ bridge + 50 for VXLAN.
     pub const MTU: &str = "mtu";
-    /// Promiscuous/flooding state matches the IDS NICs on the bridge.
+    /// Promiscuous state and tc mirror filters match the IDS NICs on the
+    /// bridge; a flooding bridge (ageing 0) is a warning.
     pub const PROMISC: &str = "promisc";
     /// The tap's packet counters.
     pub const COUNTERS: &str = "counters";
@@ -185,6 +186,8 @@ pub struct DiagnoseInput<'a> {
     /// IDS NICs (alias `ua-ids-…`) on this NIC's bridge across all running
     /// domains, this NIC included.
     pub ids_on_bridge: usize,
+    /// The taps of those IDS NICs (the bridge's sensors).
+    pub ids_taps: Vec<String>,
     /// The host side.
     pub host: HostInput<'a>,
 }
@@ -704,7 +707,7 @@ fn promisc_hop(
     tap: Option<&str>,
     bridge: &str,
     ovs: bool,
-    ids_on_bridge: usize,
+    d: &DiagnoseInput<'_>,
     f: &HostFacts,
 ) -> Hop {
     let mut h = Acc::new(hop::PROMISC);
@@ -734,31 +737,83 @@ fn promisc_hop(
         return h.done();
     };
     let ageing = b.ageing.unwrap_or(30000);
-    let flooding = b.promisc && ageing == 0;
+    let ids_on_bridge = d.ids_on_bridge;
     h.ok(format!(
         "{bridge} promisc {}, ageing_time {ageing} cs, {ids_on_bridge} IDS NIC(s) on it",
         if b.promisc { "on" } else { "off" }
     ));
-    if ids && !flooding {
-        h.bad(
+    if ids_on_bridge == 0 {
+        if b.promisc || ageing == 0 {
+            h.bad(
+                HopStatus::Warning,
+                format!("{bridge} is promiscuous/flooding but no IDS NIC is on it"),
+                format!("ip link set {bridge} promisc off type bridge ageing_time 30000"),
+            );
+        }
+        return h.done();
+    }
+    // IDS: the bridge is promiscuous and every other port copies its
+    // ingress to each sensor with the agent's tc mirred filter.
+    let (worst, whose) = if ids {
+        (
             HopStatus::Fault,
-            format!(
-                "this is an IDS NIC ({}) but {bridge} does not flood",
-                i.alias.as_deref().unwrap_or("")
-            ),
-            format!("ip link set {bridge} promisc on type bridge ageing_time 0"),
+            format!("this is an IDS NIC ({})", i.alias.as_deref().unwrap_or("")),
+        )
+    } else {
+        (
+            HopStatus::Warning,
+            format!("{ids_on_bridge} IDS NIC(s) on {bridge}"),
+        )
+    };
+    if !b.promisc {
+        h.bad(
+            worst,
+            format!("{whose} but {bridge} is not promiscuous"),
+            format!("ip link set {bridge} promisc on"),
         );
-    } else if !ids && ids_on_bridge > 0 && !flooding {
+    }
+    match &f.mirrors {
+        None => h.bad(
+            HopStatus::Warning,
+            "mirror filters not read (tc failed)",
+            "",
+        ),
+        Some(ports) => {
+            let mut gaps = Vec::new();
+            for s in &d.ids_taps {
+                for (p, to) in ports {
+                    if p != s && !to.contains(s) {
+                        gaps.push((p.clone(), s.clone()));
+                    }
+                }
+            }
+            if gaps.is_empty() {
+                h.ok(format!(
+                    "{} port(s) mirror to {} sensor(s)",
+                    ports.len(),
+                    d.ids_taps.len()
+                ));
+            } else {
+                let (p, s) = &gaps[0];
+                h.bad(
+                    worst,
+                    format!(
+                        "{whose} but {} port/sensor pair(s) lack the mirror filter (e.g. {p} to {s})",
+                        gaps.len()
+                    ),
+                    format!(
+                        "the agent re-adds them on its next reconcile or port change; by hand: tc filter add dev {p} ingress prio {} protocol all u32 match u32 0 0 action mirred egress mirror dev {s}",
+                        crate::host::tcmirror::PRIO_BASE
+                    ),
+                );
+            }
+        }
+    }
+    if ageing == 0 {
         h.bad(
             HopStatus::Warning,
-            format!("{ids_on_bridge} IDS NIC(s) on {bridge} but it does not flood"),
-            format!("ip link set {bridge} promisc on type bridge ageing_time 0"),
-        );
-    } else if ids_on_bridge == 0 && (b.promisc || ageing == 0) {
-        h.bad(
-            HopStatus::Warning,
-            format!("{bridge} is promiscuous/flooding but no IDS NIC is on it"),
-            format!("ip link set {bridge} promisc off type bridge ageing_time 30000"),
+            format!("{bridge} has ageing_time 0: it floods every tenant on it; IDS copies come from tc mirror filters"),
+            format!("ip link set {bridge} type bridge ageing_time 30000"),
         );
     }
     h.done()
@@ -932,7 +987,7 @@ pub fn hops(d: &DiagnoseInput<'_>) -> Vec<Hop> {
     out.push(bridge_hop(bridge, ovs, facts));
     out.push(segment_hop(bridge, ovs, facts));
     out.push(mtu_hop(i, bridge, ovs, facts));
-    out.push(promisc_hop(i, tap, bridge, ovs, d.ids_on_bridge, facts));
+    out.push(promisc_hop(i, tap, bridge, ovs, d, facts));
     out.push(counters_hop(tap, facts));
     out.push(fdb_hop(d.mac, tap, bridge, facts));
     out
@@ -955,6 +1010,7 @@ impl Hotplug {
         let mut facts = None;
         let mut unreadable = None;
         let mut ids_on_bridge = 0;
+        let mut ids_taps = Vec::new();
         if let (Some(host), Some(i)) = (&self.host, live_nics.first()) {
             if let Some(bridge) = i.source.clone().filter(|_| i.kind == "bridge") {
                 let ovs = i.virtualport.as_deref() == Some("openvswitch");
@@ -971,7 +1027,7 @@ impl Hotplug {
                     Ok(f) => facts = Some(f),
                     Err(e) => unreadable = Some(e.to_string()),
                 }
-                ids_on_bridge = self.ids_count(&bridge).await?;
+                (ids_on_bridge, ids_taps) = self.ids_nics(&bridge).await?;
             }
         }
         let host = match (&self.host, &facts, unreadable) {
@@ -990,6 +1046,7 @@ impl Hotplug {
             live: live_nics.clone(),
             config: config_nics,
             ids_on_bridge,
+            ids_taps,
             host,
         };
         let hops = hops(&input);

@@ -81,6 +81,31 @@ fn healthy_vxlan() -> (InterfaceView, HostFacts) {
     (i, f)
 }
 
+/// The sensor taps of `ids` IDS NICs on the bridge: `i`'s own first when
+/// it is one, then `vnet90`, `vnet91`, ...
+fn sensors(i: &InterfaceView, ids: usize) -> Vec<String> {
+    let own = i.alias.as_deref().is_some_and(|a| a.starts_with("ua-ids-"));
+    let mut v: Vec<String> = Vec::new();
+    if own && ids > 0 {
+        v.extend(i.target.clone());
+    }
+    let mut k = 90;
+    while v.len() < ids {
+        v.push(format!("vnet{k}"));
+        k += 1;
+    }
+    v
+}
+
+fn mirrors(pairs: &[(&str, &[&str])]) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(p, to)| (p.to_string(), to.iter().map(|t| t.to_string()).collect()))
+            .collect(),
+    )
+}
+
 fn run(i: &InterfaceView, f: &HostFacts, ids: usize) -> Vec<Hop> {
     hops(&DiagnoseInput {
         vm: "i-2-10-VM",
@@ -90,6 +115,7 @@ fn run(i: &InterfaceView, f: &HostFacts, ids: usize) -> Vec<Hop> {
         live: vec![i],
         config: vec![i],
         ids_on_bridge: ids,
+        ids_taps: sensors(i, ids),
         host: HostInput::Facts(f),
     })
 }
@@ -138,6 +164,7 @@ fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
         live: vec![&i],
         config: vec![],
         ids_on_bridge: 0,
+        ids_taps: Vec::new(),
         host: HostInput::Off,
     });
     assert_eq!(h.len(), 8);
@@ -159,6 +186,7 @@ fn nic_missing_from_the_domain_is_an_xml_fault() {
         live: vec![],
         config: vec![],
         ids_on_bridge: 0,
+        ids_taps: Vec::new(),
         host: HostInput::Facts(&f),
     });
     assert_only_fault(&h, "xml");
@@ -178,6 +206,7 @@ fn live_only_nic_of_a_persistent_vm_is_a_warning_and_config_only_is_a_fault() {
         live: vec![&i],
         config: vec![],
         ids_on_bridge: 0,
+        ids_taps: Vec::new(),
         host: HostInput::Facts(&f),
     };
     let h = hops(&d);
@@ -442,19 +471,54 @@ fn vxlan_underlay_without_50_bytes_of_room_is_an_mtu_fault() {
     assert!(m.fix.contains("lower brvx-5000 to 1430"), "{m:#?}");
 }
 
+// Intended change (issue 13): IDS no longer means ageing_time 0. An IDS
+// bridge must be promiscuous and carry the agent's tc mirror filters on
+// every other port; a flooding bridge is now a warning, not the goal.
 #[test]
-fn ids_nic_on_a_bridge_that_does_not_flood_is_a_promisc_fault() {
+fn ids_nic_needs_a_promiscuous_bridge_and_mirror_filters_on_every_other_port() {
     let mut i = nic("cloudbr1", "vnet3");
     i.alias = Some("ua-ids-1".into());
     let mut f = healthy();
+    f.mirrors = mirrors(&[("vnet3", &[]), ("vnet5", &["vnet3"])]);
     let h = run(&i, &f, 1);
     assert_only_fault(&h, "promisc");
+    assert!(get(&h, "promisc").fix.contains("promisc on"));
+    if let Some(b) = f.bridge.as_mut() {
+        b.promisc = true;
+    }
+    let h = run(&i, &f, 1);
+    let p = get(&h, "promisc");
+    assert_eq!(p.status, HopStatus::Ok, "{p:#?}");
+    assert!(p.evidence.contains("1 sensor(s)"), "{p:#?}");
+    assert!(!p.fix.contains("ageing_time 0"), "{p:#?}");
+    // A port without the filter: the sensor misses its frames.
+    f.mirrors = mirrors(&[("vnet3", &[]), ("vnet5", &[]), ("vnet6", &["vnet3"])]);
+    let h = run(&i, &f, 1);
+    assert_only_fault(&h, "promisc");
+    let p = get(&h, "promisc");
+    assert!(
+        p.fix
+            .contains("tc filter add dev vnet5 ingress prio 49152 protocol all u32"),
+        "{p:#?}"
+    );
+    assert!(p.fix.contains("mirred egress mirror dev vnet3"), "{p:#?}");
+}
+
+#[test]
+fn ids_bridge_at_ageing_zero_floods_every_tenant_and_is_a_warning() {
+    let mut i = nic("cloudbr1", "vnet3");
+    i.alias = Some("ua-ids-1".into());
+    let mut f = healthy();
+    f.mirrors = mirrors(&[("vnet3", &[]), ("vnet5", &["vnet3"])]);
     if let Some(b) = f.bridge.as_mut() {
         b.promisc = true;
         b.ageing = Some(0);
     }
     let h = run(&i, &f, 1);
-    assert_eq!(get(&h, "promisc").status, HopStatus::Ok);
+    let p = get(&h, "promisc");
+    assert_eq!(p.status, HopStatus::Warning, "{p:#?}");
+    assert!(p.evidence.contains("floods every tenant"), "{p:#?}");
+    assert!(p.fix.contains("ageing_time 30000"), "{p:#?}");
     // Flooding learns nothing: the FDB hop must not cry wolf.
     assert_eq!(get(&h, "fdb").status, HopStatus::Ok);
     assert!(get(&h, "fdb").evidence.contains("ageing_time 0"));
@@ -470,12 +534,15 @@ fn promiscuous_bridge_without_ids_nics_is_a_warning() {
     let p = get(&h, "promisc");
     assert_eq!(p.status, HopStatus::Warning, "{p:#?}");
     assert!(p.fix.contains("promisc off"), "{p:#?}");
-    // The same bridge with an IDS NIC elsewhere on it is expected.
-    if let Some(b) = f.bridge.as_mut() {
-        b.ageing = Some(0);
-    }
+    // The same bridge with an IDS NIC elsewhere on it (vnet90), whose
+    // filter is on this port, is expected.
+    f.mirrors = mirrors(&[("vnet3", &["vnet90"]), ("vnet90", &[])]);
     let h = run(&nic("cloudbr1", "vnet3"), &f, 1);
     assert_eq!(get(&h, "promisc").status, HopStatus::Ok);
+    // Without it, a warning on this (non-IDS) NIC.
+    f.mirrors = mirrors(&[("vnet3", &[]), ("vnet90", &[])]);
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 1);
+    assert_eq!(get(&h, "promisc").status, HopStatus::Warning);
 }
 
 #[test]
@@ -615,6 +682,7 @@ fn unreadable_host_warns_with_the_reason() {
         live: vec![&i],
         config: vec![],
         ids_on_bridge: 0,
+        ids_taps: Vec::new(),
         host: HostInput::Unreadable("netlink: dump links: EPERM".into()),
     });
     assert!(h[1..]

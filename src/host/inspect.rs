@@ -150,6 +150,9 @@ pub struct HostFacts {
     pub ovs: Option<OvsFacts>,
     /// The guest MAC in the FDB.
     pub fdb: FdbFacts,
+    /// Linux bridges: each port of the bridge, with the sensor taps its
+    /// agent `tc` mirror filters copy to (`None` when not read).
+    pub mirrors: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts) {
@@ -451,6 +454,21 @@ pub(crate) async fn inspect(
         facts.ovs = Some(ovs_facts(cfg, q, &mut fdb).await);
         facts.fdb = fdb;
     } else if let Some((bridge_index, _)) = by_name.get(&q.bridge) {
+        // Read-only: `tc filter show` on each port of the bridge.
+        let mut mirrors = std::collections::BTreeMap::new();
+        let mut readable = true;
+        for (_, f) in by_name.values() {
+            if f.master.as_deref() != Some(q.bridge.as_str()) {
+                continue;
+            }
+            match super::tcmirror::port_mirrors(&f.name).await {
+                Ok(m) => {
+                    mirrors.insert(f.name.clone(), m.into_values().flatten().collect());
+                }
+                Err(_) => readable = false,
+            }
+        }
+        facts.mirrors = readable.then_some(mirrors);
         match (mac_bytes(&q.mac), bridge_fdb(handle).await) {
             (Some(mac), Ok(msgs)) => {
                 facts.fdb = FdbFacts {

@@ -14,6 +14,8 @@
 //! (ovs-vsctl with argument vectors), `promisc` (saved bridge state),
 //! `inspect` (read-only facts about one NIC's path, for `Diagnose`),
 //! [`objects`] (locks, intents and the "in use" rule for shared bridges).
+//! [`tcmirror`] (the IDS copies: `tc` mirred filters to the sensor taps),
+//! [`portwatch`] (netlink link/tc events that keep those filters in step).
 //! [`vxlan`] (CloudStack's two VXLAN flavours, its group formulas and its
 //! lock file), `netlink::repair` (re-creating agent-made VXLAN devices that differ
 //! from the configuration, for `nic-agent repair-vxlan`).
@@ -25,8 +27,10 @@ pub mod naming;
 mod netlink;
 pub mod objects;
 mod ovs;
+pub mod portwatch;
 mod promisc;
 pub mod tc;
+pub mod tcmirror;
 pub mod vxlan;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -337,8 +341,9 @@ pub trait HostNet: Send + Sync {
     /// Current promiscuous flag and ageing time of a Linux bridge.
     async fn promisc_state(&self, bridge: &BridgeName) -> Result<PromiscState, HostError>;
 
-    /// Make a Linux bridge flood every frame to every port (IDS). `None`
-    /// when it already does (nothing to undo).
+    /// Make a Linux bridge promiscuous (IDS); its ageing is left alone
+    /// (copies for the sensors come from [`HostNet::ids_mirror_sync`]).
+    /// `None` when it already is (nothing to undo).
     async fn promisc_enable(&self, bridge: &BridgeName) -> Result<Option<HostUndo>, HostError>;
 
     /// Put a bridge's promiscuous flag and ageing time back.
@@ -354,6 +359,38 @@ pub trait HostNet: Send + Sync {
         &self,
         bridge: &BridgeName,
     ) -> Result<Option<PromiscState>, HostError>;
+
+    /// Puts back the saved ageing time of a bridge the old IDS mode left at
+    /// `ageing_time 0` (a hub). `Some(ageing)` when it repaired.
+    async fn repair_ageing(&self, bridge: &BridgeName) -> Result<Option<u32>, HostError> {
+        let _ = bridge;
+        Ok(None)
+    }
+
+    /// Brings the `tc` mirror filters of a Linux bridge in step: every port
+    /// but a sensor's own copies its ingress to each sensor tap. `Some`
+    /// sensors replaces the saved list (empty removes every agent filter);
+    /// `None` uses the saved list (link events). Idempotent; returns how
+    /// many filters it added or removed. Call under the bridge's lock.
+    async fn ids_mirror_sync(
+        &self,
+        bridge: &BridgeName,
+        sensors: Option<&[String]>,
+    ) -> Result<usize, HostError> {
+        let _ = (bridge, sensors);
+        Ok(0)
+    }
+
+    /// The sensor taps saved for a bridge by [`HostNet::ids_mirror_sync`].
+    async fn ids_sensors(&self, bridge: &BridgeName) -> Result<Vec<String>, HostError> {
+        let _ = bridge;
+        Ok(Vec::new())
+    }
+
+    /// Bridges with a saved sensor list.
+    async fn ids_tracked_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(Vec::new())
+    }
 
     /// Mirror all traffic of an OVS bridge to `port` (IDS).
     async fn ovs_mirror_add(&self, bridge: &BridgeName, port: &str) -> Result<HostUndo, HostError>;

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use super::error::netlink_errno;
 use super::vxlan::{self, Family, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour, VxlanLock};
 use super::{
-    naming, ovs, promisc, BridgePorts, HostConfig, HostError, HostNet, HostPlan, HostUndo,
-    PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
+    naming, ovs, promisc, tcmirror, BridgePorts, HostConfig, HostError, HostNet, HostPlan,
+    HostUndo, PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
 };
 use crate::nic::{BridgeName, Segment, SwitchType, Vni};
 
@@ -1045,6 +1045,24 @@ impl NetlinkHost {
         }
     }
 
+    /// The saved sensors of `bridge` whose tap is still the same link.
+    async fn saved_sensors(
+        &self,
+        bridge: &BridgeName,
+    ) -> Result<Vec<tcmirror::SavedSensor>, HostError> {
+        let mut out = Vec::new();
+        for s in tcmirror::load_sensors(&self.config.state_dir, bridge.as_str()).await? {
+            if self
+                .link(&s.tap)
+                .await?
+                .is_some_and(|l| l.index == s.ifindex)
+            {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
     async fn apply_promisc(&self, bridge: &Link, state: PromiscState) -> Result<(), HostError> {
         self.set(
             LinkUnspec::new_with_index(bridge.index)
@@ -1053,7 +1071,12 @@ impl NetlinkHost {
             format!("set promisc {} on {}", state.promisc, bridge.name),
         )
         .await?;
-        self.set_ageing(bridge, state.ageing_time).await
+        // Ageing is put back only where the old IDS mode left it at 0: the
+        // agent no longer changes it, and an operator's later setting wins.
+        if bridge.ageing == Some(0) && state.ageing_time != 0 {
+            self.set_ageing(bridge, state.ageing_time).await?;
+        }
+        Ok(())
     }
 }
 
@@ -1129,27 +1152,34 @@ impl HostNet for NetlinkHost {
     async fn promisc_enable(&self, bridge: &BridgeName) -> Result<Option<HostUndo>, HostError> {
         let b = self.need_bridge(bridge.as_str()).await?;
         let now = self.promisc_state(bridge).await?;
-        if now.is_flooding() {
+        let dir = &self.config.state_dir;
+        if now.promisc {
+            // Already promiscuous. A bridge the old IDS mode left at ageing
+            // 0 gets its saved ageing back: the copies now come from tc.
+            if let Some(a) = self.repair_ageing(bridge).await? {
+                info!(bridge = %bridge, ageing_time = a, "restored ageing_time the old IDS mode set to 0");
+            }
             return Ok(None);
         }
-        let dir = &self.config.state_dir;
         let saved_before = promisc::load(dir, bridge.as_str()).await?.is_some();
         let original = promisc::save_original(dir, bridge.as_str(), now).await?;
-        let flood = PromiscState {
-            promisc: true,
-            ageing_time: 0,
-        };
-        if let Err(e) = self.apply_promisc(&b, flood).await {
-            if let Err(u) = self.apply_promisc(&b, now).await {
-                warn!(bridge = %bridge, error = %u, "could not put promiscuous state back");
-            } else if !saved_before {
+        let on = self
+            .set(
+                LinkUnspec::new_with_index(b.index)
+                    .promiscuous(true)
+                    .build(),
+                format!("set promisc on on {bridge}"),
+            )
+            .await;
+        if let Err(e) = on {
+            if !saved_before {
                 // Nothing changed after all: do not leave a saved original
                 // that a later restore would wrongly apply.
                 promisc::forget(dir, bridge.as_str()).await?;
             }
             return Err(e);
         }
-        info!(bridge = %bridge, ?original, "bridge floods all frames (IDS)");
+        info!(bridge = %bridge, ?original, "bridge promiscuous (IDS); ageing left alone");
         Ok(Some(HostUndo::RestorePromisc {
             bridge: bridge.to_string(),
             original,
@@ -1168,6 +1198,97 @@ impl HostNet for NetlinkHost {
             }
         }
         promisc::forget(&self.config.state_dir, bridge.as_str()).await
+    }
+
+    async fn repair_ageing(&self, bridge: &BridgeName) -> Result<Option<u32>, HostError> {
+        let Some(saved) = promisc::load(&self.config.state_dir, bridge.as_str()).await? else {
+            return Ok(None);
+        };
+        let Some(b) = self.link(bridge.as_str()).await? else {
+            return Ok(None);
+        };
+        if !b.is(&InfoKind::Bridge) || b.ageing != Some(0) || saved.ageing_time == 0 {
+            return Ok(None);
+        }
+        self.set_ageing(&b, saved.ageing_time).await?;
+        Ok(Some(saved.ageing_time))
+    }
+
+    async fn ids_sensors(&self, bridge: &BridgeName) -> Result<Vec<String>, HostError> {
+        Ok(self
+            .saved_sensors(bridge)
+            .await?
+            .into_iter()
+            .map(|s| s.tap)
+            .collect())
+    }
+
+    async fn ids_tracked_bridges(&self) -> Result<Vec<String>, HostError> {
+        Ok(tcmirror::tracked_bridges(&self.config.state_dir).await)
+    }
+
+    async fn ids_mirror_sync(
+        &self,
+        bridge: &BridgeName,
+        sensors: Option<&[String]>,
+    ) -> Result<usize, HostError> {
+        let dir = &self.config.state_dir;
+        // The list from libvirt (`Some`) is the truth: its taps are bound to
+        // their ifindex now. The saved list (`None`) keeps only taps that
+        // are still the same link; a sensor whose tap is gone gets no
+        // copies, and its name on another VM's tap makes no sensor.
+        let saved = match sensors {
+            Some(names) => {
+                let mut v = Vec::with_capacity(names.len());
+                for n in names {
+                    if let Some(l) = self.link(n).await? {
+                        v.push(tcmirror::SavedSensor {
+                            tap: n.clone(),
+                            ifindex: l.index,
+                        });
+                    }
+                }
+                v
+            }
+            None => self.saved_sensors(bridge).await?,
+        };
+        let mut list: Vec<String> = saved.iter().map(|s| s.tap.clone()).collect();
+        list.sort();
+        list.dedup();
+        if list.len() > tcmirror::MAX_SENSORS {
+            warn!(bridge = %bridge, sensors = list.len(), max = tcmirror::MAX_SENSORS, "too many IDS sensors on one bridge; the rest get no copies");
+        }
+        tcmirror::save_sensors(dir, bridge.as_str(), &saved).await?;
+        let Some(b) = self.link(bridge.as_str()).await? else {
+            return Ok(0);
+        };
+        if !b.is(&InfoKind::Bridge) {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut first_err = None;
+        for p in self.ports_of(&b).await? {
+            match tcmirror::sync_port(&p.name, &list).await {
+                Ok(k) => n += k,
+                // A port can vanish between the dump and tc (a tap going
+                // away); keep the other ports in step and report once.
+                Err(e) => {
+                    if self.link(&p.name).await?.is_some() {
+                        warn!(bridge = %bridge, port = %p.name, error = %e, "IDS mirror filters on a port");
+                        if first_err.is_none() {
+                            first_err = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            info!(bridge = %bridge, sensors = ?list, changed = n, "IDS mirror filters in step");
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 
     async fn saved_promisc_state(

@@ -149,7 +149,26 @@ pub fn mirror_name(port: &str) -> String {
     format!("nic-agent-ids-{port}")
 }
 
-/// Create a select-all mirror on `bridge` with `port` as output.
+/// The Mirror columns that select what reaches a sensor on `tag`: every
+/// port, but only the sensor's own VLAN. An untagged sensor (a trunk, or a
+/// bridge without VLANs) keeps select-all on every VLAN: OVS has no
+/// narrower segment to name, and such a sensor sees the whole bridge anyway.
+pub(crate) fn mirror_select(tag: Option<u16>) -> Vec<String> {
+    let mut v = vec!["select-all=true".to_string()];
+    if let Some(t) = tag {
+        v.push(format!("select-vlan={t}"));
+    }
+    v
+}
+
+/// The access tag of an OVS port, if it has one.
+async fn port_tag(bin: &Path, port: &str) -> Result<Option<u16>, HostError> {
+    let out = vsctl_ok(bin, &["--if-exists", "get", "Port", port, "tag"]).await?;
+    Ok(out.trim().parse().ok())
+}
+
+/// Create a mirror on `bridge` with `port` as output, selecting the
+/// port's VLAN only ([`mirror_select`]), never every VLAN on the bridge.
 pub(crate) async fn mirror_add(bin: &Path, bridge: &str, port: &str) -> Result<String, HostError> {
     let bridge = link_name("bridge", bridge)?;
     let port = link_name("tap", port)?;
@@ -158,30 +177,21 @@ pub(crate) async fn mirror_add(bin: &Path, bridge: &str, port: &str) -> Result<S
     // retried attach does not stack mirrors.
     mirror_remove(bin, bridge, &name).await?;
     let name_arg = format!("name={name}");
-    vsctl_ok(
-        bin,
-        &[
-            "--",
-            "--id=@p",
-            "get",
-            "Port",
-            port,
-            "--",
-            "--id=@m",
-            "create",
-            "Mirror",
-            &name_arg,
-            "select-all=true",
-            "output-port=@p",
-            "--",
-            "add",
-            "Bridge",
-            bridge,
-            "mirrors",
-            "@m",
-        ],
-    )
-    .await?;
+    let select = mirror_select(port_tag(bin, port).await?);
+    let mut args: Vec<&str> = vec![
+        "--", "--id=@p", "get", "Port", port, "--", "--id=@m", "create", "Mirror", &name_arg,
+    ];
+    args.extend(select.iter().map(String::as_str));
+    args.extend([
+        "output-port=@p",
+        "--",
+        "add",
+        "Bridge",
+        bridge,
+        "mirrors",
+        "@m",
+    ]);
+    vsctl_ok(bin, &args).await?;
     Ok(name)
 }
 
@@ -204,6 +214,15 @@ pub(crate) async fn mirror_remove(bin: &Path, bridge: &str, name: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ovs_mirror_selects_only_the_sensors_vlan() {
+        assert_eq!(
+            mirror_select(Some(100)),
+            vec!["select-all=true".to_string(), "select-vlan=100".to_string()]
+        );
+        assert_eq!(mirror_select(None), vec!["select-all=true".to_string()]);
+    }
 
     #[test]
     fn names_from_libvirt_are_checked_before_ovs_sees_them() {

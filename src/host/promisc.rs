@@ -1,17 +1,15 @@
 //! Promiscuous (IDS) mode of a Linux bridge, and where its original state is kept.
 //!
-//! Decision: IFF_PROMISC plus `ageing_time 0` on the bridge, not `tc mirred`.
-//! With ageing 0 the bridge forgets every MAC at once and floods every frame
-//! to every port, so any number of IDS guests on the bridge see all traffic.
-//! It is one bridge-level setting: nothing per tap, nothing that dies with a
-//! tap and must be re-created when libvirt re-creates it on restart or
-//! migration. `tc mirred` would need an ingress qdisc and a filter per
-//! monitored tap, kept in step with every tap coming and going. PROMISC on
-//! the bridge device itself makes the host stack (and a sensor on the bridge)
-//! see frames not addressed to it.
+//! Decision: IFF_PROMISC on the bridge, and the copies for the sensors come
+//! from `tc` mirred filters ([`super::tcmirror`]). The bridge's
+//! `ageing_time` is left alone. An earlier version also set `ageing_time 0`,
+//! which made the bridge a hub: every tenant's VM on it received every
+//! frame. Restoring therefore also puts back the saved ageing time of a
+//! bridge that version left at 0.
 //!
 //! The original flag and ageing time are saved to `<state_dir>/promisc-<bridge>.json`
-//! before the change, so a restarted agent can still restore them.
+//! before the change, so a restarted agent can still restore them. The
+//! file's shape is unchanged from the earlier version, so its files restore.
 
 use std::path::{Path, PathBuf};
 
@@ -30,9 +28,10 @@ pub struct PromiscState {
 }
 
 impl PromiscState {
-    /// True when the bridge floods every frame (the IDS state).
+    /// True when the bridge floods every frame to every port (ageing 0):
+    /// the old IDS state, a hub for every tenant on the bridge.
     pub fn is_flooding(&self) -> bool {
-        self.promisc && self.ageing_time == 0
+        self.ageing_time == 0
     }
 }
 

@@ -337,13 +337,18 @@ impl Hotplug {
             if let Some(step) = self.ids_on(dom, plan.switch, &plan.bridge, &mac).await? {
                 undo.push(Undo::Host(step));
             }
+        } else if let (Some(_), Some(plan)) = (&self.host, plan) {
+            // A new port on a bridge with sensors: its frames must reach them.
+            if plan.switch == SwitchType::LinuxBridge {
+                self.ids_sync_if_tracked(&plan.bridge).await;
+            }
         }
         Ok(())
     }
 
     /// Puts a bridge into IDS state for the sensor NIC `mac` of `dom`:
-    /// promiscuous for a Linux bridge, a mirror to the sensor's port on
-    /// OVS. Under the bridge's lock. Returns the undo, if anything changed.
+    /// promiscuous plus `tc` mirror filters to the sensor's tap for a Linux
+    /// bridge, a mirror to the sensor's port on OVS. Under the bridge's lock. Returns the undo, if anything changed.
     pub(crate) async fn ids_on(
         &self,
         dom: &DomainRef,
@@ -368,11 +373,25 @@ impl Hotplug {
                     })?,
             ),
         };
-        let _guard = host.objects().lock(&[bridge.as_str()]).await?;
-        Ok(match tap {
+        let guard = host.objects().lock(&[bridge.as_str()]).await?;
+        let step = match tap {
             None => host.promisc_enable(bridge).await?,
             Some(tap) => Some(host.ovs_mirror_add(bridge, &tap).await?),
-        })
+        };
+        drop(guard);
+        if switch == SwitchType::LinuxBridge {
+            // The sensor's tap is in the live XML now: copy every other
+            // port's ingress to it (and to the bridge's other sensors).
+            if let Err(e) = self.ids_sync(bridge).await {
+                if let Some(s) = step.clone() {
+                    if let Err(u) = host.undo(s).await {
+                        tracing::warn!(%bridge, error = %u, "undo: restoring promiscuous state failed");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(step)
     }
 
     /// One virDomainAttachDeviceFlags of the attach; Ok when the device is

@@ -236,6 +236,11 @@ impl Hotplug {
                 tracing::warn!(%bridge, error = %e, "restoring bridge flags failed");
             }
         }
+        if !ovs {
+            // The mirror set follows the ports: a gone sensor's filters go,
+            // and a gone port's filters went with it.
+            self.ids_sync_if_tracked(&bridge).await;
+        }
         if keep_bridge {
             tracing::info!(%bridge, "bridge kept: the caller asked for keep_bridge");
         } else if !ovs {

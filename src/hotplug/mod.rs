@@ -390,6 +390,8 @@ impl Hotplug {
                 if let Err(e) = self.restore_ids_if_unused(&b).await {
                     tracing::warn!(vm = %dom.name, bridge = %b, error = %e, "undo: restoring IDS state failed");
                 }
+                // The rolled-back sensor's filters go with it.
+                self.ids_sync_if_tracked(&b).await;
             }
         }
         if created_links {
@@ -585,26 +587,60 @@ impl Hotplug {
 
     /// IDS NICs on a bridge across every running domain, read from libvirt.
     pub async fn ids_count(&self, bridge: &str) -> Result<usize, HotplugError> {
+        Ok(self.ids_nics(bridge).await?.0)
+    }
+
+    /// IDS NICs on a bridge across every running domain, and the taps
+    /// (`<target dev>`) of those that have one, sorted.
+    pub async fn ids_nics(&self, bridge: &str) -> Result<(usize, Vec<String>), HotplugError> {
         let doms = self.blocking(|hv| hv.list()).await?;
         let mut n = 0;
+        let mut taps = Vec::new();
         for d in doms.into_iter().filter(|d| d.state.is_live()) {
             let v = match self.view(&d, Target::Live).await {
                 Ok(v) => v,
                 Err(HotplugError::VmNotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
-            n += v
-                .interfaces
-                .iter()
-                .filter(|i| {
-                    i.source.as_deref() == Some(bridge)
-                        && i.alias
-                            .as_deref()
-                            .is_some_and(|a| a.starts_with(IDS_ALIAS_PREFIX))
-                })
-                .count();
+            for i in v.interfaces.iter().filter(|i| {
+                i.source.as_deref() == Some(bridge)
+                    && i.alias
+                        .as_deref()
+                        .is_some_and(|a| a.starts_with(IDS_ALIAS_PREFIX))
+            }) {
+                n += 1;
+                taps.extend(i.target.clone());
+            }
         }
-        Ok(n)
+        taps.sort();
+        taps.dedup();
+        Ok((n, taps))
+    }
+
+    /// Recomputes a Linux bridge's mirror set (its IDS sensors' taps, read
+    /// from libvirt) and brings the `tc` filters in step, under the
+    /// bridge's lock. Idempotent. Returns how many filters changed.
+    pub async fn ids_sync(&self, bridge: &BridgeName) -> Result<usize, HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(0);
+        };
+        let (_, taps) = self.ids_nics(bridge.as_str()).await?;
+        let _guard = host.objects().lock(&[bridge.as_str()]).await?;
+        Ok(host.ids_mirror_sync(bridge, Some(&taps)).await?)
+    }
+
+    /// [`Hotplug::ids_sync`] for a bridge whose ports changed, when it has
+    /// (or had) sensors; failures are logged, the NIC change stands.
+    pub(crate) async fn ids_sync_if_tracked(&self, bridge: &BridgeName) {
+        let Some(host) = &self.host else { return };
+        match host.ids_sensors(bridge).await {
+            Ok(s) if s.is_empty() => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%bridge, error = %e, "reading IDS sensor list"),
+        }
+        if let Err(e) = self.ids_sync(bridge).await {
+            tracing::warn!(%bridge, error = %e, "IDS mirror filters not in step");
+        }
     }
 
     fn unsupported(&self, op: &'static str, e: HotplugError) -> HotplugError {

@@ -150,6 +150,10 @@ pub async fn run(
                 if n > 0 {
                     out.changes.push(format!("{n} IDS mirror(s)"));
                 }
+                let f = super::ensure_ids_filters(host, &dom).await?;
+                if f > 0 {
+                    out.changes.push(format!("{f} IDS mirror filter change(s)"));
+                }
             }
             Action::Release => {
                 for b in super::bridges_of(&dom) {

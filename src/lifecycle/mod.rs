@@ -171,3 +171,45 @@ pub async fn ensure_ids_mirrors(host: &dyn HostNet, dom: &DomainView) -> Result<
     }
     Ok(n)
 }
+
+/// The IDS sensor taps of a running domain's Linux-bridge NICs, per bridge.
+pub fn linux_sensor_taps(dom: &DomainView) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for i in dom.interfaces.iter().filter(|i| is_ids(i) && !is_ovs(i)) {
+        if let (Some(src), Some(tap)) = (i.source.as_deref(), i.target.as_deref()) {
+            out.entry(src.to_string())
+                .or_default()
+                .push(tap.to_string());
+        }
+    }
+    out
+}
+
+/// `tc` mirror filters for the Linux-bridge sensor NICs of a domain that
+/// runs now (its taps exist), without asking libvirt: the domain's sensors
+/// are added to each bridge's saved list. Also re-syncs every other Linux
+/// bridge of the domain that has sensors, since its taps are new ports.
+pub async fn ensure_ids_filters(host: &dyn HostNet, dom: &DomainView) -> Result<usize, HostError> {
+    let mine = linux_sensor_taps(dom);
+    let mut n = 0;
+    for bridge in bridges_of(dom) {
+        let Ok(b) = BridgeName::try_from(bridge.as_str()) else {
+            continue;
+        };
+        if dom
+            .interfaces
+            .iter()
+            .any(|i| i.source.as_deref() == Some(bridge.as_str()) && is_ovs(i))
+        {
+            continue;
+        }
+        let _g = host.objects().lock(&[bridge.as_str()]).await?;
+        let mut sensors = host.ids_sensors(&b).await?;
+        if sensors.is_empty() && !mine.contains_key(&bridge) {
+            continue;
+        }
+        sensors.extend(mine.get(&bridge).cloned().unwrap_or_default());
+        n += host.ids_mirror_sync(&b, Some(&sensors)).await?;
+    }
+    Ok(n)
+}

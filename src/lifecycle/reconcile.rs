@@ -5,10 +5,13 @@
 //!
 //! - Running domains get the host side they need (bridges rebuilt from
 //!   their records, IDS state and OVS mirrors for live sensor NICs).
+//! - Linux bridges with sensors get their `tc` mirror filters in step.
+//! - Bridges the old IDS mode left at `ageing_time 0` get their saved
+//!   ageing back.
 //! - Bridges whose saved IDS state has no sensor left get it back.
 //! - Agent-made bridges nothing uses are removed (after the grace period).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::{ensure_host_for_domain, ensure_ids_mirrors, Caller};
@@ -31,6 +34,7 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
     let Some(host) = hp.host.clone() else {
         return Ok(out);
     };
+    let mut sensors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for d in hp.domains().await? {
         if !d.state.is_live() {
             continue;
@@ -40,6 +44,9 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
             Ok((None, _)) | Err(HotplugError::VmNotFound(_)) => continue,
             Err(e) => return Err(e),
         };
+        for (b, taps) in super::linux_sensor_taps(&live) {
+            sensors.entry(b).or_default().extend(taps);
+        }
         match ensure_host_for_domain(host.as_ref(), &live, Caller::Agent).await {
             Ok(e) => {
                 for b in e.built {
@@ -66,10 +73,44 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
             }
         }
     }
+    // The mirror set of every bridge with sensors, or that had some: the
+    // live XML of the running domains is the truth.
+    let mut mirrored: BTreeSet<String> = host.ids_tracked_bridges().await?.into_iter().collect();
+    mirrored.extend(sensors.keys().cloned());
+    for b in mirrored {
+        let Ok(bn) = BridgeName::try_from(b.as_str()) else {
+            continue;
+        };
+        let taps = sensors.get(&b).cloned().unwrap_or_default();
+        let r = match host.objects().lock(&[b.as_str()]).await {
+            Ok(_g) => host.ids_mirror_sync(&bn, Some(&taps)).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(0) => {}
+            Ok(n) => out.lines.push(format!(
+                "brought {n} IDS mirror filter(s) on {b} in step ({} sensor(s))",
+                taps.len()
+            )),
+            Err(e) => tracing::warn!(bridge = %b, error = %e, "reconcile: IDS mirror filters"),
+        }
+    }
     for b in host.saved_promisc_bridges().await? {
         let Ok(b) = BridgeName::try_from(b.as_str()) else {
             continue;
         };
+        // The old IDS mode left its bridges at ageing_time 0 (a hub).
+        let r = match host.objects().lock(&[b.as_str()]).await {
+            Ok(_g) => host.repair_ageing(&b).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(Some(a)) => out.lines.push(format!(
+                "restored {b}'s ageing_time {a} that the old IDS mode set to 0"
+            )),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(bridge = %b, error = %e, "reconcile: bridge ageing"),
+        }
         match hp.restore_ids_if_unused(&b).await {
             Ok(true) => out
                 .lines

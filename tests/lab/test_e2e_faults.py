@@ -18,7 +18,7 @@ when libvirtd, a domain or the agent itself goes away in the middle of attaches.
 3. The agent SIGKILLed in the middle of an attach and restarted: a retried
    attach of the same MAC and spec is idempotent, and the IDS (promiscuous)
    NICs attached before the kill are still counted from libvirt's live state:
-   detaching one keeps the bridge flooding, detaching the last restores its
+   detaching one keeps the bridge promiscuous, detaching the last restores its
    flags from the state dir.
 4. A NIC that QEMU holds but libvirt lost -- what a libvirtd killed between
    QEMU's device_add and recording the device leaves -- is made on purpose
@@ -445,7 +445,9 @@ class FaultsE2E(unittest.TestCase):
             self.assertEqual(c, "OK", r)
             self.assertTrue(r.nic.alias.startswith("ua-ids-"), r.nic.alias)
         self.assertIn("PROMISC", link_flags(BRIDGE))
-        self.assertEqual(ageing(BRIDGE), 0)
+        # Intended change (issue 13): IDS leaves ageing alone (ageing 0
+        # flooded every tenant); copies come from tc mirror filters.
+        self.assertEqual(ageing(BRIDGE), orig_ageing)
 
         seen = []
         for i, delay in enumerate((0.0, 0.03, 0.08, 0.15)):
@@ -479,8 +481,8 @@ class FaultsE2E(unittest.TestCase):
         # The restarted agent counts the IDS NICs from libvirt: one left keeps flooding.
         d = agent.stub.DetachNic(pb.DetachNicRequest(vm=G_IDS, mac=ids1), timeout=RPC_TIMEOUT)
         self.assertEqual(d.state, pb.DETACH_STATE_REMOVED)
-        self.assertIn("PROMISC", link_flags(BRIDGE), "bridge stopped flooding with an IDS NIC left")
-        self.assertEqual(ageing(BRIDGE), 0)
+        self.assertIn("PROMISC", link_flags(BRIDGE), "bridge left IDS state with an IDS NIC left")
+        self.assertEqual(ageing(BRIDGE), orig_ageing)
         d = agent.stub.DetachNic(pb.DetachNicRequest(vm=G_IDS, mac=ids2), timeout=RPC_TIMEOUT)
         self.assertEqual(d.state, pb.DETACH_STATE_REMOVED)
         lk.wait_until(lambda: "PROMISC" not in link_flags(BRIDGE), 5,

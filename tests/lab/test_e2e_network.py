@@ -11,9 +11,13 @@ Three scenarios, each on host links this file creates itself (prefix lab-b):
 2. VXLAN: a too-large MTU is refused before anything is created; a fitting
    one builds vxlan5101 inside brvx-5101; a request without an MTU gets the
    bridge's; the agent removes both links once the last NIC has left.
-3. IDS: promiscuous NICs make the bridge flood (PROMISC, ageing 0) until the
-   last one leaves, then the original state comes back, while a normal NIC on
-   the same bridge keeps carrying traffic.
+3. IDS: promiscuous NICs make the bridge PROMISC and put tc mirror filters
+   to each sensor tap on every other port; the ageing time is left alone (an
+   earlier version set ageing 0 and flooded every tenant; changed on
+   purpose, issue 13). Thousands of unicast frames between two other
+   endpoints reach the IDS guest and not the non-IDS guest on the same
+   bridge (rx counters inside the guests). When the last sensor leaves,
+   its filters are gone and the original state comes back.
 
 Run as root: python3 tests/lab/test_e2e_network.py [path/to/nic-agent]
 Env: NIC_AGENT_BIN, LAB_AGENT_ARGS (extra `serve` flags), LAB_KEEP_WORKDIR=1
@@ -21,6 +25,7 @@ Env: NIC_AGENT_BIN, LAB_AGENT_ARGS (extra `serve` flags), LAB_KEEP_WORKDIR=1
 Last line: `lab-network: N passed, M failed`.
 """
 import functools
+import json
 import os
 import re
 import shutil
@@ -96,6 +101,32 @@ def ageing_time_cs(name):
         raise AssertionError(f"no ageing_time in ip -d link show {name}")
     v = m.group(1)
     return round(float(v) * 100) if "." in v else int(v)
+
+
+def bridge_ports(br):
+    try:
+        return sorted(os.listdir(f"/sys/class/net/{br}/brif"))
+    except OSError:
+        return []
+
+
+def mirror_targets(dev):
+    """The sensor taps the agent's tc filters (prio 49152-49167) on DEV's
+    ingress copy to."""
+    p = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"],
+                       capture_output=True, text=True)
+    try:
+        items = json.loads(p.stdout or "[]")
+    except ValueError:
+        return set()
+    out = set()
+    for f in items:
+        if not 49152 <= f.get("pref", 0) < 49168:
+            continue
+        for a in (f.get("options") or {}).get("actions", []):
+            if a.get("kind") == "mirred" and a.get("to_dev"):
+                out.add(a["to_dev"])
+    return out
 
 
 def pid_is(pid, comm):
@@ -450,50 +481,109 @@ class NetworkE2E(unittest.TestCase):
 
     # -- 3. IDS
 
-    def assert_flooding(self, on, original_ageing):
+    def assert_ids(self, sensors, original_ageing):
+        """PROMISC while there are sensors, ageing never touched, and every
+        bridge port but a sensor's own mirrors to each sensor."""
         flags, ageing = link_flags(IDS_BR), ageing_time_cs(IDS_BR)
-        if on:
+        if sensors:
             self.assertIn("PROMISC", flags)
-            self.assertEqual(ageing, 0)
         else:
             self.assertNotIn("PROMISC", flags)
-            self.assertEqual(ageing, original_ageing)
+        self.assertEqual(ageing, original_ageing, "IDS must not change ageing_time (a hub)")
+
+        def in_step():
+            return all(mirror_targets(p) == set(sensors) - {p} for p in bridge_ports(IDS_BR))
+        wait_until(in_step, 10, f"mirror filters on {IDS_BR} to {sorted(sensors)}: "
+                   + str({p: sorted(mirror_targets(p)) for p in bridge_ports(IDS_BR)}))
+
+    def rx(self, vm, ifname):
+        rc, out = guest_exec(vm, f"cat /sys/class/net/{ifname}/statistics/rx_packets")
+        self.assertEqual(rc, 0, out)
+        return int(re.findall(r"\d+", out)[-1])
 
     @dump_on_failure
-    def test_3_ids_bridge_floods_until_last_ids_nic_leaves(self):
+    def test_3_ids_copies_reach_the_sensor_and_not_other_tenants(self):
         lab("net.sh", "up", IDS_BR, "--subnet", str(IDS_SUBNET))
         original = ageing_time_cs(IDS_BR)
         self.assertNotIn("PROMISC", link_flags(IDS_BR), "bridge promiscuous before any IDS NIC")
         mac_p, mac_i1, mac_i2 = "02:b0:00:03:00:01", "02:b0:00:03:00:02", "02:b0:00:03:00:03"
 
-        # A normal NIC: lease and traffic before anything IDS happens.
+        # A normal NIC (guest C): lease and traffic before anything IDS happens.
         r = self.attach(G1, mac=mac_p, bridge=IDS_BR)
         self.assertFalse(r.nic.alias.startswith("ua-ids-"), r.nic.alias)
         ifp, _, _ = self.guest_nic(G1, mac_p)
         self.guest_lease(G1, ifp, mac_p, IDS_SUBNET)
         self.guest_ping(G1, ifp, IDS_SUBNET)
-        self.assert_flooding(False, original)
+        self.assert_ids([], original)
 
         r1 = self.attach(G1, mac=mac_i1, bridge=IDS_BR, promiscuous=True)
         self.assertTrue(r1.nic.alias.startswith("ua-ids-"), r1.nic.alias)
         if1, _, _ = self.guest_nic(G1, mac_i1)
-        self.assert_flooding(True, original)
+        self.assert_ids([r1.nic.target_dev], original)
         r2 = self.attach(G2, mac=mac_i2, bridge=IDS_BR, promiscuous=True)
         self.assertTrue(r2.nic.alias.startswith("ua-ids-"), r2.nic.alias)
         if2, _, _ = self.guest_nic(G2, mac_i2)
-        self.assert_flooding(True, original)
+        self.assert_ids([r1.nic.target_dev, r2.nic.target_dev], original)
         self.guest_ping(G1, ifp, IDS_SUBNET)
 
-        # One IDS NIC left: the bridge keeps flooding.
+        # One IDS NIC left: its filters stay, the gone sensor's filters go.
         self.detach(G1, mac_i1)
         self.guest_removed(G1, if1, mac_i1)
-        self.assert_flooding(True, original)
+        self.assert_ids([r2.nic.target_dev], original)
         self.guest_ping(G1, ifp, IDS_SUBNET)
 
-        # Last IDS NIC gone: the original flags and ageing come back.
+        # Isolation: a third endpoint (a veth in a namespace, a port this
+        # agent never plugged: followed through link events) sends thousands
+        # of unicast frames to the bridge's own address. Static neighbours on
+        # both sides, so no ARP broadcast. The sensor sees them, guest C not.
+        ns, veth, peer, ip = "lab-b-ids-ns", "lab-bids0", "lab-bids1", f"10.77.{IDS_SUBNET}.200"
+        vmac = "02:b0:00:03:00:c8"
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", veth, check=False)
+        try:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "address", vmac, "netns", ns)
+            sh("ip", "link", "set", veth, "master", IDS_BR, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", peer)
+            sh("ip", "-n", ns, "link", "set", peer, "up")
+            brmac = open(f"/sys/class/net/{IDS_BR}/address").read().strip()
+            sh("ip", "-n", ns, "neigh", "replace", f"10.77.{IDS_SUBNET}.1", "lladdr", brmac,
+               "dev", peer, "nud", "permanent")
+            sh("ip", "neigh", "replace", ip, "lladdr", vmac, "dev", IDS_BR, "nud", "permanent")
+            self.assert_ids([r2.nic.target_dev], original)
+            n = 3000
+            # A sensor listens promiscuously (as an IDS does): QEMU's
+            # virtio-net drops frames for other MACs before the guest
+            # counts them otherwise.
+            rc, out = guest_exec(G2, f"ip link set {if2} up promisc on")
+            self.assertEqual(rc, 0, out)
+            tap = r2.nic.target_dev
+
+            def host_count(dev, what):
+                with open(f"/sys/class/net/{dev}/statistics/{what}") as f:
+                    return int(f.read())
+            h0, v0 = host_count(tap, "tx_packets"), host_count(veth, "rx_packets")
+            c0, s0 = self.rx(G1, ifp), self.rx(G2, if2)
+            sh("ip", "netns", "exec", ns, "python3", "-c",
+               "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+               f"for i in range({n}): s.sendto(b'x'*64,('10.77.{IDS_SUBNET}.1',9))")
+            time.sleep(1)
+            c1, s1 = self.rx(G1, ifp), self.rx(G2, if2)
+            h1, v1 = host_count(tap, "tx_packets"), host_count(veth, "rx_packets")
+            TIMINGS.append(f"  ids isolation: {n} unicast frames (veth port rx +{v1 - v0}); "
+                           f"sensor tap tx +{h1 - h0}, sensor guest rx +{s1 - s0}, guest C +{c1 - c0}")
+            self.assertGreaterEqual(s1 - s0, n, "the IDS guest missed mirror copies")
+            self.assertLess(c1 - c0, 50, "guest C received another endpoint's unicast")
+        finally:
+            sh("ip", "neigh", "del", ip, "dev", IDS_BR, check=False)
+            sh("ip", "link", "del", veth, check=False)
+            sh("ip", "netns", "del", ns, check=False)
+
+        # Last IDS NIC gone: its filters are gone, original flags come back.
         self.detach(G2, mac_i2)
         self.guest_removed(G2, if2, mac_i2)
-        self.assert_flooding(False, original)
+        self.assert_ids([], original)
         self.guest_ping(G1, ifp, IDS_SUBNET)
 
         self.detach(G1, mac_p)
