@@ -12,5 +12,9 @@ pub fn run(a: &GuestConfigArgs) -> Result<String, GuestConfigError> {
         ip: a.ip.clone(),
         gateway: a.gateway.clone(),
         table: a.table,
+        ip6: a.ip6.clone(),
+        gateway6: a.gateway6.clone(),
+        ip6_mode: a.ip6_mode.clone(),
+        default_route: a.default,
     })
 }
