@@ -454,6 +454,10 @@ pub struct GuestConfigArgs {
     /// never takes the default route.
     #[arg(long)]
     pub default: bool,
+    /// Write the files under this directory (as if it were the guest's /),
+    /// with their modes, instead of printing them; prints their paths.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
 }
 
 /// Parses `AVG[,PEAK[,BURST]]` for `field`; `0` alone means "remove".
