@@ -345,6 +345,28 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
         .instrument(span)
         .await
     }
+
+    // --- guest-config ---
+
+    async fn guest_config(
+        &self,
+        req: Request<pb::GuestConfigRequest>,
+    ) -> Result<Response<pb::GuestConfigResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("guest_config", request_id = %rid, mac = %log_safe(&r.mac));
+        async move {
+            tracing::info!("guest-config requested");
+            let start = Instant::now();
+            // Pure rendering: no libvirt, no host, no lock.
+            let result = crate::guest::files(&convert::guest_request(&r))
+                .map_err(crate::hotplug::HotplugError::from);
+            finish("guest_config", start, result)
+                .map(|f| Response::new(convert::guest_files(f, &rid)))
+        }
+        .instrument(span)
+        .await
+    }
 }
 
 /// An optional user alias field: empty means none.
