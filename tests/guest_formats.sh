@@ -89,6 +89,9 @@ check_case static-table --ip 10.77.32.88/24 --gateway 10.77.32.1 --table 100
 # leases on eth1 with the rendered script.
 "$BIN" guest-config --mac "$MAC" --name eth1 --table 100 --root "$W/udhcpc" >/dev/null
 S="$W/udhcpc/usr/share/udhcpc/nic-agent-eth1.script"
+# The hook runs with busybox's `ip`, as in the busybox lab guest.
+mkdir -p "$W/bb"
+ln -s "$(command -v busybox)" "$W/bb/ip"
 unshare -n sh -eu -c '
   ip link set lo up
   ip link add eth1 address '"$MAC"' type veth peer name srv0
@@ -98,12 +101,12 @@ unshare -n sh -eu -c '
     --dhcp-range=10.99.0.50,10.99.0.60,255.255.255.0,1h --dhcp-option=3,10.99.0.1 \
     --dhcp-leasefile='"$W"'/leases --pid-file='"$W"'/dnsmasq.pid >'"$W"'/dnsmasq.log 2>&1 &
   sleep 0.5
-  busybox udhcpc -i eth1 -n -q -t 5 -T 1 -s '"$S"' >'"$W"'/udhcpc.log 2>&1
+  PATH='"$W"'/bb:$PATH busybox udhcpc -i eth1 -n -q -t 5 -T 1 -s '"$S"' >'"$W"'/udhcpc.log 2>&1
   ip -4 addr show dev eth1 >'"$W"'/addr
   ip rule >'"$W"'/rules.up
   ip route show table 100 >'"$W"'/table.up
   ip route show table main >'"$W"'/main.up
-  interface=eth1 sh '"$S"' deconfig
+  PATH='"$W"'/bb:$PATH interface=eth1 busybox sh '"$S"' deconfig
   ip rule >'"$W"'/rules.down
   ip route show table 100 >'"$W"'/table.down 2>&1 || true
   kill "$(cat '"$W"'/dnsmasq.pid)"
