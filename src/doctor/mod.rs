@@ -357,6 +357,11 @@ fn tap_hop(i: &InterfaceView, tap: Option<&str>, bridge: &str, ovs: bool, f: &Ho
         return h.done();
     };
     h.ok(link_summary(t));
+    // Reported, not judged: the right length depends on the workload, but
+    // a tap dropping bursts shows up as tx drops next to this number.
+    if let Some(q) = t.tx_queue_len {
+        h.ok(format!("txqueuelen {q}"));
+    }
     if !t.up {
         h.bad(
             HopStatus::Fault,

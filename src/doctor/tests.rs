@@ -128,6 +128,21 @@ fn healthy_linux_bridge_nic_is_ok_on_every_hop_in_order() {
 }
 
 #[test]
+fn tap_hop_reports_the_taps_txqueuelen_without_judging_it() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.tx_queue_len = Some(5000);
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let tap = get(&h, "tap");
+    assert_eq!(tap.status, HopStatus::Ok, "{tap:#?}");
+    assert!(tap.evidence.contains("txqueuelen 5000"), "{tap:#?}");
+    // Unknown (not read) is simply not mentioned.
+    let h = run(&nic("cloudbr1", "vnet3"), &healthy(), 0);
+    assert!(!get(&h, "tap").evidence.contains("txqueuelen"));
+}
+
+#[test]
 fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
     let i = nic("cloudbr1", "vnet3");
     let h = hops(&DiagnoseInput {
