@@ -5,7 +5,7 @@ unplug; bandwidth written to a stopped VM's persistent definition by real
 libvirt), MoveNic between two running guests (nic-remove in A, nic-add and a
 DHCP lease in B) and a refused move that leaves the NIC back on A, and the
 policy routing printed by `nic-agent guest-config`, run inside a guest with
-two NICs on two bridges.
+two NICs on two bridges, and its udhcpc hook following a DHCP lease.
 
 Bridges lab-cbr1 (10.77.31.0/24) and lab-cbr2 (10.77.32.0/24), each with its
 own dnsmasq; guests lab-c-*, at most two running at once. Everything is
@@ -317,6 +317,75 @@ class Day2E2E(unittest.TestCase):
             self.assertNotIn(m, q.iflist(inactive=True))
         finally:
             q.remove()
+
+    def tx(self, g, ifname):
+        rc, out = g.exec(f"cat /sys/class/net/{ifname}/statistics/tx_packets")
+        self.assertEqual(rc, 0, out)
+        return int(out.strip().splitlines()[-1])
+
+    def replies_leave_through(self, g, if1, if2, ip2, must_answer):
+        """Host pings ip2 (on BR2) from its BR1 address; returns how many
+        packets each guest NIC sent meanwhile (the replies' path). Replies
+        that leave through the BR1 NIC may be dropped by the host's
+        rp_filter, so only the symmetric case must answer."""
+        t1, t2 = self.tx(g, if1), self.tx(g, if2)
+        p = lk.run(["ping", "-c", "5", "-i", "0.2", "-W", "2", "-I", f"10.77.{NET1}.1", ip2],
+                   check=False, timeout=30)
+        if must_answer:
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        return self.tx(g, if1) - t1, self.tx(g, if2) - t2
+
+    def test_6_udhcpc_hook_policy_routing_follows_the_lease(self):
+        """guest-config --table with DHCP: the udhcpc script adds the rule
+        and the table when the lease arrives and removes them on release;
+        replies to traffic arriving on the secondary NIC leave through it."""
+        g, m1, m2 = self.a, mac(6, 1), mac(6, 2)
+        mark = g.console.mark()
+        self.attach(g.name, m1, bridge=BR1)
+        if1 = self.wait_add(g, m1, mark)
+        self.wait_lease(g, if1, m1, mark, NET1)
+        mark2 = g.console.mark()
+        self.attach(g.name, m2, bridge=BR2)
+        if2 = self.wait_add(g, m2, mark2)
+        ip2 = self.wait_lease(g, if2, m2, mark2, NET2)
+
+        # Before: the guest answers through a BR1 NIC (asymmetric), not if2.
+        via1, via2 = self.replies_leave_through(g, if1, if2, ip2, must_answer=False)
+        self.assertLess(via2, 5, (via1, via2))
+
+        root = os.path.join(lk.WORK, "lab-c-guestcfg")
+        lk.run([lk.BIN, "guest-config", "--mac", m2, "--name", if2, "--table", "101",
+                "--root", root])
+        with open(os.path.join(root, f"usr/share/udhcpc/nic-agent-{if2}.script"),
+                  encoding="utf-8") as f:
+            script = f.read()
+        rc, out = g.exec("cat >/tmp/nic-agent.script <<'NIC_AGENT_EOF'\n" + script
+                         + "NIC_AGENT_EOF\nchmod 755 /tmp/nic-agent.script")
+        self.assertEqual(rc, 0, out)
+        rc, out = g.exec(f"udhcpc -i {if2} -n -q -t 5 -T 1 -s /tmp/nic-agent.script", timeout=30)
+        self.assertEqual(rc, 0, out)
+        _, rules = g.exec("ip rule")
+        self.assertRegex(rules, rf"from {re.escape(ip2)} lookup 101")
+        _, table = g.exec("ip route show table 101")
+        self.assertIn(f"default via 10.77.{NET2}.1 dev {if2}", table)
+        self.assertIn(f"10.77.{NET2}.0/24 dev {if2}", table)
+        _, main = g.exec("ip route show")
+        self.assertNotIn(f"default via 10.77.{NET2}.1", main, "no default route without --default")
+
+        # After: the replies leave through the NIC the requests came in on.
+        via1, via2 = self.replies_leave_through(g, if1, if2, ip2, must_answer=True)
+        self.assertGreaterEqual(via2, 5, (via1, via2))
+        self.assertLess(via1, 5, (via1, via2))
+        lk.log(f"udhcpc hook: {if2} {ip2} table 101, replies via {if2} ({via2} pkts)")
+
+        # Lease released: rule and table gone.
+        rc, out = g.exec(f"udhcpc -i {if2} -n -q -R -t 5 -T 1 -s /tmp/nic-agent.script",
+                         timeout=30)
+        self.assertEqual(rc, 0, out)
+        _, rules = g.exec("ip rule")
+        self.assertNotIn("lookup 101", rules)
+        _, table = g.exec("ip route show table 101")
+        self.assertNotIn(if2, table)
 
 
 if __name__ == "__main__":
