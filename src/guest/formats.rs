@@ -185,7 +185,10 @@ pub fn debian_dhclient_enter(c: &GuestConfig) -> Option<GuestFile> {
     line!(o, "    unset new_routers");
     line!(o, "fi");
     Some(file(
-        format!("/etc/dhcp/dhclient-enter-hooks.d/nic-agent-{n}"),
+        format!(
+            "/etc/dhcp/dhclient-enter-hooks.d/nic-agent-{}",
+            super::run_parts_name(n)
+        ),
         0o644,
         "Debian ifupdown: no default route from this NIC's lease",
         o,

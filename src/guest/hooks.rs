@@ -161,7 +161,10 @@ fn dhclient_exit(c: &GuestConfig, t: RouteTable) -> GuestFile {
     line!(o, "esac");
     line!(o, "fi");
     GuestFile {
-        path: format!("/etc/dhcp/dhclient-exit-hooks.d/nic-agent-{n}"),
+        path: format!(
+            "/etc/dhcp/dhclient-exit-hooks.d/nic-agent-{}",
+            super::run_parts_name(n)
+        ),
         mode: 0o644,
         purpose: "Debian ifupdown (dhclient): rule follows the DHCP lease".into(),
         content: o,

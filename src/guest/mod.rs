@@ -246,6 +246,13 @@ fn ifname(s: &str) -> Result<String, GuestConfigError> {
     }
 }
 
+/// A hook file name for directories read with `run-parts --list`
+/// (Debian's dhclient-script), which skips names containing a dot: the
+/// hook for `eth1.100` would silently never run.
+fn run_parts_name(ifname: &str) -> String {
+    ifname.replace('.', "_")
+}
+
 /// The metric of the default route on the NIC made with `--default`.
 /// Lower wins; 100 is what NetworkManager and networkd give a wired
 /// primary NIC, so ours ties with nothing else the guest installs on

@@ -230,6 +230,10 @@ fn rp_filter_is_loose_per_nic_with_its_reason() {
     })
     .expect("ok");
     let s = get(&fs, "/etc/sysctl.d/90-nic-agent-eth1.100.conf");
+    // run-parts skips names with dots: Debian's dhclient hooks would never run.
+    assert!(fs
+        .iter()
+        .any(|f| f.path == "/etc/dhcp/dhclient-enter-hooks.d/nic-agent-eth1_100"));
     // Slashes: a dotted name must stay one path component.
     assert!(
         lines(s).contains(&"net/ipv4/conf/eth1.100/rp_filter = 2"),
