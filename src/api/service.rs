@@ -268,7 +268,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
             let result = async {
                 check_vm(&r.vm)?;
                 let mac = MacAddr::try_from(r.mac.as_str())?;
-                self.hotplug.diagnose(&r.vm, &mac).await
+                let intended = crate::nic::parse_broadcast_uri(&r.broadcast_uri)?;
+                self.hotplug.diagnose(&r.vm, &mac, intended).await
             }
             .await;
             finish("diagnose", start, result).map(|d| Response::new(convert::diagnosis(&d, &rid)))

@@ -367,6 +367,10 @@ pub struct DoctorArgs {
     /// MAC of the NIC.
     #[arg(long)]
     pub mac: String,
+    /// The segment CloudStack intended (vlan://N, vxlan://N): adds an
+    /// "intent" hop comparing it with what the host carries.
+    #[arg(long, default_value = "")]
+    pub broadcast_uri: String,
 }
 
 /// `update` options.
