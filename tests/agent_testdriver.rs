@@ -578,3 +578,97 @@ async fn plugnic_fields_are_read_back_from_libvirt() {
         assert!(again.already_present);
     }
 }
+
+#[tokio::test]
+async fn guest_config_rpc_renders_every_file_and_changes_nothing() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let before = nics(&mut c, "i-2-10-VM").await;
+    let r = c
+        .guest_config(pb::GuestConfigRequest {
+            mac: "52:54:00:ab:cd:01".into(),
+            ip: "10.77.32.88/24".into(),
+            gateway: "10.77.32.1".into(),
+            table: 100,
+            ip6: "2001:db8::5/64".into(),
+            request_id: "gc-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("guest config")
+        .into_inner();
+    assert_eq!(r.request_id, "gc-1");
+    let get = |p: &str| {
+        r.files
+            .iter()
+            .find(|f| f.path == p)
+            .unwrap_or_else(|| panic!("no {p}"))
+    };
+    // Empty name means eth1, as the CLI's default.
+    let ifcfg = get("/etc/sysconfig/network-scripts/ifcfg-eth1");
+    assert!(
+        ifcfg.content.contains("NM_CONTROLLED=yes\n"),
+        "{}",
+        ifcfg.content
+    );
+    assert!(ifcfg.content.contains("DEFROUTE=no\n"), "{}", ifcfg.content);
+    assert_eq!(get("/etc/netplan/60-eth1.yaml").mode, 0o600);
+    assert_eq!(
+        get("/etc/sysconfig/network-scripts/rule-eth1").content,
+        "from 10.77.32.88 table 100\n"
+    );
+    assert!(get("/etc/systemd/network/60-eth1.network")
+        .content
+        .contains("Address=2001:db8::5/64"));
+    // Pure: the VMs are as they were.
+    assert_eq!(nics(&mut c, "i-2-10-VM").await, before);
+}
+
+#[tokio::test]
+async fn guest_config_rpc_bad_values_are_invalid_argument_naming_the_flag() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let base = || pb::GuestConfigRequest {
+        mac: "52:54:00:ab:cd:01".into(),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            "--mac",
+            pb::GuestConfigRequest {
+                mac: "zz".into(),
+                ..base()
+            },
+        ),
+        (
+            "--table",
+            pb::GuestConfigRequest {
+                table: 254,
+                ..base()
+            },
+        ),
+        (
+            "--ip6-mode",
+            pb::GuestConfigRequest {
+                ip6_mode: "auto".into(),
+                ..base()
+            },
+        ),
+        (
+            "--gateway",
+            pb::GuestConfigRequest {
+                gateway: "10.0.0.1".into(),
+                ..base()
+            },
+        ),
+    ];
+    for (flag, req) in cases {
+        let e = c.guest_config(req).await.expect_err(flag);
+        assert_eq!(e.code(), Code::InvalidArgument, "{flag}: {}", e.message());
+        assert!(
+            e.message().starts_with(&format!("invalid {flag} ")),
+            "{}",
+            e.message()
+        );
+    }
+}

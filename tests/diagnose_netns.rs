@@ -143,6 +143,7 @@ async fn diagnose(c: &mut Client, mac: &str) -> pb::DiagnoseResponse {
         vm: VM.into(),
         mac: mac.into(),
         request_id: String::new(),
+        ..Default::default()
     })
     .await
     .expect("diagnose")

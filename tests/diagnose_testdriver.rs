@@ -19,6 +19,7 @@ async fn diagnose(
         vm: vm.into(),
         mac: mac.into(),
         request_id: String::new(),
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner())
@@ -190,4 +191,21 @@ async fn doctor_cli_prints_a_table_and_exits_by_verdict() {
     assert_eq!(v["hops"][0]["status"], "OK");
     assert_eq!(v["hops"][1]["status"], "WARNING");
     assert_eq!(v["nic"]["mac"], "02:00:0a:00:00:01");
+}
+
+#[tokio::test]
+async fn bad_intended_broadcast_uri_is_invalid_argument_naming_it() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let e = c
+        .diagnose(pb::DiagnoseRequest {
+            vm: "i-2-10-VM".into(),
+            mac: "02:00:0A:00:00:01".into(),
+            broadcast_uri: "vlan://5000".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad uri");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("broadcast_uri"), "{}", e.message());
 }

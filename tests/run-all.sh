@@ -30,6 +30,9 @@ grep -q "test result: FAILED" /tmp/nic-agent-cargo-test.log && exit 1
 echo "== tier 2: Python grpcio client"
 python3 tests/python/test_grpc_client.py "$ROOT/target/debug/nic-agent"
 
+echo "== tier 2: guest-config files checked by netplan, nmcli --offline, ifup --no-act; the udhcpc hook in a netns"
+bash tests/guest_formats.sh "$ROOT/target/debug/nic-agent"
+
 # 40 s: pci_capacity re-parses a domain up to 40 times per input and runs
 # ~500 inputs/s on 2 busy vCPUs; 20 s stayed below fuzz.sh's floor of
 # 10,000 executions per target.

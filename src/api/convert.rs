@@ -278,3 +278,40 @@ pub fn nic_update(
             .transpose()?,
     })
 }
+
+/// A `GuestConfigRequest` as the renderer's request: proto3's empty and
+/// zero values mean "not given".
+pub fn guest_request(r: &pb::GuestConfigRequest) -> crate::guest::GuestRequest {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    crate::guest::GuestRequest {
+        mac: r.mac.clone(),
+        name: if r.name.is_empty() {
+            "eth1".to_string()
+        } else {
+            r.name.clone()
+        },
+        ip: opt(&r.ip),
+        gateway: opt(&r.gateway),
+        table: (r.table != 0).then_some(r.table),
+        ip6: opt(&r.ip6),
+        gateway6: opt(&r.gateway6),
+        ip6_mode: opt(&r.ip6_mode),
+        default_route: r.default_route,
+    }
+}
+
+/// The rendered files as the response's list.
+pub fn guest_files(files: Vec<crate::guest::GuestFile>, rid: &str) -> pb::GuestConfigResponse {
+    pb::GuestConfigResponse {
+        files: files
+            .into_iter()
+            .map(|f| pb::GuestFile {
+                path: f.path,
+                mode: f.mode,
+                purpose: f.purpose,
+                content: f.content,
+            })
+            .collect(),
+        request_id: rid.to_string(),
+    }
+}

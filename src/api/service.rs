@@ -274,7 +274,8 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
             let result = async {
                 check_vm(&r.vm)?;
                 let mac = MacAddr::try_from(r.mac.as_str())?;
-                self.hotplug.diagnose(&r.vm, &mac).await
+                let intended = crate::nic::parse_broadcast_uri(&r.broadcast_uri)?;
+                self.hotplug.diagnose(&r.vm, &mac, intended).await
             }
             .await;
             finish("diagnose", start, result).map(|d| Response::new(convert::diagnosis(&d, &rid)))
@@ -347,6 +348,28 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
                     request_id: rid.clone(),
                 })
             })
+        }
+        .instrument(span)
+        .await
+    }
+
+    // --- guest-config ---
+
+    async fn guest_config(
+        &self,
+        req: Request<pb::GuestConfigRequest>,
+    ) -> Result<Response<pb::GuestConfigResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("guest_config", request_id = %rid, mac = %log_safe(&r.mac));
+        async move {
+            tracing::info!("guest-config requested");
+            let start = Instant::now();
+            // Pure rendering: no libvirt, no host, no lock.
+            let result = crate::guest::files(&convert::guest_request(&r))
+                .map_err(crate::hotplug::HotplugError::from);
+            finish("guest_config", start, result)
+                .map(|f| Response::new(convert::guest_files(f, &rid)))
         }
         .instrument(span)
         .await

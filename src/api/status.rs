@@ -14,7 +14,9 @@ pub const DETACH_STATE_KEY: &str = "x-detach-state";
 /// The gRPC code for an error.
 pub fn code(e: &HotplugError) -> Code {
     match e {
-        HotplugError::Invalid(_) | HotplugError::OutOfRange { .. } => Code::InvalidArgument,
+        HotplugError::Invalid(_)
+        | HotplugError::OutOfRange { .. }
+        | HotplugError::GuestConfig(_) => Code::InvalidArgument,
         HotplugError::VmNotFound(_) | HotplugError::NicNotFound { .. } => Code::NotFound,
         HotplugError::MovedBack { cause, .. } => code(cause),
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,

@@ -381,6 +381,7 @@ pub async fn doctor(a: &DoctorArgs) -> (Result<String, String>, u8) {
                 vm: a.target.vm.clone(),
                 mac: a.mac.clone(),
                 request_id: String::new(),
+                broadcast_uri: a.broadcast_uri.clone(),
             })
             .await?
             .into_inner(),

@@ -401,6 +401,10 @@ pub struct DoctorArgs {
     /// MAC of the NIC.
     #[arg(long)]
     pub mac: String,
+    /// The segment CloudStack intended (vlan://N, vxlan://N): adds an
+    /// "intent" hop comparing it with what the host carries.
+    #[arg(long, default_value = "")]
+    pub broadcast_uri: String,
 }
 
 /// `update` options.
@@ -470,9 +474,28 @@ pub struct GuestConfigArgs {
     /// Gateway of the NIC's subnet (with --ip).
     #[arg(long)]
     pub gateway: Option<String>,
-    /// Routing table for the NIC's policy routing, 1-252 (with --ip).
+    /// Routing table for the NIC's policy routing, 1-252 (with --ip and
+    /// --gateway, or with DHCP: then hooks follow the lease).
     #[arg(long)]
     pub table: Option<u32>,
+    /// Static IPv6 address ADDR/PREFIX.
+    #[arg(long)]
+    pub ip6: Option<String>,
+    /// IPv6 gateway (with --ip6; link-local is fine).
+    #[arg(long)]
+    pub gateway6: Option<String>,
+    /// IPv6 addressing: static (with --ip6), slaac or dhcp6 [default: off,
+    /// or static with --ip6].
+    #[arg(long)]
+    pub ip6_mode: Option<String>,
+    /// This NIC holds the default route (metric 100); without it the NIC
+    /// never takes the default route.
+    #[arg(long)]
+    pub default: bool,
+    /// Write the files under this directory (as if it were the guest's /),
+    /// with their modes, instead of printing them; prints their paths.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
 }
 
 /// Parses `AVG[,PEAK[,BURST]]` for `field`; `0` alone means "remove".

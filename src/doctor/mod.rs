@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::host::{naming, HostFacts, InspectQuery, LinkFacts, VxlanSpec, VXLAN_PORT};
 use crate::hotplug::report::{self, NicReport};
 use crate::hotplug::{Hotplug, HotplugError, IDS_ALIAS_PREFIX};
-use crate::nic::{MacAddr, VlanId, Vni};
+use crate::nic::{MacAddr, Segment, VlanId, Vni};
 use crate::xml::domain::InterfaceView;
 
 /// Hop names, in the order they are reported. Stable: clients match on them.
@@ -44,6 +44,9 @@ pub mod hop {
     pub const COUNTERS: &str = "counters";
     /// The guest MAC learned in the bridge FDB.
     pub const FDB: &str = "fdb";
+    /// What CloudStack intended (the caller's broadcast URI) against what
+    /// the host carries; only when the caller gives the URI.
+    pub const INTENT: &str = "intent";
 }
 
 /// How a hop looks. Ordered: `Ok < Warning < Fault`.
@@ -190,6 +193,8 @@ pub struct DiagnoseInput<'a> {
     pub ids_taps: Vec<String>,
     /// The host side.
     pub host: HostInput<'a>,
+    /// The segment CloudStack intended (from the caller's broadcast URI).
+    pub intended: Option<Segment>,
 }
 
 /// A hop under construction: the worst status wins, evidence and fixes
@@ -360,6 +365,11 @@ fn tap_hop(i: &InterfaceView, tap: Option<&str>, bridge: &str, ovs: bool, f: &Ho
         return h.done();
     };
     h.ok(link_summary(t));
+    // Reported, not judged: the right length depends on the workload, but
+    // a tap dropping bursts shows up as tx drops next to this number.
+    if let Some(q) = t.tx_queue_len {
+        h.ok(format!("txqueuelen {q}"));
+    }
     if !t.up {
         h.bad(
             HopStatus::Fault,
@@ -937,7 +947,8 @@ fn fdb_hop(mac: &str, tap: Option<&str>, bridge: &str, f: &HostFacts) -> Hop {
 }
 
 /// The verdict for every hop, from plain inputs. Always returns the eight
-/// hops in [`hop`] order.
+/// hops in [`hop`] order, plus the intent hop last when the caller gave
+/// the intended segment and the host path was read.
 pub fn hops(d: &DiagnoseInput<'_>) -> Vec<Hop> {
     let mut out = vec![xml_hop(d)];
     let Some(i) = d.live.first() else {
@@ -990,12 +1001,81 @@ pub fn hops(d: &DiagnoseInput<'_>) -> Vec<Hop> {
     out.push(promisc_hop(i, tap, bridge, ovs, d, facts));
     out.push(counters_hop(tap, facts));
     out.push(fdb_hop(d.mac, tap, bridge, facts));
+    if let Some(want) = d.intended {
+        out.push(intent_hop(i, bridge, ovs, facts, want));
+    }
     out
+}
+
+/// The segment the host gives this NIC: the OVS port's tag (what really
+/// forwards; the XML's tag otherwise), or what a Linux bridge's name
+/// encodes (`brvx-N`, `br<pif>-N`). `None` when the name encodes nothing
+/// (a custom bridge, or a name shortened to a hash).
+fn carried_segment(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Option<Segment> {
+    if ovs {
+        let tag = f.ovs.as_ref().and_then(|o| o.tag).or(i.vlan);
+        return Some(match tag {
+            Some(t) => VlanId::try_from(t).map_or(Segment::Untagged, Segment::Vlan),
+            None => Segment::Untagged,
+        });
+    }
+    match expected_segment(bridge)? {
+        ExpectedSegment::Vxlan { vni, .. } => Vni::try_from(vni).ok().map(Segment::Vxlan),
+        ExpectedSegment::Vlan { id, .. } => VlanId::try_from(u32::from(id)).ok().map(Segment::Vlan),
+    }
+}
+
+fn intent_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts, want: Segment) -> Hop {
+    let mut h = Acc::new(hop::INTENT);
+    // Plain and untagged are the same on the wire: no tag.
+    let norm = |s: Segment| match s {
+        Segment::Plain => Segment::Untagged,
+        s => s,
+    };
+    let Some(have) = carried_segment(i, bridge, ovs, f) else {
+        if matches!(want, Segment::Plain | Segment::Untagged) {
+            h.ok(format!(
+                "CloudStack intended {want}; {bridge} carries no tag by name"
+            ));
+        } else {
+            h.bad(
+                HopStatus::Warning,
+                format!(
+                    "CloudStack intended {want}; {bridge}'s name does not say which segment it carries, so it cannot be compared"
+                ),
+                String::new(),
+            );
+        }
+        return h.done();
+    };
+    let where_ = if ovs {
+        format!("the OVS port tag on {bridge}")
+    } else {
+        format!("bridge {bridge}")
+    };
+    if norm(have) == norm(want) {
+        h.ok(format!(
+            "CloudStack intended {want}; {where_} carries {have}"
+        ));
+    } else {
+        h.bad(
+            HopStatus::Fault,
+            format!("CloudStack intended {want}, but {where_} carries {have}"),
+            format!("detach the NIC and attach it again with --broadcast-uri {want}"),
+        );
+    }
+    h.done()
 }
 
 impl Hotplug {
     /// Walks one NIC's path and reports every hop. Reads only.
-    pub async fn diagnose(&self, vm: &str, mac: &MacAddr) -> Result<Diagnosis, HotplugError> {
+    /// `intended` is the segment CloudStack meant (its broadcast URI).
+    pub async fn diagnose(
+        &self,
+        vm: &str,
+        mac: &MacAddr,
+        intended: Option<Segment>,
+    ) -> Result<Diagnosis, HotplugError> {
         let dom = self.lookup(vm).await?;
         let (live, config) = self.views(&dom).await?;
         let mac_s = mac.to_string();
@@ -1048,6 +1128,7 @@ impl Hotplug {
             ids_on_bridge,
             ids_taps,
             host,
+            intended,
         };
         let hops = hops(&input);
         let nic = report::merge(live.as_ref(), config.as_ref())

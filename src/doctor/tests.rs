@@ -117,6 +117,7 @@ fn run(i: &InterfaceView, f: &HostFacts, ids: usize) -> Vec<Hop> {
         ids_on_bridge: ids,
         ids_taps: sensors(i, ids),
         host: HostInput::Facts(f),
+        intended: None,
     })
 }
 
@@ -154,6 +155,21 @@ fn healthy_linux_bridge_nic_is_ok_on_every_hop_in_order() {
 }
 
 #[test]
+fn tap_hop_reports_the_taps_txqueuelen_without_judging_it() {
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.tx_queue_len = Some(5000);
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    let tap = get(&h, "tap");
+    assert_eq!(tap.status, HopStatus::Ok, "{tap:#?}");
+    assert!(tap.evidence.contains("txqueuelen 5000"), "{tap:#?}");
+    // Unknown (not read) is simply not mentioned.
+    let h = run(&nic("cloudbr1", "vnet3"), &healthy(), 0);
+    assert!(!get(&h, "tap").evidence.contains("txqueuelen"));
+}
+
+#[test]
 fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
     let i = nic("cloudbr1", "vnet3");
     let h = hops(&DiagnoseInput {
@@ -166,6 +182,7 @@ fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
         ids_on_bridge: 0,
         ids_taps: Vec::new(),
         host: HostInput::Off,
+        intended: None,
     });
     assert_eq!(h.len(), 8);
     assert_eq!(get(&h, "xml").status, HopStatus::Ok);
@@ -188,6 +205,7 @@ fn nic_missing_from_the_domain_is_an_xml_fault() {
         ids_on_bridge: 0,
         ids_taps: Vec::new(),
         host: HostInput::Facts(&f),
+        intended: None,
     });
     assert_only_fault(&h, "xml");
     assert!(get(&h, "xml").evidence.contains(MAC));
@@ -208,6 +226,7 @@ fn live_only_nic_of_a_persistent_vm_is_a_warning_and_config_only_is_a_fault() {
         ids_on_bridge: 0,
         ids_taps: Vec::new(),
         host: HostInput::Facts(&f),
+        intended: None,
     };
     let h = hops(&d);
     assert_eq!(get(&h, "xml").status, HopStatus::Warning);
@@ -684,6 +703,7 @@ fn unreadable_host_warns_with_the_reason() {
         ids_on_bridge: 0,
         ids_taps: Vec::new(),
         host: HostInput::Unreadable("netlink: dump links: EPERM".into()),
+        intended: None,
     });
     assert!(h[1..]
         .iter()
@@ -712,4 +732,61 @@ fn worst_status_orders_fault_above_warning() {
         hops: vec![mk(HopStatus::Ok)],
     };
     assert_eq!(d.worst(), HopStatus::Ok);
+}
+
+fn with_intent(i: &InterfaceView, f: &HostFacts, want: &str) -> Vec<Hop> {
+    hops(&DiagnoseInput {
+        vm: "i-2-10-VM",
+        mac: MAC,
+        running: true,
+        persistent: true,
+        live: vec![i],
+        config: vec![i],
+        ids_on_bridge: 0,
+        ids_taps: Vec::new(),
+        host: HostInput::Facts(f),
+        intended: crate::nic::parse_broadcast_uri(want).expect("uri"),
+    })
+}
+
+#[test]
+fn intent_hop_names_an_ovs_tag_other_than_cloudstacks_as_the_broken_hop() {
+    let mut i = nic("br-ovs0", "vnet3");
+    i.virtualport = Some("openvswitch".into());
+    i.vlan = Some(100);
+    let mut f = healthy();
+    f.ovs = Some(OvsFacts {
+        bridge_exists: true,
+        port_bridge: Some("br-ovs0".into()),
+        tag: Some(100),
+        mirror: false,
+    });
+    let ok = with_intent(&i, &f, "vlan://100");
+    assert_eq!(get(&ok, "intent").status, HopStatus::Ok, "{ok:#?}");
+    let h = with_intent(&i, &f, "vlan://200");
+    let hop = get(&h, "intent");
+    assert_eq!(hop.status, HopStatus::Fault, "{hop:#?}");
+    assert!(
+        hop.evidence.contains("CloudStack intended vlan://200")
+            && hop.evidence.contains("carries vlan://100"),
+        "{hop:#?}"
+    );
+    assert!(hop.fix.contains("--broadcast-uri vlan://200"), "{hop:#?}");
+    // Without an intent the hop list is unchanged.
+    assert!(run(&i, &f, 0).iter().all(|h| h.name != "intent"));
+}
+
+#[test]
+fn intent_hop_compares_the_vni_a_linux_bridge_name_encodes() {
+    let (i, f) = healthy_vxlan();
+    assert_eq!(
+        get(&with_intent(&i, &f, "vxlan://5000"), "intent").status,
+        HopStatus::Ok
+    );
+    let h = with_intent(&i, &f, "vxlan://5001");
+    assert_eq!(get(&h, "intent").status, HopStatus::Fault, "{h:#?}");
+    // A bridge whose name says nothing cannot be compared: a warning, not
+    // a guess.
+    let h = with_intent(&nic("cloudbr1", "vnet3"), &healthy(), "vlan://300");
+    assert_eq!(get(&h, "intent").status, HopStatus::Warning, "{h:#?}");
 }

@@ -1,18 +1,28 @@
 //! The guest-side files an operator writes after a hot-plug, generated
 //! instead of typed by hand. Pure: no libvirt, no host access, so the CLI's
-//! `guest-config` and any RPC render from the same model.
+//! `guest-config` and the `GuestConfig` RPC render from the same model.
 //!
 //! A hot-plugged NIC comes up in the guest unconfigured. Each distribution
-//! wants its own file (RHEL ifcfg, Debian ifupdown, netplan), and a
-//! *secondary* interface also needs policy routing: without it, replies to
-//! traffic that arrived on the new NIC leave through the default route's
-//! NIC (asymmetric routing), and strict rp_filter on either side drops
-//! them. So a static address with `--table` also gets its own routing
-//! table (connected route + default via the NIC's gateway) and a rule that
-//! sends everything from the NIC's address to that table.
+//! wants its own file (RHEL ifcfg, Debian ifupdown, netplan, NetworkManager
+//! keyfiles, systemd-networkd), and a *secondary* interface also needs
+//! policy routing: without it, replies to traffic that arrived on the new
+//! NIC leave through the default route's NIC (asymmetric routing), and
+//! strict rp_filter on either side drops them. So `--table` gives the NIC
+//! its own routing table (connected route + default via the NIC's gateway)
+//! and a rule that sends everything from the NIC's address to that table;
+//! for a DHCP address the rule follows the lease through a hook
+//! ([`hooks`]).
+//!
+//! Layout: this file holds the request, its validation and the model
+//! ([`GuestConfig`]); [`formats`] renders the interface files and
+//! [`hooks`] the policy-routing scripts. Every renderer reads the same
+//! model, so the formats cannot drift apart.
+
+mod formats;
+mod hooks;
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::nic::MacAddr;
 
@@ -27,8 +37,17 @@ pub struct GuestRequest {
     pub ip: Option<String>,
     /// Gateway of the NIC's subnet (with `ip`).
     pub gateway: Option<String>,
-    /// Routing table for the NIC's policy routing, 1-252 (with `ip`).
+    /// Routing table for the NIC's policy routing, 1-252.
     pub table: Option<u32>,
+    /// Static IPv6 address ADDR/PREFIX.
+    pub ip6: Option<String>,
+    /// IPv6 gateway (with `ip6`).
+    pub gateway6: Option<String>,
+    /// `static`, `slaac` or `dhcp6`; `None` means static with `ip6`, off
+    /// without it.
+    pub ip6_mode: Option<String>,
+    /// This NIC holds the guest's default route.
+    pub default_route: bool,
 }
 
 /// A bad `guest-config` input; the message names the flag.
@@ -99,25 +118,83 @@ impl std::fmt::Display for Ipv4Cidr {
     }
 }
 
+/// The digits after `/`, strictly (no sign, no spaces).
+fn prefix_digits(p: &str) -> Option<u8> {
+    if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) {
+        p.parse().ok()
+    } else {
+        None
+    }
+}
+
 impl TryFrom<&str> for Ipv4Cidr {
     type Error = GuestConfigError;
     fn try_from(s: &str) -> Result<Self, GuestConfigError> {
         let allowed = "an IPv4 address with prefix length, e.g. 10.0.1.5/24 (prefix 1-32)";
         let (a, p) = s.split_once('/').ok_or_else(|| bad("ip", s, allowed))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| bad("ip", s, allowed))?;
-        let prefix: u8 = if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
-            p.parse().map_err(|_| bad("ip", s, allowed))?
-        } else {
-            return Err(bad("ip", s, allowed));
-        };
-        if !(1..=32).contains(&prefix) {
-            return Err(bad("ip", s, allowed));
-        }
+        let prefix = prefix_digits(p)
+            .filter(|p| (1..=32).contains(p))
+            .ok_or_else(|| bad("ip", s, allowed))?;
         if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback()
         {
             return Err(bad("ip", s, "a unicast host address"));
         }
         Ok(Ipv4Cidr { addr, prefix })
+    }
+}
+
+/// An IPv6 address with its prefix length, `ADDR/P`: a global or unique
+/// local unicast address (the kernel makes the link-local one itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Cidr {
+    addr: Ipv6Addr,
+    prefix: u8,
+}
+
+impl Ipv6Cidr {
+    /// The address.
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    /// The prefix length, 1-128.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+}
+
+impl std::fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn is_link_local6(a: Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+impl TryFrom<&str> for Ipv6Cidr {
+    type Error = GuestConfigError;
+    fn try_from(s: &str) -> Result<Self, GuestConfigError> {
+        let allowed = "an IPv6 address with prefix length, e.g. 2001:db8::5/64 (prefix 1-128)";
+        let (a, p) = s.split_once('/').ok_or_else(|| bad("ip6", s, allowed))?;
+        let addr: Ipv6Addr = a.parse().map_err(|_| bad("ip6", s, allowed))?;
+        let prefix = prefix_digits(p)
+            .filter(|p| (1..=128).contains(p))
+            .ok_or_else(|| bad("ip6", s, allowed))?;
+        if addr.is_unspecified()
+            || addr.is_multicast()
+            || addr.is_loopback()
+            || is_link_local6(addr)
+        {
+            return Err(bad(
+                "ip6",
+                s,
+                "a global or unique-local unicast address (not link-local)",
+            ));
+        }
+        Ok(Ipv6Cidr { addr, prefix })
     }
 }
 
@@ -155,6 +232,7 @@ fn ifname(s: &str) -> Result<String, GuestConfigError> {
     let ok = (1..=15).contains(&s.len())
         && s != "."
         && s != ".."
+        && !s.starts_with('-')
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
@@ -163,31 +241,190 @@ fn ifname(s: &str) -> Result<String, GuestConfigError> {
         Err(bad(
             "name",
             s,
-            "an interface name, 1-15 of A-Z a-z 0-9 _ . -",
+            "an interface name, 1-15 of A-Z a-z 0-9 _ . - (not starting with -)",
         ))
     }
 }
 
-/// Static addressing, and policy routing when a table is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StaticIp {
-    /// Address and prefix.
-    pub ip: Ipv4Cidr,
-    /// The NIC's gateway, in the address's subnet.
-    pub gateway: Option<Ipv4Addr>,
-    /// The NIC's own routing table.
-    pub table: Option<RouteTable>,
+/// A hook file name for directories read with `run-parts --list`
+/// (Debian's dhclient-script), which skips names containing a dot: the
+/// hook for `eth1.100` would silently never run.
+fn run_parts_name(ifname: &str) -> String {
+    ifname.replace('.', "_")
 }
 
-/// A validated `guest-config` request.
+/// The metric of the default route on the NIC made with `--default`.
+/// Lower wins; 100 is what NetworkManager and networkd give a wired
+/// primary NIC, so ours ties with nothing else the guest installs on
+/// purpose and a NIC without `--default` installs no default route at all.
+pub const DEFAULT_ROUTE_METRIC: u32 = 100;
+
+/// How the NIC gets its IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V4 {
+    /// A lease from the segment's DHCP server (CloudStack's virtual router).
+    Dhcp,
+    /// A fixed address.
+    Static {
+        /// Address and prefix.
+        ip: Ipv4Cidr,
+        /// The NIC's gateway, in the address's subnet.
+        gateway: Option<Ipv4Addr>,
+    },
+}
+
+/// How the NIC gets its IPv6 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6 {
+    /// No IPv6 on this NIC (no SLAAC either, so no router advertisement
+    /// can hand it a default route).
+    Off,
+    /// Stateless autoconfiguration from router advertisements.
+    Slaac,
+    /// A DHCPv6 lease (router advertisements still bring the route).
+    Dhcp6,
+    /// A fixed address.
+    Static {
+        /// Address and prefix.
+        ip: Ipv6Cidr,
+        /// The IPv6 gateway (often the router's link-local address).
+        gateway: Option<Ipv6Addr>,
+    },
+}
+
+/// A validated `guest-config` request: the one model every format renders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {
     /// The NIC's MAC.
     pub mac: MacAddr,
     /// Interface name in the guest.
     pub name: String,
-    /// `None` means DHCP.
-    pub addressing: Option<StaticIp>,
+    /// IPv4 addressing.
+    pub v4: V4,
+    /// IPv6 addressing.
+    pub v6: V6,
+    /// The NIC's own table for IPv4 policy routing.
+    pub table: Option<RouteTable>,
+    /// Whether this NIC holds the default route (else it never does).
+    pub default_route: bool,
+}
+
+impl GuestConfig {
+    /// The static IPv4 address, if any.
+    pub fn static_v4(&self) -> Option<Ipv4Cidr> {
+        match self.v4 {
+            V4::Static { ip, .. } => Some(ip),
+            V4::Dhcp => None,
+        }
+    }
+
+    /// Static policy routing: address, gateway and table all known now.
+    pub fn static_policy(&self) -> Option<(Ipv4Cidr, Ipv4Addr, RouteTable)> {
+        match (self.v4, self.table) {
+            (
+                V4::Static {
+                    ip,
+                    gateway: Some(gw),
+                },
+                Some(t),
+            ) => Some((ip, gw, t)),
+            _ => None,
+        }
+    }
+
+    /// DHCP policy routing: the address arrives with the lease.
+    pub fn dhcp_policy(&self) -> Option<RouteTable> {
+        match self.v4 {
+            V4::Dhcp => self.table,
+            V4::Static { .. } => None,
+        }
+    }
+
+    /// The IPv4 default gateway in the main table, only with `--default`.
+    pub fn default_gw4(&self) -> Option<Ipv4Addr> {
+        match self.v4 {
+            V4::Static { gateway, .. } if self.default_route => gateway,
+            _ => None,
+        }
+    }
+
+    /// The IPv6 default gateway in the main table, only with `--default`.
+    pub fn default_gw6(&self) -> Option<Ipv6Addr> {
+        match self.v6 {
+            V6::Static { gateway, .. } if self.default_route => gateway,
+            _ => None,
+        }
+    }
+
+    /// One comment line on the route metrics, the same in every format.
+    pub fn metric_note(&self) -> String {
+        if self.default_route {
+            format!(
+                "Route metrics: {} holds the default route at metric {DEFAULT_ROUTE_METRIC} \
+                 (lower wins); NICs rendered without --default install none, so none competes.",
+                self.name
+            )
+        } else {
+            format!(
+                "Route metrics: {} never installs a default route in the main table; the NIC \
+                 rendered with --default holds it at metric {DEFAULT_ROUTE_METRIC}{}.",
+                self.name,
+                match self.table {
+                    Some(t) => format!(", and this NIC's gateway lives in table {}", t.get()),
+                    None => String::new(),
+                }
+            )
+        }
+    }
+}
+
+fn parse_v6(a: &GuestRequest) -> Result<V6, GuestConfigError> {
+    let mode = a.ip6_mode.as_deref();
+    let allowed_modes = "static, slaac or dhcp6";
+    let v6 = match (mode, a.ip6.as_deref()) {
+        (None | Some("static"), Some(s)) => V6::Static {
+            ip: Ipv6Cidr::try_from(s)?,
+            gateway: None,
+        },
+        (Some("static"), None) => {
+            return Err(bad("ip6-mode", "static", "static needs --ip6 ADDR/PREFIX"));
+        }
+        (Some(m @ ("slaac" | "dhcp6")), Some(_)) => {
+            return Err(bad(
+                "ip6-mode",
+                m,
+                "static (or no --ip6-mode) when --ip6 is given",
+            ));
+        }
+        (Some("slaac"), None) => V6::Slaac,
+        (Some("dhcp6"), None) => V6::Dhcp6,
+        (Some(m), _) => return Err(bad("ip6-mode", m, allowed_modes)),
+        (None, None) => V6::Off,
+    };
+    let Some(g) = a.gateway6.as_deref() else {
+        return Ok(v6);
+    };
+    let V6::Static { ip, .. } = v6 else {
+        return Err(bad(
+            "gateway6",
+            g,
+            "only with --ip6 (router advertisements bring the IPv6 router)",
+        ));
+    };
+    let gw: Ipv6Addr = g
+        .parse()
+        .map_err(|_| bad("gateway6", g, "an IPv6 address"))?;
+    if gw.is_unspecified() || gw.is_multicast() || gw.is_loopback() || gw == ip.addr() {
+        return Err(bad(
+            "gateway6",
+            g,
+            "a unicast router address other than --ip6 (link-local is fine)",
+        ));
+    }
+    Ok(V6::Static {
+        ip,
+        gateway: Some(gw),
+    })
 }
 
 impl TryFrom<&GuestRequest> for GuestConfig {
@@ -196,415 +433,136 @@ impl TryFrom<&GuestRequest> for GuestConfig {
         let mac = MacAddr::try_from(a.mac.as_str())
             .map_err(|e| bad("mac", a.mac.as_str(), e.to_string()))?;
         let name = ifname(&a.name)?;
-        let Some(ip_s) = a.ip.as_deref() else {
-            if let Some(g) = &a.gateway {
-                return Err(bad(
-                    "gateway",
-                    g.as_str(),
-                    "only with --ip (DHCP brings its own router)",
-                ));
-            }
-            if let Some(t) = a.table {
-                return Err(bad("table", t.to_string(), "only with --ip and --gateway"));
-            }
-            return Ok(GuestConfig {
-                mac,
-                name,
-                addressing: None,
-            });
-        };
-        let ip = Ipv4Cidr::try_from(ip_s)?;
-        let gateway = a
-            .gateway
-            .as_deref()
-            .map(|g| {
-                let gw: Ipv4Addr = g
-                    .parse()
-                    .map_err(|_| bad("gateway", g, "an IPv4 address"))?;
-                if !ip.contains(gw) || gw == ip.addr() {
+        let table = a.table.map(RouteTable::try_from).transpose()?;
+        let v6 = parse_v6(a)?;
+        let v4 = match a.ip.as_deref() {
+            None => {
+                if let Some(g) = &a.gateway {
                     return Err(bad(
                         "gateway",
-                        g,
-                        format!("another address inside {}", ip.network()),
+                        g.as_str(),
+                        "only with --ip (DHCP brings its own router)",
                     ));
                 }
-                Ok(gw)
-            })
-            .transpose()?;
-        let table = a.table.map(RouteTable::try_from).transpose()?;
-        if let (Some(t), None) = (table, gateway) {
-            return Err(bad(
-                "table",
-                t.get().to_string(),
-                "needs --gateway: the table's default route goes through it",
-            ));
-        }
+                V4::Dhcp
+            }
+            Some(ip_s) => {
+                let ip = Ipv4Cidr::try_from(ip_s)?;
+                let gateway = a
+                    .gateway
+                    .as_deref()
+                    .map(|g| {
+                        let gw: Ipv4Addr = g
+                            .parse()
+                            .map_err(|_| bad("gateway", g, "an IPv4 address"))?;
+                        if !ip.contains(gw) || gw == ip.addr() {
+                            return Err(bad(
+                                "gateway",
+                                g,
+                                format!("another address inside {}", ip.network()),
+                            ));
+                        }
+                        Ok(gw)
+                    })
+                    .transpose()?;
+                match (gateway, table) {
+                    (None, Some(t)) => {
+                        return Err(bad(
+                            "table",
+                            t.get().to_string(),
+                            "with --ip, needs --gateway: the table's default route goes through it",
+                        ));
+                    }
+                    (Some(g), None) if !a.default_route => {
+                        return Err(bad(
+                            "gateway",
+                            g.to_string(),
+                            "needs --default (the main default route) or --table (the NIC's own \
+                             table): a NIC without --default never takes the default route",
+                        ));
+                    }
+                    (None, None) if a.default_route => {
+                        return Err(bad(
+                            "default",
+                            "true",
+                            "with --ip, needs --gateway: the default route goes through it",
+                        ));
+                    }
+                    _ => {}
+                }
+                V4::Static { ip, gateway }
+            }
+        };
         Ok(GuestConfig {
             mac,
             name,
-            addressing: Some(StaticIp { ip, gateway, table }),
+            v4,
+            v6,
+            table,
+            default_route: a.default_route,
         })
     }
 }
 
+/// One file for the guest: where it goes, its mode, and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFile {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Permission bits (`0o600` for files NetworkManager and netplan
+    /// refuse or warn about when others can read them).
+    pub mode: u32,
+    /// What the file is for, one line (shown in the CLI's header).
+    pub purpose: String,
+    /// The content, ending in a newline.
+    pub content: String,
+}
+
 /// Validates the request and renders every file.
+pub fn files(a: &GuestRequest) -> Result<Vec<GuestFile>, GuestConfigError> {
+    Ok(render_files(&GuestConfig::try_from(a)?))
+}
+
+/// Validates the request and renders every file as one text, each file
+/// under a `# ==> PATH <==` header (the CLI's output).
 pub fn run(a: &GuestRequest) -> Result<String, GuestConfigError> {
     Ok(render(&GuestConfig::try_from(a)?))
 }
 
-fn header(out: &mut String, what: &str) {
-    let _ = writeln!(out, "# ==> {what} <==");
+/// Every file for `c`, interface files first, then sysctl, then policy
+/// routing.
+pub fn render_files(c: &GuestConfig) -> Vec<GuestFile> {
+    let mut v = vec![
+        formats::ifcfg(c),
+        formats::debian(c),
+        formats::netplan(c),
+        formats::keyfile(c),
+        formats::networkd(c),
+        formats::sysctl(c),
+    ];
+    v.extend(formats::ifcfg_policy(c));
+    v.extend(formats::debian_dhclient_enter(c));
+    v.extend(hooks::render(c));
+    v
 }
 
-/// All the guest-side text, each part under a header naming its file.
+/// All the guest-side text, each file under a header naming its path and
+/// mode.
 pub fn render(c: &GuestConfig) -> String {
     let mut out = String::new();
-    ifcfg(&mut out, c);
-    out.push('\n');
-    debian(&mut out, c);
-    out.push('\n');
-    netplan(&mut out, c);
-    if let Some(StaticIp {
-        ip,
-        gateway: Some(gw),
-        table: Some(t),
-    }) = c.addressing
-    {
-        out.push('\n');
-        policy_routing(&mut out, &c.name, ip, gw, t);
+    for (i, f) in render_files(c).iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "# ==> {} <== mode {:04o}; {}",
+            f.path, f.mode, f.purpose
+        );
+        out.push_str(&f.content);
     }
     out
 }
 
-fn ifcfg(out: &mut String, c: &GuestConfig) {
-    header(
-        out,
-        &format!("/etc/sysconfig/network-scripts/ifcfg-{}", c.name),
-    );
-    let _ = writeln!(out, "DEVICE={}", c.name);
-    let _ = writeln!(out, "HWADDR={}", c.mac);
-    let _ = writeln!(out, "TYPE=Ethernet");
-    let _ = writeln!(out, "ONBOOT=yes");
-    match &c.addressing {
-        None => {
-            let _ = writeln!(out, "BOOTPROTO=dhcp");
-            let _ = writeln!(out, "PERSISTENT_DHCLIENT=yes");
-            // A secondary NIC must not take over the default route.
-            let _ = writeln!(out, "DEFROUTE=no");
-        }
-        Some(s) => {
-            let _ = writeln!(out, "BOOTPROTO=static");
-            let _ = writeln!(out, "IPADDR={}", s.ip.addr());
-            let _ = writeln!(out, "PREFIX={}", s.ip.prefix());
-            match (s.gateway, s.table) {
-                // The gateway lives in the NIC's own table (see the policy
-                // routing part), not in the main default route.
-                (Some(_), Some(_)) | (None, _) => {
-                    let _ = writeln!(out, "DEFROUTE=no");
-                }
-                (Some(g), None) => {
-                    let _ = writeln!(out, "GATEWAY={g}");
-                }
-            }
-        }
-    }
-}
-
-fn debian(out: &mut String, c: &GuestConfig) {
-    header(out, &format!("/etc/network/interfaces.d/{}", c.name));
-    let n = &c.name;
-    let _ = writeln!(out, "auto {n}");
-    let _ = writeln!(out, "allow-hotplug {n}");
-    match &c.addressing {
-        None => {
-            let _ = writeln!(out, "iface {n} inet dhcp");
-        }
-        Some(s) => {
-            let _ = writeln!(out, "iface {n} inet static");
-            let _ = writeln!(out, "    address {}", s.ip);
-            match (s.gateway, s.table) {
-                (Some(g), Some(t)) => {
-                    for l in routing_lines(n, s.ip, g, t) {
-                        let _ = writeln!(out, "    post-up {l}");
-                    }
-                }
-                (Some(g), None) => {
-                    let _ = writeln!(out, "    gateway {g}");
-                }
-                (None, _) => {}
-            }
-        }
-    }
-}
-
-fn netplan(out: &mut String, c: &GuestConfig) {
-    header(out, &format!("/etc/netplan/60-{}.yaml", c.name));
-    let _ = writeln!(out, "network:");
-    let _ = writeln!(out, "  version: 2");
-    let _ = writeln!(out, "  ethernets:");
-    let _ = writeln!(out, "    {}:", c.name);
-    let _ = writeln!(out, "      match:");
-    let _ = writeln!(out, "        macaddress: \"{}\"", c.mac);
-    let _ = writeln!(out, "      set-name: {}", c.name);
-    match &c.addressing {
-        None => {
-            let _ = writeln!(out, "      dhcp4: true");
-            let _ = writeln!(out, "      dhcp4-overrides:");
-            let _ = writeln!(out, "        use-routes: false");
-        }
-        Some(s) => {
-            let _ = writeln!(out, "      dhcp4: false");
-            let _ = writeln!(out, "      addresses: [\"{}\"]", s.ip);
-            if let Some(g) = s.gateway {
-                let _ = writeln!(out, "      routes:");
-                let _ = writeln!(out, "        - to: default");
-                let _ = writeln!(out, "          via: {g}");
-                if let Some(t) = s.table {
-                    let _ = writeln!(out, "          table: {}", t.get());
-                    let _ = writeln!(out, "        - to: {}", s.ip.network());
-                    let _ = writeln!(out, "          scope: link");
-                    let _ = writeln!(out, "          table: {}", t.get());
-                    let _ = writeln!(out, "      routing-policy:");
-                    let _ = writeln!(out, "        - from: {}", s.ip.addr());
-                    let _ = writeln!(out, "          table: {}", t.get());
-                }
-            }
-        }
-    }
-}
-
-/// The three commands that give a secondary NIC its own routing: the
-/// connected route and the default route in table `t`, and a rule sending
-/// everything from the NIC's address there.
-pub fn routing_lines(dev: &str, ip: Ipv4Cidr, gw: Ipv4Addr, t: RouteTable) -> Vec<String> {
-    let t = t.get();
-    vec![
-        format!(
-            "ip route add {} dev {dev} src {} table {t}",
-            ip.network(),
-            ip.addr()
-        ),
-        format!("ip route add default via {gw} dev {dev} table {t}"),
-        format!("ip rule add from {} lookup {t}", ip.addr()),
-    ]
-}
-
-fn policy_routing(out: &mut String, dev: &str, ip: Ipv4Cidr, gw: Ipv4Addr, t: RouteTable) {
-    header(
-        out,
-        "/etc/iproute2/rt_tables (append; optional for numeric tables)",
-    );
-    let _ = writeln!(out, "{} table{}", t.get(), t.get());
-    out.push('\n');
-    header(
-        out,
-        &format!("policy routing for {dev}: run as root (or from the interface's up hook)"),
-    );
-    for l in routing_lines(dev, ip, gw, t) {
-        let _ = writeln!(out, "{l}");
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAC: &str = "52:54:00:ab:cd:01";
-
-    fn args(ip: Option<&str>, gw: Option<&str>, table: Option<u32>) -> GuestRequest {
-        GuestRequest {
-            mac: MAC.into(),
-            name: "eth1".into(),
-            ip: ip.map(Into::into),
-            gateway: gw.map(Into::into),
-            table,
-        }
-    }
-
-    /// The lines under the header naming `file` (up to the next blank line).
-    fn section(out: &str, file: &str) -> Vec<String> {
-        let mut lines = out
-            .lines()
-            .skip_while(|l| !(l.starts_with("# ==> ") && l.contains(file)));
-        assert!(lines.next().is_some(), "no header for {file} in:\n{out}");
-        lines
-            .take_while(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
-    }
-
-    #[test]
-    fn dhcp_prints_ifcfg_debian_and_netplan_without_routing() {
-        let out = run(&args(None, None, None)).expect("ok");
-        let ifcfg = section(&out, "/etc/sysconfig/network-scripts/ifcfg-eth1");
-        for want in [
-            "DEVICE=eth1",
-            "HWADDR=52:54:00:ab:cd:01",
-            "ONBOOT=yes",
-            "BOOTPROTO=dhcp",
-            "PERSISTENT_DHCLIENT=yes",
-        ] {
-            assert!(ifcfg.iter().any(|l| l == want), "{want} missing: {ifcfg:?}");
-        }
-        assert!(!ifcfg.iter().any(|l| l.starts_with("IPADDR")));
-        assert_eq!(
-            section(&out, "/etc/network/interfaces.d/eth1"),
-            vec!["auto eth1", "allow-hotplug eth1", "iface eth1 inet dhcp"]
-        );
-        let np = section(&out, "/etc/netplan/60-eth1.yaml").join("\n");
-        assert!(
-            np.contains(
-                "      match:\n        macaddress: \"52:54:00:ab:cd:01\"\n      set-name: eth1"
-            ),
-            "{np}"
-        );
-        assert!(np.contains("dhcp4: true"), "{np}");
-        assert!(
-            !out.contains("ip rule"),
-            "no policy routing for DHCP: {out}"
-        );
-        assert!(!out.contains("rt_tables"));
-    }
-
-    #[test]
-    fn static_with_table_prints_policy_routing_everywhere() {
-        let out = run(&args(Some("10.77.32.88/24"), Some("10.77.32.1"), Some(100))).expect("ok");
-        let ifcfg = section(&out, "ifcfg-eth1");
-        for want in [
-            "BOOTPROTO=static",
-            "IPADDR=10.77.32.88",
-            "PREFIX=24",
-            "DEFROUTE=no",
-        ] {
-            assert!(ifcfg.iter().any(|l| l == want), "{want} missing: {ifcfg:?}");
-        }
-        assert!(
-            !ifcfg.iter().any(|l| l.starts_with("GATEWAY=")),
-            "main default route untouched"
-        );
-        assert!(!ifcfg.iter().any(|l| l.starts_with("PERSISTENT_DHCLIENT")));
-        let lines = vec![
-            "ip route add 10.77.32.0/24 dev eth1 src 10.77.32.88 table 100".to_string(),
-            "ip route add default via 10.77.32.1 dev eth1 table 100".to_string(),
-            "ip rule add from 10.77.32.88 lookup 100".to_string(),
-        ];
-        assert_eq!(section(&out, "policy routing for eth1"), lines);
-        assert_eq!(
-            section(&out, "/etc/iproute2/rt_tables"),
-            vec!["100 table100"]
-        );
-        let deb = section(&out, "/etc/network/interfaces.d/eth1");
-        assert_eq!(
-            deb[2..4],
-            ["iface eth1 inet static", "    address 10.77.32.88/24"]
-        );
-        for l in &lines {
-            assert!(deb.contains(&format!("    post-up {l}")), "{deb:?}");
-        }
-        let np = section(&out, "/etc/netplan/60-eth1.yaml").join("\n");
-        for want in [
-            "addresses: [\"10.77.32.88/24\"]",
-            "- to: default\n          via: 10.77.32.1\n          table: 100",
-            "- to: 10.77.32.0/24\n          scope: link\n          table: 100",
-            "routing-policy:\n        - from: 10.77.32.88\n          table: 100",
-        ] {
-            assert!(np.contains(want), "{want} missing:\n{np}");
-        }
-    }
-
-    #[test]
-    fn static_without_table_uses_the_gateway_as_default_route() {
-        let out = run(&args(Some("192.168.5.9/26"), Some("192.168.5.1"), None)).expect("ok");
-        assert!(section(&out, "ifcfg-eth1").contains(&"GATEWAY=192.168.5.1".to_string()));
-        assert!(section(&out, "interfaces.d/eth1").contains(&"    gateway 192.168.5.1".to_string()));
-        assert!(!out.contains("ip rule"));
-    }
-
-    #[test]
-    fn network_is_masked_for_odd_prefixes() {
-        let c = Ipv4Cidr::try_from("10.1.2.77/26").expect("ok");
-        assert_eq!(c.network().to_string(), "10.1.2.64/26");
-        assert!(c.contains("10.1.2.127".parse().expect("ip")));
-        assert!(!c.contains("10.1.2.128".parse().expect("ip")));
-        let h = Ipv4Cidr::try_from("10.1.2.77/32").expect("ok");
-        assert_eq!(h.network().to_string(), "10.1.2.77/32");
-    }
-
-    #[test]
-    fn bad_inputs_name_their_field() {
-        let cases: Vec<(GuestRequest, &str)> = vec![
-            (
-                GuestRequest {
-                    mac: "01:00:5e:00:00:01".into(),
-                    ..args(None, None, None)
-                },
-                "mac",
-            ),
-            (
-                GuestRequest {
-                    mac: "zz".into(),
-                    ..args(None, None, None)
-                },
-                "mac",
-            ),
-            (
-                GuestRequest {
-                    name: "eth1; rm -rf /".into(),
-                    ..args(None, None, None)
-                },
-                "name",
-            ),
-            (
-                GuestRequest {
-                    name: "a-very-long-ifname".into(),
-                    ..args(None, None, None)
-                },
-                "name",
-            ),
-            (args(Some("10.0.0.5"), None, None), "ip"),
-            (args(Some("10.0.0.5/33"), None, None), "ip"),
-            (args(Some("10.0.0.5/0"), None, None), "ip"),
-            (args(Some("10.0.0.5/+8"), None, None), "ip"),
-            (args(Some("10.0.0.256/24"), None, None), "ip"),
-            (args(Some("fe80::1/64"), None, None), "ip"),
-            (args(Some("224.0.0.1/24"), None, None), "ip"),
-            (args(Some("10.0.0.5/24"), Some("10.0.1.1"), None), "gateway"),
-            (args(Some("10.0.0.5/24"), Some("10.0.0.5"), None), "gateway"),
-            (args(Some("10.0.0.5/24"), Some("gw"), None), "gateway"),
-            (args(None, Some("10.0.0.1"), None), "gateway"),
-            (args(None, None, Some(100)), "table"),
-            (
-                args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(0)),
-                "table",
-            ),
-            (
-                args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(253)),
-                "table",
-            ),
-            (
-                args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(254)),
-                "table",
-            ),
-            (
-                args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(255)),
-                "table",
-            ),
-            (
-                args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(1000)),
-                "table",
-            ),
-            (args(Some("10.0.0.5/24"), None, Some(100)), "table"),
-        ];
-        for (a, field) in cases {
-            let e = run(&a).expect_err(&format!("{a:?} must fail"));
-            assert_eq!(e.field, field, "{a:?}: {e}");
-            assert!(
-                e.to_string().starts_with(&format!("invalid --{field} ")),
-                "{e}"
-            );
-        }
-        // The edges that are allowed.
-        assert!(run(&args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(1))).is_ok());
-        assert!(run(&args(Some("10.0.0.5/24"), Some("10.0.0.1"), Some(252))).is_ok());
-    }
-}
+mod tests;

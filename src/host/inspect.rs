@@ -97,6 +97,9 @@ pub struct LinkFacts {
     pub lower_up: bool,
     /// MTU.
     pub mtu: u32,
+    /// Transmit queue length (`txqueuelen`); a tap's default is 1000, and
+    /// a burst larger than it is dropped on the host side.
+    pub tx_queue_len: Option<u32>,
     /// Name of the master (bridge) this link is enslaved to.
     pub master: Option<String>,
     /// IFF_PROMISC.
@@ -168,6 +171,7 @@ fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts
         match attr {
             LinkAttribute::IfName(n) => f.name = n,
             LinkAttribute::Mtu(m) => f.mtu = m,
+            LinkAttribute::TxQueueLen(q) => f.tx_queue_len = Some(q),
             LinkAttribute::Controller(c) => f.master = names.get(&c).cloned(),
             LinkAttribute::Link(p) => parent = Some(p),
             LinkAttribute::Stats64(s) => {

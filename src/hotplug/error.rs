@@ -11,6 +11,9 @@ pub enum HotplugError {
     /// The request itself is malformed or out of range.
     #[error(transparent)]
     Invalid(#[from] NicError),
+    /// A bad guest-config request (the GuestConfig RPC).
+    #[error(transparent)]
+    GuestConfig(#[from] crate::guest::GuestConfigError),
     /// A request value is out of the range this particular VM allows.
     #[error("invalid {field} {value}: allowed {allowed}")]
     OutOfRange {

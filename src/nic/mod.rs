@@ -32,7 +32,7 @@ pub use kinds::{LinkState, NicModel, Segment, SwitchType, VhostMode};
 pub use mac::MacAddr;
 pub use plug::{MacPolicy, PlugDetails, RawAddresses};
 pub use ranged::{AcpiIndex, Mtu, PciSlot, QueueCount, VlanId, Vni};
-pub use spec::{parse_segment_uri, NicSpec, RawBandwidth, RawNic};
+pub use spec::{parse_broadcast_uri, parse_segment_uri, NicSpec, RawBandwidth, RawNic};
 
 #[cfg(test)]
 mod never_panics {

@@ -183,7 +183,7 @@ fn uri_number(s: &str) -> Option<u32> {
 }
 
 /// Parses CloudStack's broadcast URI. `Ok(None)` when empty.
-fn parse_broadcast_uri(uri: &str) -> Result<Option<Segment>, NicError> {
+pub fn parse_broadcast_uri(uri: &str) -> Result<Option<Segment>, NicError> {
     if uri.is_empty() {
         return Ok(None);
     }

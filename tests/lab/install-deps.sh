@@ -42,5 +42,21 @@ fi
 if ! python3 -c 'import grpc, grpc_tools, grpc_reflection' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools grpcio-reflection protobuf
 fi
+# The consumers of guest-config's files (tests/guest_formats.sh). Without
+# recommends, and NetworkManager masked first where systemd runs, so that
+# installing it on a lab host never starts it and takes over the host's or
+# the lab's interfaces.
+guest_pkgs="netplan.io network-manager ifupdown"
+for p in $guest_pkgs; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    if [ -d /run/systemd/system ]; then
+      systemctl mask NetworkManager.service NetworkManager-wait-online.service >/dev/null 2>&1 || true
+    fi
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $guest_pkgs >/dev/null
+    break
+  fi
+done
 touch "$stamp"
 echo "install-deps: ok (libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon))"

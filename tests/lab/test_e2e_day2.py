@@ -6,7 +6,7 @@ libvirt; live bandwidth refused FAILED_PRECONDITION naming sch_sfq/act_police
 where this kernel lacks them), MoveNic between two running guests (nic-remove in A, nic-add and a
 DHCP lease in B) and a refused move that leaves the NIC back on A, and the
 policy routing printed by `nic-agent guest-config`, run inside a guest with
-two NICs on two bridges.
+two NICs on two bridges, and its udhcpc hook following a DHCP lease.
 
 Bridges lab-cbr1 (10.77.31.0/24) and lab-cbr2 (10.77.32.0/24), each with its
 own dnsmasq; guests lab-c-*, at most two running at once. Everything is

@@ -184,6 +184,28 @@ class PythonClientTest(unittest.TestCase):
         self.assertIn("pvlan://100-i200", cm.exception.details())
         self.assertEqual(self.nics("i-2-10-VM"), before)
 
+    def test_guest_config_returns_files_with_modes(self):
+        r = self.stub.GuestConfig(pb.GuestConfigRequest(
+            mac="52:54:00:ab:cd:01", name="eth1", table=100, ip6_mode="slaac",
+            request_id="py-gc"))
+        files = {f.path: f for f in r.files}
+        kf = files["/etc/NetworkManager/system-connections/eth1.nmconnection"]
+        self.assertEqual(kf.mode, 0o600)
+        self.assertIn("mac-address=52:54:00:AB:CD:01", kf.content)
+        self.assertIn("never-default=true", kf.content)
+        ud = files["/usr/share/udhcpc/nic-agent-eth1.script"]
+        self.assertEqual(ud.mode, 0o755)
+        self.assertIn('ip rule add from "$1" lookup 100', ud.content)
+        self.assertEqual(r.request_id, "py-gc")
+
+    def test_guest_config_bad_ip6_is_invalid_argument_naming_field(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.GuestConfig(pb.GuestConfigRequest(
+                mac="52:54:00:ab:cd:01", ip6="2001:db8::5/129"))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("--ip6", cm.exception.details())
+        self.assertIn("1-128", cm.exception.details())
+
     def test_detach_on_test_driver_is_unimplemented(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.stub.DetachNic(pb.DetachNicRequest(vm="i-2-10-VM", mac="02:00:0a:00:00:01"))
