@@ -99,7 +99,9 @@ unshare -n sh -eu -c '
   ip link set srv0 up; ip link set eth1 up
   dnsmasq --no-daemon --conf-file=/dev/null --interface=srv0 --bind-interfaces --port=0 \
     --dhcp-range=10.99.0.50,10.99.0.60,255.255.255.0,1h --dhcp-option=3,10.99.0.1 \
-    --dhcp-leasefile='"$W"'/leases --pid-file='"$W"'/dnsmasq.pid >'"$W"'/dnsmasq.log 2>&1 &
+    --dhcp-leasefile='"$W"'/leases >'"$W"'/dnsmasq.log 2>&1 &
+  # --no-daemon writes no pid file: this shell knows its child.
+  dnsmasq_pid=$!
   sleep 0.5
   PATH='"$W"'/bb:$PATH busybox udhcpc -i eth1 -n -q -t 5 -T 1 -s '"$S"' >'"$W"'/udhcpc.log 2>&1
   ip -4 addr show dev eth1 >'"$W"'/addr
@@ -109,7 +111,7 @@ unshare -n sh -eu -c '
   PATH='"$W"'/bb:$PATH interface=eth1 busybox sh '"$S"' deconfig
   ip rule >'"$W"'/rules.down
   ip route show table 100 >'"$W"'/table.down 2>&1 || true
-  kill "$(cat '"$W"'/dnsmasq.pid)"
+  kill "$dnsmasq_pid"
 ' || fail "udhcpc in a netns: $(cat "$W"/udhcpc.log "$W"/dnsmasq.log 2>/dev/null)"
 leased=$(sed -n 's/.*inet \(10\.99\.0\.[0-9]*\)\/24.*/\1/p' "$W/addr")
 [ -n "$leased" ] || fail "udhcpc: no lease: $(cat "$W/addr" "$W/udhcpc.log")"

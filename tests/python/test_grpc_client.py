@@ -141,6 +141,7 @@ class PythonClientTest(unittest.TestCase):
         # CloudStack's PlugNicCommand fields: what libvirt can hold is read
         # back from libvirt by ListNics; the rest is echoed as carried.
         nic_uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+        before = self.nics("i-2-10-VM")
         spec = pb.NicSpec(
             mac="02:00:0a:00:20:05", bridge="cloudbr0", pxe_disable=True, nic_uuid=nic_uuid,
             device_id=3, packed=True, default_nic=True, ipv4_cidr="10.1.1.5/24",
@@ -149,6 +150,14 @@ class PythonClientTest(unittest.TestCase):
             multicast_rate_mbps=10,
             mac_policy=pb.MacPolicy(mac_address_changes=False, forged_transmits=False,
                                     mac_learning=True))
+        # Security groups ask for anti-spoofing, and the test driver has no
+        # nwfilter driver: refused, naming the package, and nothing plugged.
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("libvirt-daemon-driver-nwfilter", cm.exception.details())
+        self.assertEqual(self.nics("i-2-10-VM"), before)
+        spec.security_group_enabled = False
         r = self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
         self.assertFalse(r.already_present)
         listed = [n for n in self.nics("i-2-10-VM") if n.mac == "02:00:0a:00:20:05"]
@@ -162,7 +171,8 @@ class PythonClientTest(unittest.TestCase):
         self.assertTrue(n.pxe_disabled)
         self.assertTrue(n.packed)
         c = r.carried
-        self.assertTrue(c.default_nic and c.security_group_enabled)
+        self.assertTrue(c.default_nic)
+        self.assertFalse(c.security_group_enabled)
         self.assertEqual((c.ipv4_cidr, c.ipv4_gateway), ("10.1.1.5/24", "10.1.1.1"))
         self.assertEqual((c.ipv6_cidr, c.ipv6_gateway), ("2001:db8::5/64", "fe80::1"))
         self.assertEqual(list(c.secondary_ips), ["10.1.1.6", "2001:db8::6"])
