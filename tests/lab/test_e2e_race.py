@@ -15,7 +15,7 @@ The attach race with a failing attach is hammered for 50 rounds on the test
 driver (tests/host_objects_race.rs); this suite is its detach half, which
 the test driver cannot do.
 
-Everything made here is named lab-r* (VNIs 5401-5405) and removed at the end.
+Everything made here is named lab-r* (VNIs 5401-5450) and removed at the end.
 Run (root, under `flock -o /tmp/nic-agent-lab.lock`): python3 tests/lab/test_e2e_race.py
 """
 import os
@@ -36,7 +36,7 @@ UNDERLAY = "lab-rbr1"
 UNDERLAY_SUBNET = 66
 OUT = os.path.join(lk.WORK, "guest")
 G1, G2 = f"{PREFIX}-g1", f"{PREFIX}-g2"
-ROUNDS = 5
+ROUNDS = 50
 VNI0 = 5400
 WORKDIR = tempfile.mkdtemp(prefix="lab-r-")
 RPC_TIMEOUT = 60
