@@ -62,7 +62,7 @@ def mac(test, n):
 
 def start_agent(tag, *extra):
     # No grace period: test 3 checks that the clean-up of a pending unplug
-    # runs without a retry, not the grace period (test_e2e_lifecycle.py).
+    # runs without a retry, not the grace period (unit-tested in host::objects).
     a = lk.Agent(os.path.join(WORKDIR, f"agent-{tag}.stderr"), "--host-network", "on",
                  "--state-dir", STATE_DIR, "--persist-dir", STATE_DIR + "-persist",
                  "--bridge-grace-s", "0", "--detach-timeout-ms", "20000",

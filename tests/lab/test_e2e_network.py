@@ -204,7 +204,7 @@ class Agent(lk.Agent):
             "--host-network", "on", "--state-dir", self.state_dir,
             "--persist-dir", os.path.join(workdir, "persist"),
             # This suite checks removal after the last NIC at once; the
-            # grace period is proven in test_e2e_lifecycle.py.
+            # grace period's rule is unit-tested in host::objects.
             "--bridge-grace-s", "0",
             "--detach-timeout-ms", str(DETACH_MS),
             # Extra flags, e.g. to check that the suite can fail.

@@ -9,7 +9,7 @@ wants the bridge gone; the attach wants it there. Whatever the interleaving:
   a port of that bridge;
 - every detach answered REMOVED really removed the NIC;
 - once the second NIC has gone too, nothing of the segment is left (the agent
-  runs with --bridge-grace-s 0; the grace period is proven elsewhere).
+  runs with --bridge-grace-s 0; the grace rule is unit-tested in host::objects).
 
 The attach race with a failing attach is hammered for 50 rounds on the test
 driver (tests/host_objects_race.rs); this suite is its detach half, which
