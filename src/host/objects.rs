@@ -164,14 +164,7 @@ impl HostObjects {
         if self.recall(&r.bridge).await.as_ref() == Some(r) {
             return Ok(());
         }
-        let tmp = path.with_extension("json.tmp");
-        let body = serde_json::to_vec(r).map_err(|e| HostError::Internal(e.to_string()))?;
-        tokio::fs::write(&tmp, body)
-            .await
-            .map_err(io(format!("write {}", tmp.display())))?;
-        tokio::fs::rename(&tmp, &path)
-            .await
-            .map_err(io(format!("rename {}", path.display())))
+        super::promisc::write_json(&path, r).await
     }
 
     /// What `bridge` carries, if the agent ever made it.

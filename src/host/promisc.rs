@@ -57,16 +57,25 @@ pub(crate) async fn save_original(
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(io(format!("create state dir {}", dir.display())))?;
-    let path = state_file(dir, bridge);
+    write_json(&state_file(dir, bridge), &state).await?;
+    Ok(state)
+}
+
+/// Writes `value` as JSON to `path` through a temporary file and a rename,
+/// so a reader (another agent run, the libvirt hook) never sees half a
+/// file. Every state file under the agent's dirs is written this way.
+pub(crate) async fn write_json<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+) -> Result<(), HostError> {
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec(&state).map_err(|e| HostError::Internal(e.to_string()))?;
+    let body = serde_json::to_vec(value).map_err(|e| HostError::Internal(e.to_string()))?;
     tokio::fs::write(&tmp, body)
         .await
         .map_err(io(format!("write {}", tmp.display())))?;
-    tokio::fs::rename(&tmp, &path)
+    tokio::fs::rename(&tmp, path)
         .await
-        .map_err(io(format!("rename {}", path.display())))?;
-    Ok(state)
+        .map_err(io(format!("rename {}", path.display())))
 }
 
 /// The saved original of `bridge`, if any. A corrupt file is an error, not

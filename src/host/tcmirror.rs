@@ -288,14 +288,7 @@ pub async fn save_sensors(
     tokio::fs::create_dir_all(parent)
         .await
         .map_err(io(format!("create {}", parent.display())))?;
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec(sensors).map_err(|e| HostError::Internal(e.to_string()))?;
-    tokio::fs::write(&tmp, body)
-        .await
-        .map_err(io(format!("write {}", tmp.display())))?;
-    tokio::fs::rename(&tmp, &path)
-        .await
-        .map_err(io(format!("rename {}", path.display())))
+    super::promisc::write_json(&path, sensors).await
 }
 
 /// Bridges with a saved sensor list.
