@@ -56,6 +56,23 @@ impl Protection {
     }
 }
 
+/// A libvirt nwfilter call that the driver cannot answer (no driver, or
+/// no such filter) means the host lacks the nwfilter packages; classified
+/// by error number. Anything else is left as it is.
+fn no_driver(e: HotplugError, what: &str) -> HotplugError {
+    match e {
+        HotplugError::Hypervisor(h)
+            if matches!(
+                h.kind,
+                HvErrorKind::Unsupported | HvErrorKind::FilterMissing
+            ) =>
+        {
+            tracing::debug!(error = %h, "{what}");
+            driver_missing()
+        }
+        other => other,
+    }
+}
 fn driver_missing() -> HotplugError {
     HotplugError::Precondition(
         "anti-spoofing needs libvirt's nwfilter driver: install libvirt-daemon-driver-nwfilter and libvirt-daemon-config-nwfilter, then restart libvirtd; or set anti_spoofing = \"off\"".into(),
@@ -105,18 +122,10 @@ impl Hotplug {
         if *defined {
             return Ok(());
         }
-        let names = match self.blocking(|hv| hv.nwfilters()).await {
-            Err(HotplugError::Hypervisor(e))
-                if matches!(
-                    e.kind,
-                    HvErrorKind::Unsupported | HvErrorKind::FilterMissing
-                ) =>
-            {
-                tracing::debug!(error = %e, "nwfilter driver unavailable");
-                return Err(driver_missing());
-            }
-            other => other?,
-        };
+        let names = self
+            .blocking(|hv| hv.nwfilters())
+            .await
+            .map_err(|e| no_driver(e, "nwfilter driver unavailable"))?;
         let missing: Vec<&str> = STANDARD_PIECES
             .iter()
             .copied()
@@ -128,18 +137,9 @@ impl Hotplug {
                 missing.join(", ")
             )));
         }
-        match self.blocking(|hv| hv.define_nwfilter(FILTER_XML)).await {
-            Err(HotplugError::Hypervisor(e))
-                if matches!(
-                    e.kind,
-                    HvErrorKind::Unsupported | HvErrorKind::FilterMissing
-                ) =>
-            {
-                tracing::debug!(error = %e, "nwfilter define refused");
-                return Err(driver_missing());
-            }
-            other => other?,
-        }
+        self.blocking(|hv| hv.define_nwfilter(FILTER_XML))
+            .await
+            .map_err(|e| no_driver(e, "nwfilter define refused"))?;
         tracing::info!(filter = FILTER_NAME, "anti-spoofing nwfilter defined");
         *defined = true;
         Ok(())
