@@ -73,6 +73,7 @@ fn no_driver(e: HotplugError, what: &str) -> HotplugError {
         other => other,
     }
 }
+
 fn driver_missing() -> HotplugError {
     HotplugError::Precondition(
         "anti-spoofing needs libvirt's nwfilter driver: install libvirt-daemon-driver-nwfilter and libvirt-daemon-config-nwfilter, then restart libvirtd; or set anti_spoofing = \"off\"".into(),
