@@ -344,6 +344,7 @@ fn main() -> ExitCode {
 
             Command::Update(a) => client::update(&a).await.map_err(|e| e.to_string()),
             Command::Move(a) => client::move_nic(&a).await.map_err(|e| e.to_string()),
+            Command::Replug(a) => client::replug(&a).await.map_err(|e| e.to_string()),
             Command::GuestConfig(a) => nic_agent::cli::guest_config::run(&a),
             Command::Hook(a) => hook(&a).await,
             Command::RepairVxlan(a) => nic_agent::cli::repair::run(&a).await,

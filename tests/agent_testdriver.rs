@@ -672,3 +672,100 @@ async fn guest_config_rpc_bad_values_are_invalid_argument_naming_the_flag() {
         );
     }
 }
+
+/// ReplugNic on the test driver: every refusal names its cause and changes
+/// nothing; the same network is NOTHING. The driver cannot update an
+/// interface, so a real move is UNIMPLEMENTED with the NIC as it was (both
+/// ways are proven on QEMU, tests/lab/test_e2e_replug.py).
+#[tokio::test]
+async fn replug_refusals_change_nothing_and_same_network_is_nothing() {
+    let a = start_agent(&lab_uri(), &[]);
+    let mut c = client(&a).await;
+    let vm = "i-2-10-VM";
+    let m = "02:00:0a:00:1e:01";
+    attach(&mut c, vm, nic(m, "cloudbr0"))
+        .await
+        .expect("attach");
+    let before = nics(&mut c, vm).await;
+    let req = |bridge: &str| pb::ReplugNicRequest {
+        vm: vm.into(),
+        mac: m.into(),
+        bridge: bridge.into(),
+        request_id: "rp-1".into(),
+        ..Default::default()
+    };
+
+    let same = c
+        .replug_nic(req("cloudbr0"))
+        .await
+        .expect("same network")
+        .into_inner();
+    assert_eq!(same.way, pb::ReplugWay::Nothing as i32);
+    assert_eq!(same.old_bridge, "cloudbr0");
+    assert_eq!(same.request_id, "rp-1");
+    assert_eq!(same.nic.expect("nic").bridge, "cloudbr0");
+
+    let cases: Vec<(pb::ReplugNicRequest, Code, &str)> = vec![
+        (
+            pb::ReplugNicRequest {
+                vlan: Some(4095),
+                switch_type: pb::SwitchType::OpenVswitch as i32,
+                ..req("br-ovs0")
+            },
+            Code::InvalidArgument,
+            "vlan",
+        ),
+        (
+            pb::ReplugNicRequest {
+                broadcast_uri: "pvlan://100-i200".into(),
+                ..req("cloudbr1")
+            },
+            Code::InvalidArgument,
+            "pvlan://100-i200",
+        ),
+        (req("-br"), Code::InvalidArgument, "bridge"),
+        (
+            pb::ReplugNicRequest {
+                timeout_ms: 300_001,
+                ..req("cloudbr1")
+            },
+            Code::InvalidArgument,
+            "timeout_ms",
+        ),
+        (
+            pb::ReplugNicRequest {
+                mac: "02:00:0a:00:1e:99".into(),
+                ..req("cloudbr1")
+            },
+            Code::NotFound,
+            "02:00:0a:00:1e:99",
+        ),
+        (
+            pb::ReplugNicRequest {
+                vm: "i-9-9-VM".into(),
+                ..req("cloudbr1")
+            },
+            Code::NotFound,
+            "i-9-9-VM",
+        ),
+        // The embedded lab runs without host networking: a VXLAN segment
+        // has no bridge to land on.
+        (
+            pb::ReplugNicRequest {
+                broadcast_uri: "vxlan://5001".into(),
+                ..req("cloudbr1")
+            },
+            Code::FailedPrecondition,
+            "vxlan://5001",
+        ),
+        // A real move: the test driver cannot update an interface.
+        (req("cloudbr1"), Code::Unimplemented, "back on cloudbr0"),
+    ];
+    for (r, code, names) in cases {
+        let what = format!("{r:?}");
+        let e = c.replug_nic(r).await.expect_err(&what);
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+        assert!(e.message().contains(names), "{what}: {}", e.message());
+        assert_eq!(nics(&mut c, vm).await, before, "{what} changed the VM");
+    }
+}

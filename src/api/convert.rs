@@ -315,3 +315,38 @@ pub fn guest_files(files: Vec<crate::guest::GuestFile>, rid: &str) -> pb::GuestC
         request_id: rid.to_string(),
     }
 }
+
+/// ReplugNic's new network → a [`ReplugTarget`], validated by the attach
+/// rules (the same fields, the same errors).
+pub fn replug_target(
+    r: &pb::ReplugNicRequest,
+) -> Result<crate::hotplug::replug::ReplugTarget, crate::nic::NicError> {
+    check_switch_type(r.switch_type)?;
+    let raw = RawNic {
+        mac: r.mac.clone(),
+        bridge: r.bridge.clone(),
+        ovs: r.switch_type == pb::SwitchType::OpenVswitch as i32,
+        vlan: r.vlan,
+        vni: r.vni,
+        broadcast_uri: r.broadcast_uri.clone(),
+        ..RawNic::default()
+    };
+    let spec = crate::nic::NicSpec::try_from(raw)?;
+    Ok(crate::hotplug::replug::ReplugTarget::from_spec(&spec))
+}
+
+/// A replug's outcome → the response.
+pub fn replug(o: &crate::hotplug::replug::ReplugOutcome, rid: &str) -> pb::ReplugNicResponse {
+    use crate::hotplug::replug::ReplugWay;
+    let way = match o.way {
+        ReplugWay::Nothing => pb::ReplugWay::Nothing,
+        ReplugWay::InPlace => pb::ReplugWay::InPlace,
+        ReplugWay::Unplug { .. } => pb::ReplugWay::Unplug,
+    };
+    pb::ReplugNicResponse {
+        nic: Some(nic(&o.nic)),
+        way: way as i32,
+        old_bridge: o.old_bridge.clone(),
+        request_id: rid.to_string(),
+    }
+}

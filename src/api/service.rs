@@ -353,6 +353,39 @@ impl pb::nic_agent_server::NicAgent for NicAgentService {
         .await
     }
 
+    async fn replug_nic(
+        &self,
+        req: Request<pb::ReplugNicRequest>,
+    ) -> Result<Response<pb::ReplugNicResponse>, Status> {
+        let rid = request_id(&req, &req.get_ref().request_id);
+        let r = req.into_inner();
+        let span = tracing::info_span!("replug", request_id = %rid, vm = %log_safe(&r.vm), mac = %log_safe(&r.mac));
+        async move {
+            tracing::info!(bridge = %log_safe(&r.bridge), broadcast_uri = %log_safe(&r.broadcast_uri), "replug requested");
+            let start = Instant::now();
+            let result = async {
+                check_vm(&r.vm)?;
+                let mac = MacAddr::try_from(r.mac.as_str())?;
+                let alias = optional_alias(&r.alias)?;
+                let to = convert::replug_target(&r)?;
+                let timeout = request_timeout(r.timeout_ms)?;
+                let (h, vm, keep) = (self.hotplug.clone(), r.vm.clone(), r.keep_old_bridge);
+                to_completion(async move {
+                    h.replug(&vm, &mac, alias.as_ref(), &to, timeout, keep)
+                        .await
+                })
+                .await
+            }
+            .await;
+            finish("replug", start, result).map(|o| {
+                tracing::info!(way = o.way.as_str(), from = %o.old_bridge, to = %o.nic.bridge, "replug done");
+                Response::new(convert::replug(&o, &rid))
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
     // --- guest-config ---
 
     async fn guest_config(

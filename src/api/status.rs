@@ -18,7 +18,9 @@ pub fn code(e: &HotplugError) -> Code {
         | HotplugError::OutOfRange { .. }
         | HotplugError::GuestConfig(_) => Code::InvalidArgument,
         HotplugError::VmNotFound(_) | HotplugError::NicNotFound { .. } => Code::NotFound,
-        HotplugError::MovedBack { cause, .. } => code(cause),
+        HotplugError::MovedBack { cause, .. } | HotplugError::ReplugRolledBack { cause, .. } => {
+            code(cause)
+        }
         HotplugError::AlreadyExists { .. } => Code::AlreadyExists,
         // The caller is not allowed this bridge, whatever the host's state:
         // retrying or fixing the host will not help, the policy will.
@@ -27,9 +29,9 @@ pub fn code(e: &HotplugError) -> Code {
         HotplugError::Precondition(_)
         | HotplugError::Mtu(_)
         | HotplugError::DetachRefused { .. } => Code::FailedPrecondition,
-        HotplugError::DetachPending { .. } | HotplugError::MovePending { .. } => {
-            Code::DeadlineExceeded
-        }
+        HotplugError::DetachPending { .. }
+        | HotplugError::MovePending { .. }
+        | HotplugError::ReplugPending { .. } => Code::DeadlineExceeded,
         HotplugError::Unsupported { .. } => Code::Unimplemented,
         HotplugError::Hypervisor(h) => match h.kind {
             HvErrorKind::NotFound => Code::NotFound,
@@ -58,7 +60,9 @@ pub fn to_status(e: &HotplugError) -> Status {
     let mut s = Status::new(code(e), e.to_string());
     if matches!(
         e,
-        HotplugError::DetachPending { .. } | HotplugError::MovePending { .. }
+        HotplugError::DetachPending { .. }
+            | HotplugError::MovePending { .. }
+            | HotplugError::ReplugPending { .. }
     ) {
         if let Ok(v) = "PENDING".parse() {
             s.metadata_mut().insert(DETACH_STATE_KEY, v);

@@ -7,7 +7,9 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use super::{AttachArgs, ClientArgs, DetachArgs, DoctorArgs, MoveArgs, UpdateArgs, VmArgs};
+use super::{
+    AttachArgs, ClientArgs, DetachArgs, DoctorArgs, MoveArgs, ReplugArgs, UpdateArgs, VmArgs,
+};
 use crate::api::pb::{self, nic_agent_client::NicAgentClient};
 
 /// A client-side failure, printed as `error: CODE: message`.
@@ -472,6 +474,53 @@ pub async fn update(a: &UpdateArgs) -> Result<String, ClientError> {
         "updated {} on {}: request {}\n{}",
         nic.mac,
         a.target.vm,
+        r.request_id,
+        nic_table(std::slice::from_ref(&nic))
+    ))
+}
+
+/// `replug`
+pub async fn replug(a: &ReplugArgs) -> Result<String, ClientError> {
+    let mut c = connect(&a.target.client.server).await?;
+    let r = c
+        .replug_nic(pb::ReplugNicRequest {
+            vm: a.target.vm.clone(),
+            mac: a.mac.clone(),
+            alias: a.alias.clone(),
+            bridge: a.bridge.clone(),
+            switch_type: if a.ovs {
+                pb::SwitchType::OpenVswitch as i32
+            } else {
+                pb::SwitchType::LinuxBridge as i32
+            },
+            vlan: a.vlan,
+            vni: a.vni,
+            broadcast_uri: a.broadcast_uri.clone(),
+            timeout_ms: a.timeout_ms,
+            keep_old_bridge: a.keep_old_bridge,
+            request_id: a.request_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let nic = r.nic.unwrap_or_default();
+    let way = match pb::ReplugWay::try_from(r.way) {
+        Ok(pb::ReplugWay::InPlace) => "in_place",
+        Ok(pb::ReplugWay::Unplug) => "unplug",
+        Ok(pb::ReplugWay::Nothing) => "nothing",
+        _ => "unknown",
+    };
+    if a.target.client.json {
+        return Ok(serde_json::to_string_pretty(&json!({
+            "nic": nic_json(&nic), "way": way, "old_bridge": r.old_bridge, "request_id": r.request_id,
+        }))
+        .unwrap_or_default());
+    }
+    Ok(format!(
+        "re-plugged {} on {} from {} to {} ({way}): request {}\n{}",
+        nic.mac,
+        a.target.vm,
+        r.old_bridge,
+        nic.bridge,
         r.request_id,
         nic_table(std::slice::from_ref(&nic))
     ))

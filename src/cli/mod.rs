@@ -62,6 +62,10 @@ pub enum Command {
     Update(UpdateArgs),
     /// Move a NIC from one VM to another (back on the first if the second refuses it).
     Move(MoveArgs),
+    /// Move a NIC to another network (bridge, VLAN, VXLAN, OVS tag), keeping
+    /// its MAC and PCI slot: in place when the switch type stays, else
+    /// unplugged and plugged again at the same slot.
+    Replug(ReplugArgs),
     /// Print the guest-side network files for a hot-plugged NIC (offline).
     GuestConfig(GuestConfigArgs),
     /// libvirt's qemu hook (run by libvirtd from
@@ -454,6 +458,45 @@ pub struct MoveArgs {
     /// How long to wait for the first guest to release the NIC (ms).
     #[arg(long, default_value_t = 0)]
     pub timeout_ms: u32,
+    /// Correlation id.
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+}
+
+/// `replug` options.
+#[derive(Debug, Args)]
+pub struct ReplugArgs {
+    /// Client options and VM.
+    #[command(flatten)]
+    pub target: VmArgs,
+    /// MAC of the NIC.
+    #[arg(long)]
+    pub mac: String,
+    /// User alias to pick among NICs sharing the MAC.
+    #[arg(long, default_value = "")]
+    pub alias: String,
+    /// The new bridge (or traffic label with --vlan/--vni/--broadcast-uri).
+    #[arg(long)]
+    pub bridge: String,
+    /// The new bridge is an Open vSwitch bridge.
+    #[arg(long)]
+    pub ovs: bool,
+    /// VLAN id 1-4094.
+    #[arg(long)]
+    pub vlan: Option<u32>,
+    /// VXLAN VNI 1-16777215.
+    #[arg(long)]
+    pub vni: Option<u32>,
+    /// CloudStack broadcast URI: vlan://N, vxlan://N, vlan://untagged.
+    #[arg(long, default_value = "")]
+    pub broadcast_uri: String,
+    /// How long to wait for the guest to release the NIC when it must be
+    /// unplugged (ms; 0 is the agent's default).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_ms: u32,
+    /// Keep the bridge the NIC leaves even when nothing uses it.
+    #[arg(long)]
+    pub keep_old_bridge: bool,
     /// Correlation id.
     #[arg(long, default_value = "")]
     pub request_id: String,

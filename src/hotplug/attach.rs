@@ -43,6 +43,17 @@ impl Hotplug {
         uuid: &str,
         spec: &NicSpec,
     ) -> Result<AttachOutcome, HotplugError> {
+        self.attach_locked_at(uuid, spec, None).await
+    }
+
+    /// [`Hotplug::attach_locked`] at a given PCI address (any bus), for a
+    /// NIC that gets back the slot it had (ReplugNic's unplug way).
+    pub(super) async fn attach_locked_at(
+        &self,
+        uuid: &str,
+        spec: &NicSpec,
+        at: Option<PciAddress>,
+    ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
         let dom = self.lookup(uuid).await?;
         self.settle(&dom).await?;
@@ -165,6 +176,11 @@ impl Hotplug {
                 HotplugError::Precondition(format!("pci_slot {}: {e}", slot.get()))
             })?);
         }
+        if let Some(a) = at {
+            pinned = Some(pci::check_address(primary, a).map_err(|e| {
+                HotplugError::Precondition(format!("PCI address {a} held before: {e}"))
+            })?);
+        }
 
         // Anti-spoofing: the filter must exist before a NIC references it,
         // or libvirt refuses the attach (or, worse, a missing driver would
@@ -283,31 +299,9 @@ impl Hotplug {
             config,
             promiscuous,
         } = *step;
-        if let (Some(host), Some(plan)) = (&self.host, plan) {
-            // The bridge is shared: prepare it under its lock, and leave an
-            // intent on it so that no deleter takes it away between here
-            // and the moment the NIC is in the domain XML.
-            let objects = host.objects();
-            let guard = objects.lock(&[plan.bridge.as_str()]).await?;
-            let intent = objects
-                .add_intent(&guard, plan.bridge.as_str(), &intent_record(dom, def))
+        if let Some(plan) = plan {
+            self.prepare_host(dom, &def.mac.to_string(), plan, undo)
                 .await?;
-            undo.push(Undo::Intent(intent));
-            for step in host.prepare(plan).await? {
-                undo.push(Undo::Host(step));
-            }
-            if plan.segment_device.is_some() {
-                // Remember what the bridge carries, so the libvirt hook can
-                // rebuild it after a reboot from the domain XML alone.
-                objects
-                    .remember(&SegmentRecord {
-                        bridge: plan.bridge.to_string(),
-                        label: plan.label.to_string(),
-                        segment: plan_segment(plan),
-                    })
-                    .await?;
-            }
-            drop(guard);
         }
         let mut def = def.clone();
         for &target in targets {
@@ -342,6 +336,43 @@ impl Hotplug {
             if plan.switch == SwitchType::LinuxBridge {
                 self.ids_sync_if_tracked(&plan.bridge).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Builds the host side of `plan` for NIC `mac` of `dom`. The bridge is
+    /// shared: it is prepared under its lock, with an intent left on it so
+    /// that no deleter takes it away between here and the moment the NIC
+    /// is in the domain XML. Every change pushes its undo.
+    pub(super) async fn prepare_host(
+        &self,
+        dom: &DomainRef,
+        mac: &str,
+        plan: &HostPlan,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(());
+        };
+        let objects = host.objects();
+        let guard = objects.lock(&[plan.bridge.as_str()]).await?;
+        let intent = objects
+            .add_intent(&guard, plan.bridge.as_str(), &intent_record(dom, mac))
+            .await?;
+        undo.push(Undo::Intent(intent));
+        for step in host.prepare(plan).await? {
+            undo.push(Undo::Host(step));
+        }
+        if plan.segment_device.is_some() {
+            // Remember what the bridge carries, so the libvirt hook can
+            // rebuild it after a reboot from the domain XML alone.
+            objects
+                .remember(&SegmentRecord {
+                    bridge: plan.bridge.to_string(),
+                    label: plan.label.to_string(),
+                    segment: plan_segment(plan),
+                })
+                .await?;
         }
         Ok(())
     }
@@ -577,7 +608,7 @@ fn ids_alias(spec: &NicSpec) -> Result<Alias, HotplugError> {
 
 /// The bridge that goes into `<source bridge=...>`.
 /// Refuses `bridge` unless one of `patterns` (the value of `key`) matches.
-fn allowed(
+pub(super) fn allowed(
     patterns: &[BridgePattern],
     key: &'static str,
     what: &str,
@@ -599,7 +630,7 @@ fn allowed(
     })
 }
 
-fn source_bridge(
+pub(super) fn source_bridge(
     spec: &NicSpec,
     plan: Option<&HostPlan>,
 ) -> Result<crate::nic::BridgeName, HotplugError> {

@@ -187,7 +187,7 @@ impl Hotplug {
 
     /// Puts back a NIC's persistent definition removed by this detach,
     /// when its live half did not go.
-    async fn restore_config(&self, dom: &DomainRef, config_removed: Option<String>) {
+    pub(super) async fn restore_config(&self, dom: &DomainRef, config_removed: Option<String>) {
         let Some(cx) = config_removed else { return };
         let d = dom.clone();
         if let Err(u) = self

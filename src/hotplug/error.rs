@@ -48,6 +48,32 @@ pub enum HotplugError {
         /// Why the target VM refused it.
         cause: Box<HotplugError>,
     },
+    /// A replug failed and the NIC is back on its old network with its
+    /// link as it was; `cause` sets the code.
+    #[error("re-plugging NIC {mac} of {vm} failed, the NIC is back on {bridge} with its link {link}: {cause}")]
+    ReplugRolledBack {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+        /// The bridge the NIC is on again.
+        bridge: String,
+        /// Its link state (`up` or `down`), as before the replug.
+        link: String,
+        /// Why the new network refused it.
+        cause: Box<HotplugError>,
+    },
+    /// A replug's unplug (Linux bridge <-> OVS) is still pending; nothing
+    /// was plugged onto the new network.
+    #[error("NIC {mac} is still in {vm} after {waited_ms} ms: the guest has not released it, so it was not plugged onto the new network; its persistent definition keeps the old one, retry ReplugNic to finish")]
+    ReplugPending {
+        /// The MAC.
+        mac: String,
+        /// The VM.
+        vm: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
     /// The MAC is already attached with a different spec.
     #[error("NIC {mac} is already attached to {vm} with a different {fields}; detach it first or repeat the same spec")]
     AlreadyExists {

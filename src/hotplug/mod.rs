@@ -662,10 +662,10 @@ impl Hotplug {
 pub const IDS_ALIAS_PREFIX: &str = "ua-ids-";
 
 /// The intent an attach leaves on its bridge while it works.
-fn intent_record(dom: &DomainRef, def: &crate::xml::interface::InterfaceDef) -> IntentRecord {
+fn intent_record(dom: &DomainRef, mac: &str) -> IntentRecord {
     IntentRecord {
         vm: dom.uuid.clone(),
-        what: def.mac.to_string(),
+        what: mac.to_string(),
         pid: std::process::id(),
         created_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -164,7 +164,7 @@ impl Hotplug {
 
     /// Puts back the definitions already updated, newest first. Failures are
     /// logged: the caller reports the original error.
-    async fn update_undo(&self, dom: &DomainRef, done: Vec<(Target, String)>) {
+    pub(super) async fn update_undo(&self, dom: &DomainRef, done: Vec<(Target, String)>) {
         for (target, old) in done.into_iter().rev() {
             let d = dom.clone();
             if let Err(e) = self.blocking(move |hv| hv.update(&d, &old, target)).await {

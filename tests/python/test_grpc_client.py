@@ -216,6 +216,24 @@ class PythonClientTest(unittest.TestCase):
         self.assertIn("--ip6", cm.exception.details())
         self.assertIn("1-128", cm.exception.details())
 
+    def test_replug_same_network_is_nothing_and_bad_vlan_names_the_field(self):
+        spec = pb.NicSpec(mac="02:00:0a:00:20:07", bridge="cloudbr0")
+        self.stub.AttachNic(pb.AttachNicRequest(vm="i-2-10-VM", nic=spec))
+        before = self.nics("i-2-10-VM")
+        r = self.stub.ReplugNic(pb.ReplugNicRequest(
+            vm="i-2-10-VM", mac="02:00:0a:00:20:07", bridge="cloudbr0", request_id="py-rp"))
+        self.assertEqual(r.way, pb.REPLUG_WAY_NOTHING)
+        self.assertEqual((r.old_bridge, r.nic.bridge, r.request_id),
+                         ("cloudbr0", "cloudbr0", "py-rp"))
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.ReplugNic(pb.ReplugNicRequest(
+                vm="i-2-10-VM", mac="02:00:0a:00:20:07", bridge="br-ovs0",
+                switch_type=pb.SWITCH_TYPE_OPEN_VSWITCH, vlan=5000))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("vlan", cm.exception.details())
+        self.assertIn("1-4094", cm.exception.details())
+        self.assertEqual(self.nics("i-2-10-VM"), before)
+
     def test_detach_on_test_driver_is_unimplemented(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.stub.DetachNic(pb.DetachNicRequest(vm="i-2-10-VM", mac="02:00:0a:00:00:01"))
