@@ -308,13 +308,15 @@ impl Hotplug {
             return Err(e);
         }
         // The NIC is in the domain XML on the new bridge: the intent has
-        // done its job. A sensor brings its IDS state along.
+        // done its job. A sensor brings its IDS state along (the unplug
+        // way's attach has already set it, as every attach does).
         self.drop_intents(&undo).await;
-        if sensor && dom.state.is_live() {
+        let in_place = decided.way == ReplugWay::InPlace;
+        if in_place && sensor && dom.state.is_live() {
             if let Err(e) = self.ids_on(&dom, spec.switch, &source, &mac_s).await {
                 tracing::warn!(vm = %dom.name, bridge = %source, error = %e, "IDS state on the new bridge failed; the reconcile retries");
             }
-        } else if spec.switch == SwitchType::LinuxBridge {
+        } else if in_place && spec.switch == SwitchType::LinuxBridge {
             self.ids_sync_if_tracked(&source).await;
         }
         // The old bridge lost a port, exactly as after a detach.
