@@ -569,10 +569,16 @@ class NetworkE2E(unittest.TestCase):
                 with open(f"/sys/class/net/{dev}/statistics/{what}") as f:
                     return int(f.read())
             h0, v0 = host_count(tap, "tx_packets"), host_count(veth, "rx_packets")
+            d0 = host_count(tap, "tx_dropped")
             c0, s0 = self.rx(G1, ifp), self.rx(G2, if2)
+            # Paced, 50 frames every 20 ms: a tight loop outruns a TCG
+            # guest's virtio ring, and the tap then drops what QEMU has not
+            # read yet (tx_dropped; one CI run counted 2800 of 3000 sent).
             sh("ip", "netns", "exec", ns, "python3", "-c",
-               "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-               f"for i in range({n}): s.sendto(b'x'*64,('10.77.{IDS_SUBNET}.1',9))")
+               "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+               f"for i in range({n}):\n"
+               f"  s.sendto(b'x'*64,('10.77.{IDS_SUBNET}.1',9))\n"
+               "  if i % 50 == 49: time.sleep(0.02)")
             # Let the TCG guests drain their rings: read until the sensor's
             # count stops moving (bounded).
             s1, deadline = self.rx(G2, if2), time.monotonic() + 5
@@ -584,14 +590,19 @@ class NetworkE2E(unittest.TestCase):
                 s1 = s_now
             c1 = self.rx(G1, ifp)
             h1, v1 = host_count(tap, "tx_packets"), host_count(veth, "rx_packets")
+            d1 = host_count(tap, "tx_dropped")
             TIMINGS.append(f"  ids isolation: {n} unicast frames (veth port rx +{v1 - v0}); "
-                           f"sensor tap tx +{h1 - h0}, sensor guest rx +{s1 - s0}, guest C +{c1 - c0}")
-            # The agent's part, exactly: every frame reached the sensor's
-            # tap. What the guest then counts also depends on QEMU's TCG
-            # virtio-net keeping up on a loaded 2-core host (one CI run
-            # counted 2975 of 3000 in the guest), so the guest must see
-            # nearly all of them, not each one.
-            self.assertGreaterEqual(h1 - h0, n, "mirror copies did not all reach the sensor's tap")
+                           f"sensor tap tx +{h1 - h0} (dropped by the tap +{d1 - d0}), "
+                           f"sensor guest rx +{s1 - s0}, guest C +{c1 - c0}")
+            # The agent's part, exactly: every frame was mirrored to the
+            # sensor's tap. The tap hands it to QEMU (tx_packets) or, when
+            # QEMU's TCG virtio-net has not emptied the tap's queue on a
+            # loaded 2-core host, drops it there (tx_dropped): both mean
+            # the copy reached the sensor's port. What the guest then counts
+            # depends on QEMU keeping up (one CI run counted 2975 of 3000),
+            # so the guest must see nearly all of them, not each one.
+            self.assertGreaterEqual((h1 - h0) + (d1 - d0), n,
+                                    "mirror copies did not all reach the sensor's tap")
             self.assertGreaterEqual(s1 - s0, n * 95 // 100, "the IDS guest missed mirror copies")
             self.assertLess(c1 - c0, 50, "guest C received another endpoint's unicast")
         finally:
