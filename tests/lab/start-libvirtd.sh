@@ -94,7 +94,7 @@ if lab_pidfile_live /run/libvirtd.pid libvirtd && ! lab_hook_loaded; then
   if [ -e "$LAB_STATE/libvirtd.started" ] && [ "$(tr -dc '0-9' <"$LAB_STATE/libvirtd.started")" = "$pid" ]; then
     lab_log "restarting lab-started libvirtd pid $pid so that it reads $LAB_HOOK"
     kill -TERM "$pid"
-    lab_wait 15 bash -c "! kill -0 $pid" || lab_die "libvirtd pid $pid did not stop"
+    lab_wait 60 bash -c "! kill -0 $pid" || lab_die "libvirtd pid $pid did not stop in 60 s"
     rm -f "$LAB_STATE/libvirtd.started"
   else
     lab_log "WARNING: ******************************************************************"
@@ -123,12 +123,15 @@ wait_ready
 nwfilter_loaded() {
   timeout 20 virsh -c qemu:///system nwfilter-list 2>/dev/null | grep -qw no-ipv6-spoofing
 }
-if [ -e /etc/libvirt/nwfilter/no-ipv6-spoofing.xml ] && ! nwfilter_loaded; then
+# A libvirtd that has just started may answer before its nwfilter driver has
+# read the files (and ignores SIGTERM until its drivers are up): give it a
+# moment before judging it, or a fresh daemon gets "restarted" and hangs.
+if [ -e /etc/libvirt/nwfilter/no-ipv6-spoofing.xml ] && ! lab_wait 20 nwfilter_loaded; then
   pid=$(tr -dc '0-9' </run/libvirtd.pid)
   if [ -e "$LAB_STATE/libvirtd.started" ] && [ "$(tr -dc '0-9' <"$LAB_STATE/libvirtd.started")" = "$pid" ]; then
     lab_log "restarting lab-started libvirtd pid $pid so that it loads the standard nwfilters"
     kill -TERM "$pid"
-    lab_wait 15 bash -c "! kill -0 $pid" || lab_die "libvirtd pid $pid did not stop"
+    lab_wait 60 bash -c "! kill -0 $pid" || lab_die "libvirtd pid $pid did not stop in 60 s"
     rm -f "$LAB_STATE/libvirtd.started"
     start_daemon libvirtd
     wait_ready

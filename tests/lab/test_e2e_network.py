@@ -620,6 +620,99 @@ class NetworkE2E(unittest.TestCase):
         self.guest_removed(G1, ifp, mac_p)
         self.assertTrue(link_exists(IDS_BR), "agent removed a bridge it did not create")
 
+    # -- 4. IDS on Open vSwitch, through AttachNic
+
+    def ovs_mirrors(self):
+        """The bridge's mirrors: {name: (output port name, select_vlan, select_all)}."""
+        out = sh("ovs-vsctl", "--format=json", "--columns=name,output_port,select_vlan,select_all",
+                 "list", "mirror")
+        rows = json.loads(out).get("data", [])
+        port_names = {}
+        for uuid, name in json.loads(sh("ovs-vsctl", "--format=json", "--columns=_uuid,name",
+                                        "list", "port")).get("data", []):
+            port_names[uuid[1]] = name
+        res = {}
+        for name, output, vlans, sel_all in rows:
+            out_name = port_names.get(output[1]) if output and output[0] == "uuid" else None
+            vl = vlans[1] if isinstance(vlans, list) and vlans and vlans[0] == "set" else vlans
+            if isinstance(vl, list):
+                vl = sorted(vl)
+            elif isinstance(vl, int):
+                vl = [vl]
+            res[name] = (out_name, vl, sel_all)
+        return res
+
+    @dump_on_failure
+    def test_4_ovs_ids_nic_mirrors_only_its_vlan_to_the_sensor_and_loses_it_at_detach(self):
+        if not (self.ovs_dnsmasq_pid and pid_is(self.ovs_dnsmasq_pid, "dnsmasq")):
+            self.make_ovs()
+        ovs = pb.SWITCH_TYPE_OPEN_VSWITCH
+        uri = f"vlan://{OVS_VLAN}"
+        mac_n, mac_s = "02:b0:00:04:00:01", "02:b0:00:04:00:02"
+        rn = self.attach(G1, mac=mac_n, bridge=OVS_BR, switch_type=ovs, broadcast_uri=uri)
+        ifn, _, _ = self.guest_nic(G1, mac_n)
+        ip_n = self.guest_lease(G1, ifn, mac_n, OVS_SUBNET)
+        self.assertEqual(self.ovs_mirrors(), {}, "a mirror before any IDS NIC")
+
+        rs = self.attach(G2, mac=mac_s, bridge=OVS_BR, switch_type=ovs, broadcast_uri=uri,
+                         promiscuous=True)
+        self.assertTrue(rs.nic.alias.startswith("ua-ids-"), rs.nic.alias)
+        sensor = rs.nic.target_dev
+        mirrors = self.ovs_mirrors()
+        to_sensor = {n: m for n, m in mirrors.items() if m[0] == sensor}
+        self.assertEqual(len(to_sensor), 1, f"one mirror to the sensor's port {sensor}: {mirrors}")
+        (mname, (_, vlans, sel_all)), = to_sensor.items()
+        self.assertEqual(vlans, [OVS_VLAN], f"{mname} must select VLAN {OVS_VLAN} only")
+        self.assertIs(sel_all, False, f"{mname} selects every VLAN on the bridge")
+
+        # A third port on VLAN 100 that is no sensor: a veth into a private
+        # namespace. Unicast from the host's VLAN-100 port to guest C's NIC
+        # must reach the sensor, and not this port.
+        ns, veth, peer = "lab-b-oids-ns", "lab-bow0", "lab-bow1"
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", veth, check=False)
+        try:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "netns", ns)
+            sh("ip", "-n", ns, "link", "set", peer, "up")
+            sh("ip", "link", "set", veth, "up")
+            sh("ovs-vsctl", "add-port", OVS_BR, veth, f"tag={OVS_VLAN}")
+            sh("ip", "neigh", "replace", ip_n, "lladdr", mac_n, "dev", OVS_PORT,
+               "nud", "permanent")
+
+            def count(dev, what):
+                with open(f"/sys/class/net/{dev}/statistics/{what}") as f:
+                    return int(f.read())
+            n = 500
+            s0 = count(sensor, "tx_packets") + count(sensor, "tx_dropped")
+            w0, c0 = count(veth, "tx_packets"), count(rn.nic.target_dev, "tx_packets")
+            sh("python3", "-c",
+               "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+               f"s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'{OVS_PORT}')\n"
+               f"for i in range({n}):\n"
+               f"  s.sendto(b'x'*64,('{ip_n}',9))\n"
+               "  if i % 50 == 49: time.sleep(0.02)")
+            time.sleep(1)
+            s1 = count(sensor, "tx_packets") + count(sensor, "tx_dropped")
+            w1, c1 = count(veth, "tx_packets"), count(rn.nic.target_dev, "tx_packets")
+            TIMINGS.append(f"  ovs ids: {n} unicast frames to guest C (its tap tx +{c1 - c0}); "
+                           f"sensor tap +{s1 - s0}, third port +{w1 - w0}")
+            self.assertGreaterEqual(c1 - c0, n, "the frames did not reach guest C's port")
+            self.assertGreaterEqual(s1 - s0, n, "mirror copies did not all reach the sensor's port")
+            self.assertLess(w1 - w0, 20, "a non-sensor port received mirrored unicast")
+        finally:
+            sh("ip", "neigh", "del", ip_n, "dev", OVS_PORT, check=False)
+            sh("ovs-vsctl", "--if-exists", "del-port", OVS_BR, veth, check=False)
+            sh("ip", "link", "del", veth, check=False)
+            sh("ip", "netns", "del", ns, check=False)
+
+        self.detach(G2, mac_s)
+        wait_until(lambda: mname not in self.ovs_mirrors(), 10, f"mirror {mname} to go")
+        self.assertEqual(self.ovs_mirrors(), {}, "no mirror left after the last IDS NIC")
+        self.detach(G1, mac_n)
+        self.guest_removed(G1, ifn, mac_n)
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
