@@ -6,19 +6,28 @@ libvirt; live bandwidth refused FAILED_PRECONDITION naming sch_sfq/act_police
 where this kernel lacks them), MoveNic between two running guests (nic-remove in A, nic-add and a
 DHCP lease in B) and a refused move that leaves the NIC back on A, and the
 policy routing printed by `nic-agent guest-config`, run inside a guest with
-two NICs on two bridges, and its udhcpc hook following a DHCP lease.
+two NICs on two bridges, and its udhcpc hook following a DHCP lease (test 7:
+the busybox guest runs the hook guest-config renders on a hot-plugged second
+NIC; the rule `from <lease> lookup 101` appears, and echo replies to requests
+arriving on that NIC leave through it, counted by the guest's tx counters;
+on release the rule and the table go).
 
 Bridges lab-cbr1 (10.77.31.0/24) and lab-cbr2 (10.77.32.0/24), each with its
 own dnsmasq; guests lab-c-*, at most two running at once. Everything is
 removed at the end, also on failure. Traffic goes only to the two bridges'
-own addresses.
+own addresses and, in test 7, from lab-cbr1's address to a lab guest on
+lab-cbr2 (the host has no ping binary: raw ICMP from Python).
 
 Run (root): python3 tests/lab/test_e2e_day2.py
 Env: NIC_AGENT_BIN (default target/debug/nic-agent), LAB_WAIT (poll bound, s, default 20).
 """
 import os
 import re
+import shutil
+import socket
+import struct
 import sys
+import tempfile
 import time
 import unittest
 
@@ -42,6 +51,51 @@ STATE = {"agent": None, "cleaned": False}
 
 def mac(test, n):
     return f"52:54:00:c2:{test:02x}:{n:02x}"
+
+
+def _icmp_checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def host_ping(src, dst, count, timeout=2.0):
+    """ICMP echo from the host's address src to dst, one at a time (each
+    waits up to `timeout` s for its reply); returns how many were answered.
+    Raw ICMP from Python because the lab host has no ping binary."""
+    ident = (os.getpid() ^ int(time.monotonic() * 1000)) & 0xFFFF
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        s.bind((src, 0))
+        answered = 0
+        for seq in range(count):
+            payload = b"nic-agent-lab-day2-%04d" % seq
+            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            pkt = struct.pack("!BBHHH", 8, 0, _icmp_checksum(hdr + payload), ident, seq) + payload
+            s.sendto(pkt, (dst, 0))
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                s.settimeout(left)
+                try:
+                    data, addr = s.recvfrom(2048)
+                except socket.timeout:
+                    break
+                ihl = (data[0] & 0x0F) * 4
+                if len(data) < ihl + 8 or addr[0] != dst:
+                    continue
+                typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+                if typ == 0 and rid == ident and rseq == seq:
+                    answered += 1
+                    break
+        return answered
+    finally:
+        s.close()
 
 
 def cleanup_all():
@@ -85,7 +139,7 @@ class Day2E2E(unittest.TestCase):
         except AttributeError:
             failed = True
         if failed:
-            for g in (self.a, self.b):
+            for g in (self.a, self.b, *getattr(self, "more_guests", ())):
                 lab = [l for l in g.console.lines() if "LAB:" in l]
                 sys.stderr.write(f"== {g.name} LAB lines ==\n" + "\n".join(lab[-30:]) + "\n")
             try:
@@ -355,6 +409,122 @@ class Day2E2E(unittest.TestCase):
         # A link change on the same running NIC needs no tc and still works.
         self.assertEqual(self.update(a.name, m, link_down=True).nic.link_state, "down")
         self.stub.DetachNic(pb.DetachNicRequest(vm=a.name, mac=m), timeout=RPC_TIMEOUT)
+
+    def counters(self, g, *ifnames):
+        """{ifname: (rx_packets, tx_packets)} inside guest g, read in one go."""
+        cmd = "; ".join(f"echo {n} $(cat /sys/class/net/{n}/statistics/rx_packets)"
+                        f" $(cat /sys/class/net/{n}/statistics/tx_packets)" for n in ifnames)
+        rc, out = g.exec(cmd)
+        self.assertEqual(rc, 0, out)
+        got = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] in ifnames:
+                got[parts[0]] = (int(parts[1]), int(parts[2]))
+        self.assertEqual(sorted(got), sorted(ifnames), out)
+        return got
+
+    def echo_path(self, g, if1, if2, ip2, n):
+        """The host sends n echo requests from lab-cbr1's address to ip2 (the
+        host routes them out of lab-cbr2, so they arrive on if2). Returns
+        (answered, rx on if2, tx on if1, tx on if2) over that time: the
+        guest's tx counters show which NIC the replies left through."""
+        c0 = self.counters(g, if1, if2)
+        answered = host_ping(f"10.77.{NET1}.1", ip2, n)
+        c1 = self.counters(g, if1, if2)
+        return (answered, c1[if2][0] - c0[if2][0],
+                c1[if1][1] - c0[if1][1], c1[if2][1] - c0[if2][1])
+
+    def test_7_udhcpc_hook_policy_routing_follows_the_lease(self):
+        """guest-config --table with DHCP (no --ip): the udhcpc script it
+        renders, run by the busybox guest's udhcpc on a hot-plugged second
+        NIC, adds `from <lease> lookup 101` and the table when the lease is
+        bound, and removes them on release; while it is there, replies to
+        traffic arriving on the second NIC leave through that NIC.
+
+        Restored from 5a3bc4f (its test_6, lost in merge 218a198, which kept
+        the live-bandwidth test_6): a fresh guest, so the only NICs are the
+        two made here and the counters are exact; the host's echo requests
+        are raw ICMP from Python (no ping binary on the host)."""
+        n, table = 20, 101
+        # At most two guests running: B's slot (test 5 removes B too).
+        self.b.remove()
+        g = lk.Guest(f"{PREFIX}-h", "pc", OUT)
+        self.more_guests = [g]
+        root = tempfile.mkdtemp(prefix="lab-c-guestcfg-")
+        try:
+            g.define()
+            # IPv6 link-local chatter (router solicitations, MLD) would add
+            # to the tx counters; this proves IPv4 policy routing only.
+            # `all` covers the NICs there are, `default` those hot-plugged next.
+            rc, out = g.exec("for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do "
+                             "[ -e \"$f\" ] && echo 1 >\"$f\"; done; true")
+            self.assertEqual(rc, 0, out)
+            m1, m2 = mac(7, 1), mac(7, 2)
+            mark = g.console.mark()
+            self.attach(g.name, m1, bridge=BR1)
+            if1 = self.wait_add(g, m1, mark)
+            self.wait_lease(g, if1, m1, mark, NET1)
+            mark2 = g.console.mark()
+            self.attach(g.name, m2, bridge=BR2)
+            if2 = self.wait_add(g, m2, mark2)
+            ip2 = self.wait_lease(g, if2, m2, mark2, NET2)
+            gw2 = f"10.77.{NET2}.1"
+
+            # Before: requests arrive on if2, the replies (to lab-cbr1's
+            # address, on if1's subnet) leave through if1: asymmetric.
+            answered, rx2, tx1, tx2 = self.echo_path(g, if1, if2, ip2, n)
+            line = (f"before hook: {answered}/{n} answered, {if2} rx +{rx2}, "
+                    f"tx {if1} +{tx1} {if2} +{tx2}")
+            lk.log("udhcpc hook test, " + line)
+            self.assertGreaterEqual(rx2, n, f"the requests did not arrive on {if2}: {line}")
+            self.assertGreaterEqual(tx1, n, f"replies did not leave through {if1}: {line}")
+            self.assertLess(tx2, n // 4, line)
+
+            # The hook, as guest-config renders it, installed where it says.
+            lk.run([lk.BIN, "guest-config", "--mac", m2, "--name", if2, "--table", str(table),
+                    "--root", root])
+            rel = f"usr/share/udhcpc/nic-agent-{if2}.script"
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                hook = f.read()
+            self.assertNotIn("NIC_AGENT_EOF", hook)
+            rc, out = g.exec(f"mkdir -p /usr/share/udhcpc && cat >/{rel} <<'NIC_AGENT_EOF'\n"
+                             + hook + f"NIC_AGENT_EOF\nchmod 755 /{rel}")
+            self.assertEqual(rc, 0, out)
+            rc, out = g.exec(f"udhcpc -i {if2} -n -q -t 5 -T 1 -s /{rel}", timeout=30)
+            self.assertEqual(rc, 0, f"udhcpc with the hook: {out}")
+            rc, addr = g.exec(f"ip -4 addr show dev {if2}")
+            self.assertIn(f"inet {ip2}/24", addr, "the lease changed address")
+            _, rules = g.exec("ip rule")
+            self.assertRegex(rules, rf"from {re.escape(ip2)} lookup {table}\b", rules)
+            _, routes = g.exec(f"ip route show table {table}")
+            self.assertIn(f"default via {gw2} dev {if2}", routes)
+            self.assertIn(f"10.77.{NET2}.0/24 dev {if2}", routes)
+            _, main = g.exec("ip route show")
+            self.assertNotIn("default", main, "no default route in main without --default")
+
+            # After: the replies leave through the NIC the requests came in on.
+            answered, rx2, tx1, tx2 = self.echo_path(g, if1, if2, ip2, n)
+            line = (f"after hook: {answered}/{n} answered, {if2} rx +{rx2}, "
+                    f"tx {if1} +{tx1} {if2} +{tx2}")
+            lk.log("udhcpc hook test, " + line)
+            self.assertEqual(answered, n, line)
+            self.assertGreaterEqual(rx2, n, line)
+            self.assertGreaterEqual(tx2, n, f"replies did not leave through {if2}: {line}")
+            self.assertLess(tx1, n // 4, f"replies still leave through {if1}: {line}")
+
+            # Released: the hook's deconfig removes the rule and the table.
+            rc, out = g.exec(f"udhcpc -i {if2} -n -q -R -t 5 -T 1 -s /{rel}", timeout=30)
+            self.assertEqual(rc, 0, f"udhcpc -R with the hook: {out}")
+            _, rules = g.exec("ip rule")
+            self.assertNotIn(f"lookup {table}", rules)
+            _, routes = g.exec(f"ip route show table {table}")
+            self.assertNotIn(if2, routes)
+            _, addr = g.exec(f"ip -4 addr show dev {if2}")
+            self.assertNotIn(ip2, addr, "deconfig flushes the leased address")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            g.remove()
 
 
 if __name__ == "__main__":

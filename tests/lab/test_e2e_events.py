@@ -17,7 +17,8 @@ on qemu:///system with real QEMU guests.
    is SERVING again and the agent attaches again, and no guest holds a NIC
    that libvirt does not show. Only a libvirtd the lab itself started
    (start-libvirtd.sh's marker names it) is stopped; otherwise the test is
-   skipped. SIGCONT is always sent in a finally.
+   skipped, and the skip fails the suite (labkit.finish) unless
+   tests/lab/allowed-skips.txt lists it. SIGCONT is always sent in a finally.
 
 Everything made here is named lab-e* (VNIs 5301/5302) and removed at the end.
 Run (root, under `flock /tmp/nic-agent-lab.lock`): python3 tests/lab/test_e2e_events.py
@@ -362,11 +363,9 @@ if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result
     for line in REPORT:
         print(f"report: {line}")
-    failed = len(result.failures) + len(result.errors)
-    if failed:
+    status = lk.finish("test_e2e_events", result, label="lab-events")
+    if status:
         print(f"agent logs kept in {WORKDIR}")
     else:
         shutil.rmtree(WORKDIR, ignore_errors=True)
-    print(f"lab-events: {result.testsRun - failed - len(result.skipped)} passed, {failed} failed"
-          + (f", {len(result.skipped)} skipped" if result.skipped else ""))
-    sys.exit(1 if failed or result.testsRun == 0 else 0)
+    sys.exit(status)

@@ -512,6 +512,4 @@ if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result
     for t in TIMINGS:
         print(f"timing: {t}")
-    failed = len(result.failures) + len(result.errors)
-    print(f"lab-lifecycle: {result.testsRun - failed} passed, {failed} failed")
-    sys.exit(1 if failed or result.testsRun == 0 else 0)
+    sys.exit(lk.finish("test_e2e_lifecycle", result, label="lab-lifecycle"))
