@@ -16,7 +16,8 @@ use netlink_packet_route::link::{
 use netlink_packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
 use nix::errno::Errno;
 use rtnetlink::{
-    LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan, RouteMessageBuilder,
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan,
+    RouteMessageBuilder,
 };
 use tracing::{debug, info, warn};
 
@@ -810,6 +811,32 @@ impl NetlinkHost {
         Ok((l, true))
     }
 
+    /// `bridge link set dev DEV neigh_suppress on learning off`, which
+    /// `modifyvxlan-evpn.sh` runs on its VXLAN device once it is a bridge
+    /// port: with EVPN, FRR's BGP fills the FDB and answers ARP/ND from its
+    /// routes, so the port must neither flood neighbour requests over the
+    /// fabric nor learn MACs from it. `IFLA_BRPORT_NEIGH_SUPPRESS` and
+    /// `IFLA_BRPORT_LEARNING` in a change (RTM_NEWLINK) request, as
+    /// `ip link set DEV type bridge_slave ...` sends them; RTM_SETLINK
+    /// ignores port data.
+    async fn evpn_bridge_port(&self, port: &Link) -> Result<(), HostError> {
+        let msg = LinkBridgePort::new(port.index)
+            .neigh_suppress(true)
+            .learning(false)
+            .build();
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "set neigh_suppress on, learning off on bridge port {}",
+                port.name
+            )))?;
+        debug!(port = %port.name, "EVPN bridge port: neigh_suppress on, learning off");
+        Ok(())
+    }
+
     /// Set [`AGENT_ALIAS`] on a link just created (the kernel ignores
     /// IFLA_IFALIAS in a create request, so it is a second request).
     async fn mark(&self, name: &str) -> Result<Link, HostError> {
@@ -858,7 +885,8 @@ impl NetlinkHost {
         let (b, b_new) = self
             .ensure_bridge(plan.bridge.as_str(), bridge_no_ipv6, undo)
             .await?;
-        if d.controller != Some(b.index) {
+        let enslave_now = d.controller != Some(b.index);
+        if enslave_now {
             self.set(
                 LinkUnspec::new_with_index(d.index)
                     .controller(b.index)
@@ -870,6 +898,15 @@ impl NetlinkHost {
                 undo.push(HostUndo::Release {
                     port: d.name.clone(),
                 });
+            }
+        }
+        // The port settings go with the port: a release or a delete in the
+        // undo takes them away, so they need no undo of their own. An
+        // agent-made device enslaved before this existed gets them too; a
+        // device someone else enslaved is left as it is.
+        if let SegmentDevice::Vxlan(v) = dev {
+            if v.flavour == VxlanFlavour::Evpn && (enslave_now || d.is_ours()) {
+                self.evpn_bridge_port(&d).await?;
             }
         }
         for l in [&d, &b] {

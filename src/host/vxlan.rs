@@ -12,7 +12,8 @@
 //!   IPv4 underlay and `ff05::A:B:C` on an IPv6 one (see [`group_v6`]).
 //! - **evpn** (`modifyvxlan-evpn.sh`): `dstport 4789 nolearning`, the local
 //!   address taken from `lo`, no `dev`, no group, no route; FRR's BGP EVPN
-//!   fills the FDB. IPv6 is disabled on the device and on the bridge.
+//!   fills the FDB. IPv6 is disabled on the device and on the bridge, and
+//!   the device's bridge port gets `neigh_suppress on learning off`.
 //!
 //! Both scripts serialise on `flock -x -w 10 /var/run/cloud/vxlan.lock`;
 //! [`VxlanLock`] takes the same lock, so the agent and cloudstack-agent
