@@ -878,7 +878,56 @@ pub struct Settings {
     pub limits: Limits,
 }
 
+/// A directory the agent writes under `serve`, for the service manager's
+/// sandbox (`packaging/nic-agent.service` must make each one writable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenDir {
+    /// The configuration key it comes from.
+    pub key: &'static str,
+    /// The directory.
+    pub dir: PathBuf,
+    /// False when the agent writes there only if the directory already
+    /// exists (CloudStack's VXLAN lock).
+    pub required: bool,
+}
+
 impl Settings {
+    /// Every directory `serve` writes with these settings: the state and
+    /// persist dirs, each unix listener's directory and the VXLAN lock's.
+    pub fn written_dirs(&self) -> Vec<WrittenDir> {
+        let mut v = vec![
+            WrittenDir {
+                key: "state_dir",
+                dir: self.state_dir.clone(),
+                required: true,
+            },
+            WrittenDir {
+                key: "persist_dir",
+                dir: self.persist_dir.clone(),
+                required: true,
+            },
+        ];
+        for l in &self.listen {
+            if let Listen::Unix(p) = l {
+                if let Some(d) = p.parent() {
+                    v.push(WrittenDir {
+                        key: "listen",
+                        dir: d.to_path_buf(),
+                        required: true,
+                    });
+                }
+            }
+        }
+        if let Some(d) = self.vxlan.lock_file.parent() {
+            v.push(WrittenDir {
+                key: "vxlan.lock_file",
+                dir: d.to_path_buf(),
+                required: false,
+            });
+        }
+        v
+    }
+
     /// The host backend's settings. One place, because `serve`, the
     /// libvirt hook and `repair-vxlan` must agree: a device the hook or a
     /// repair makes must be the one the daemon would have made, and they
@@ -1169,6 +1218,28 @@ mod tests {
         );
         assert_eq!(s.allow_bridges, vec![BridgePattern::try_from("*").unwrap()]);
         assert_eq!(s.allow_promisc_bridges.len(), 1);
+    }
+
+    #[test]
+    fn written_dirs_name_state_persist_socket_and_lock_dirs() {
+        let mut s = Settings::default();
+        s.listen.push(Listen::Unix("/srv/sock/a.sock".into()));
+        s.listen.push(Listen::Tcp("127.0.0.1:1".parse().unwrap()));
+        let got: Vec<(&str, String, bool)> = s
+            .written_dirs()
+            .into_iter()
+            .map(|w| (w.key, w.dir.display().to_string(), w.required))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("state_dir", "/run/nic-agent".into(), true),
+                ("persist_dir", "/var/lib/nic-agent".into(), true),
+                ("listen", "/run/nic-agent".into(), true),
+                ("listen", "/srv/sock".into(), true),
+                ("vxlan.lock_file", "/var/run/cloud".into(), false),
+            ]
+        );
     }
 
     #[test]

@@ -97,6 +97,16 @@ fn config_check(file: &std::path::Path) -> anyhow::Result<String> {
     Ok("ok\n".into())
 }
 
+fn config_dirs(file: &std::path::Path) -> anyhow::Result<String> {
+    let s = Settings::try_from(FileConfig::load(Some(file))?)?;
+    let mut out = String::new();
+    for w in s.written_dirs() {
+        let need = if w.required { "required" } else { "if-exists" };
+        out.push_str(&format!("{}\t{}\t{need}\n", w.dir.display(), w.key));
+    }
+    Ok(out)
+}
+
 async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     // TLS files are checked before libvirt is touched: a typo in a path
     // should not wait for a connection to fail.
@@ -331,6 +341,9 @@ fn main() -> ExitCode {
             Command::Capacity(a) => client::capacity(&a).await.map_err(|e| e.to_string()),
             Command::Config(ConfigCommand::Check { file }) => {
                 config_check(&file).map_err(|e| format!("{e:#}"))
+            }
+            Command::Config(ConfigCommand::Dirs { file }) => {
+                config_dirs(&file).map_err(|e| format!("{e:#}"))
             }
             Command::Man(a) => nic_agent::cli::write_man_pages(&a.out)
                 .map(|_| format!("man pages written to {}\n", a.out.display()))

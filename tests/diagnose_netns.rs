@@ -320,3 +320,66 @@ async fn deleted_vxlan_device_is_a_segment_fault() {
     assert!(s.fix.contains("type vxlan id 5000"), "{s:#?}");
     assert!(is(hop(&r, "bridge"), pb::HopStatus::Ok), "{r:#?}");
 }
+
+/// A vxlan5000 on another UDP port than this host's configuration gives
+/// (multicast flavour: no dstport, so the kernel default): a real kernel
+/// device, re-made by hand with the IANA port and the agent's alias, as the
+/// agent made them before it followed `modifyvxlan.sh`. doctor names the
+/// port and, because the device is the agent's, the repair.
+#[tokio::test]
+async fn vxlan_device_on_the_wrong_port_is_a_segment_fault() {
+    let lab = Lab::new("vp");
+    let a = lab.agent();
+    let mut c = client(&a).await;
+    let mac = "02:00:0d:0d:00:02";
+    let mut n = nic(mac, "cloudbr1");
+    n.broadcast_uri = "vxlan://5000".into();
+    c.attach_nic(pb::AttachNicRequest {
+        vm: VM.into(),
+        nic: Some(n),
+        request_id: String::new(),
+    })
+    .await
+    .expect("attach");
+    let kernel: u16 = std::fs::read_to_string("/sys/module/vxlan/parameters/udp_port")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(8472);
+    let r = diagnose(&mut c, mac).await;
+    let s = hop(&r, "segment");
+    assert!(is(s, pb::HopStatus::Ok), "{r:#?}");
+    assert!(
+        s.evidence
+            .contains(&format!("port {kernel}, as vxlan.flavour multicast")),
+        "{s:#?}"
+    );
+
+    let wrong = if kernel == 4789 { 4790 } else { 4789 };
+    let wrong_s = wrong.to_string();
+    lab.ip(&["link", "del", "vxlan5000"]);
+    #[rustfmt::skip]
+    lab.ip(&[
+        "link", "add", "vxlan5000", "type", "vxlan", "id", "5000", "group", "239.0.19.136",
+        "ttl", "10", "dstport", &wrong_s, "dev", "cloudbr1",
+    ]);
+    lab.ip(&["link", "set", "vxlan5000", "alias", "nic-agent"]);
+    lab.ip(&["link", "set", "vxlan5000", "master", "brvx-5000"]);
+    lab.ip(&["link", "set", "vxlan5000", "up"]);
+    let r = diagnose(&mut c, mac).await;
+    let s = hop(&r, "segment");
+    assert!(is(s, pb::HopStatus::Fault), "{r:#?}");
+    assert!(
+        s.evidence.contains(&format!(
+            "vxlan5000 uses UDP port {wrong}, this host is configured for {kernel} \
+             (vxlan.flavour multicast, kernel default)"
+        )),
+        "{s:#?}"
+    );
+    assert!(
+        s.fix.contains("nic-agent repair-vxlan --vni 5000"),
+        "{s:#?}"
+    );
+    // Group, VNI and underlay are right, so the port is the only complaint.
+    assert!(!s.evidence.contains("expected"), "{s:#?}");
+    assert!(is(hop(&r, "bridge"), pb::HopStatus::Ok), "{r:#?}");
+}

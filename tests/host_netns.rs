@@ -61,6 +61,19 @@ impl Netns {
         self.try_ip(&["link", "show", "dev", link]).status.success()
     }
 
+    /// A bridge port flag under /sys/class/net/<port>/brport, as seen from
+    /// inside the namespace (`ip netns exec` mounts its own sysfs), and the
+    /// same flag from `bridge -d -j link show dev <port>`.
+    fn brport(&self, port: &str, flag: &str) -> (String, Value) {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{port}/brport/{flag}")]);
+        assert!(out.status.success(), "{out:?}");
+        let sys = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let out = self.exec(&["bridge", "-d", "-j", "link", "show", "dev", port]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("bridge -j output is JSON");
+        (sys, v[0][flag].clone())
+    }
+
     /// `ip -d -j link show dev <link>` as JSON.
     fn link_json(&self, link: &str) -> Value {
         let out = self.ip(&["-d", "-j", "link", "show", "dev", link]);
@@ -301,6 +314,16 @@ fn vxlan_prepare_creates_marked_bridge_and_device_and_undo_removes_them() {
     assert_eq!(data["learning"], true);
     assert_eq!(data["link"], "cloudbr1");
     assert_eq!(vx["master"], "brvx-5000");
+    // modifyvxlan.sh leaves the bridge port as the kernel makes it; only
+    // the EVPN flavour suppresses neighbours and learning there.
+    assert_eq!(
+        ns.brport("vxlan5000", "neigh_suppress"),
+        ("0".into(), false.into())
+    );
+    assert_eq!(
+        ns.brport("vxlan5000", "learning"),
+        ("1".into(), true.into())
+    );
     assert_eq!(vx["ifalias"], "nic-agent");
     assert_eq!(vx["mtu"], 1450);
     let b = ns.link_json("brvx-5000");
@@ -955,6 +978,7 @@ fn evpn_flavour_pins_4789_without_learning_group_or_route() {
     assert_eq!(e.kind(), HostErrorKind::FailedPrecondition, "{e}");
     assert!(e.to_string().contains("dev lo"), "{e}");
     ns.ip(&["addr", "add", "10.255.0.7/32", "dev", "lo"]);
+    let cfg2 = cfg.clone();
     let steps = ns.run(cfg, |host| async move {
         let plan = host
             .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(7001))
@@ -980,7 +1004,84 @@ fn evpn_flavour_pins_4789_without_learning_group_or_route() {
     );
     assert_eq!(ns.sysctl("net/ipv6/conf/vxlan7001/disable_ipv6"), "1");
     assert_eq!(ns.sysctl("net/ipv6/conf/brvx-7001/disable_ipv6"), "1");
+    // modifyvxlan-evpn.sh: `bridge link set dev vxlanN neigh_suppress on
+    // learning off` on the device's bridge port.
+    assert_eq!(
+        ns.brport("vxlan7001", "neigh_suppress"),
+        ("1".into(), true.into())
+    );
+    assert_eq!(
+        ns.brport("vxlan7001", "learning"),
+        ("0".into(), false.into())
+    );
     assert_eq!(steps.len(), 2, "{steps:?}");
+
+    // An agent-made port that lost them (an agent before this change
+    // enslaved it without) gets them back on the next attach.
+    ns.exec(&[
+        "bridge",
+        "link",
+        "set",
+        "dev",
+        "vxlan7001",
+        "neigh_suppress",
+        "off",
+        "learning",
+        "on",
+    ]);
+    assert_eq!(
+        ns.brport("vxlan7001", "learning"),
+        ("1".into(), true.into())
+    );
+    let again = ns.run(cfg2, |host| async move {
+        let plan = host
+            .resolve(&br("cloudbr1"), SwitchType::LinuxBridge, &vni(7001))
+            .await
+            .expect("resolve");
+        host.prepare(&plan).await.expect("prepare again")
+    });
+    assert!(again.is_empty(), "nothing new to undo: {again:?}");
+    assert_eq!(
+        ns.brport("vxlan7001", "neigh_suppress"),
+        ("1".into(), true.into())
+    );
+    assert_eq!(
+        ns.brport("vxlan7001", "learning"),
+        ("0".into(), false.into())
+    );
+    // repair-vxlan re-creates an agent-made EVPN device on the wrong port
+    // with the port settings too.
+    ns.ip(&["link", "del", "vxlan7001"]);
+    #[rustfmt::skip]
+    ns.ip(&[
+        "link", "add", "vxlan7001", "type", "vxlan", "id", "7001", "local", "10.255.0.7",
+        "dstport", "4790", "nolearning",
+    ]);
+    ns.ip(&["link", "set", "vxlan7001", "alias", "nic-agent"]);
+    ns.ip(&["link", "set", "vxlan7001", "master", "brvx-7001"]);
+    assert_eq!(
+        ns.brport("vxlan7001", "learning"),
+        ("1".into(), true.into())
+    );
+    let no_lock = dir.path().join("no-cloud/vxlan.lock");
+    #[rustfmt::skip]
+    let out = ns.exec(&[
+        env!("CARGO_BIN_EXE_nic-agent"), "repair-vxlan", "--config", "/dev/null",
+        "--vxlan-flavour", "evpn", "--vni", "7001",
+        "--vxlan-lock-file", no_lock.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let vx = ns.link_json("vxlan7001");
+    assert_eq!(vx["linkinfo"]["info_data"]["port"], 4789, "{vx}");
+    assert_eq!(vx["master"], "brvx-7001", "{vx}");
+    assert_eq!(
+        ns.brport("vxlan7001", "neigh_suppress"),
+        ("1".into(), true.into())
+    );
+    assert_eq!(
+        ns.brport("vxlan7001", "learning"),
+        ("0".into(), false.into())
+    );
 }
 
 #[test]

@@ -19,6 +19,41 @@ check() { # check DESCRIPTION CMD...
     if "$@"; then ok "$what"; else bad "$what"; fi
 }
 
+# unit_uncovered_dirs UNIT DIRS: the lines of DIRS (`nic-agent config
+# dirs` output: DIR<TAB>KEY<TAB>required|if-exists) whose DIR is not under
+# a path the unit makes writable (StateDirectory= and the other
+# *Directory= settings, ReadWritePaths=), each as "DIR (KEY)". Paths are
+# compared after resolving symlinks (/var/run is /run). An if-exists DIR
+# needs a ReadWritePaths= entry too; a "-" entry is enough for it.
+unit_uncovered_dirs() {
+    local unit=$1 dirs=$2 key val p covered=() dir k need ok c
+    while IFS='=' read -r key val; do
+        case $key in
+        StateDirectory) for p in $val; do covered+=("/var/lib/${p%%:*}"); done ;;
+        RuntimeDirectory) for p in $val; do covered+=("/run/${p%%:*}"); done ;;
+        CacheDirectory) for p in $val; do covered+=("/var/cache/${p%%:*}"); done ;;
+        LogsDirectory) for p in $val; do covered+=("/var/log/${p%%:*}"); done ;;
+        ReadWritePaths)
+            [ -n "$val" ] || covered=() # an empty assignment resets the list
+            for p in $val; do
+                p=${p#-}
+                covered+=("${p#+}")
+            done
+            ;;
+        esac
+    done <<<"$(sed -n 's/^[[:space:]]*\([A-Za-z]*\)=\(.*\)$/\1=\2/p' "$unit")"
+    while IFS=$'\t' read -r dir k need; do
+        [ -n "$dir" ] || continue
+        dir=$(realpath -m "$dir")
+        ok=0
+        for c in "${covered[@]}"; do
+            c=$(realpath -m "$c")
+            case $dir in "$c" | "$c"/*) ok=1 ;; esac
+        done
+        [ "$ok" -eq 1 ] || echo "$dir ($k, $need)"
+    done <<<"$dirs"
+}
+
 if [ "$(id -u)" -ne 0 ]; then
     echo "tests/package.sh: needs root for dpkg -i" >&2
     exit 1
@@ -127,6 +162,28 @@ check "depends on libvirt0" \
     sh -c "dpkg-query -W -f='\${Depends}' nic-agent | grep -q libvirt0"
 check "group nic-agent exists (socket group)" getent group nic-agent
 check "/etc/nic-agent/tls is 0700" test "$(stat -c %a /etc/nic-agent/tls)" = 700
+# Every directory the agent writes with the installed config must be
+# writable under the unit's ProtectSystem=strict; otherwise the failure
+# shows only under systemd (PID 1 here is not systemd), as EROFS on the
+# first VLAN/VXLAN attach. The agent itself names the directories.
+check "unit sets ProtectSystem=strict (the coverage check assumes it)" \
+    grep -qx "ProtectSystem=strict" "$unit"
+dirs_out=$(/usr/bin/nic-agent config dirs /etc/nic-agent/config.toml)
+printf '%s\n' "$dirs_out" | sed 's/^/    writes: /'
+check "agent names its state_dir, persist_dir and socket dir" \
+    sh -c 'for k in state_dir persist_dir listen; do printf "%s\n" "$1" | cut -f2 | grep -qx "$k" || exit 1; done' _ "$dirs_out"
+uncovered=$(unit_uncovered_dirs "$unit" "$dirs_out")
+[ -z "$uncovered" ] || printf '%s\n' "$uncovered" | sed 's/^/    NOT WRITABLE in the unit: /'
+check "every directory the agent writes is writable in the unit" test -z "$uncovered"
+# The check must see the bug it is for: the unit without StateDirectory=
+# (as before it had one) leaves persist_dir read-only.
+broken=$(mktemp /tmp/nic-agent-unit.XXXXXX)
+grep -v '^StateDirectory' "$unit" >"$broken"
+uncovered=$(unit_uncovered_dirs "$broken" "$dirs_out")
+rm -f "$broken"
+check "coverage check catches a unit without StateDirectory= (got: ${uncovered:-nothing})" \
+    sh -c 'printf "%s\n" "$1" | grep -q "^/var/lib/nic-agent "' _ "$uncovered"
+
 # verify runs on the installed unit, so the ExecStart binary exists;
 # --man=no because Documentation= man pages are not resolved in a test run.
 verify_out=$(systemd-analyze verify --man=no "$unit" 2>&1) && verify_rc=0 || verify_rc=$?
@@ -144,6 +201,7 @@ check "unit exposure ${exposure:-?} <= $max_exposure" \
 purge
 check "purge removes the binary" test ! -e /usr/bin/nic-agent
 check "purge removes the config" test ! -e /etc/nic-agent/config.toml
+check "purge removes the persist dir" test ! -e /var/lib/nic-agent
 check "purge removes the hook drop-in" test ! -e /etc/libvirt/hooks/qemu.d/nic-agent
 check "purge removes the unit" test -z "$(ls /lib/systemd/system/nic-agent.service /usr/lib/systemd/system/nic-agent.service 2>/dev/null)"
 

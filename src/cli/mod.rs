@@ -110,6 +110,14 @@ pub enum ConfigCommand {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Print the directories `serve` writes with this configuration, one
+    /// a line: DIR, the key, and `required` or `if-exists` (for packaging
+    /// tests: the systemd unit must make each one writable).
+    #[command(hide = true)]
+    Dirs {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 /// `man` options.

@@ -15,11 +15,10 @@
 //! every verdict is unit-tested on plain inputs; [`Hotplug::diagnose`] only
 //! gathers those inputs. Diagnosis never changes anything.
 
-use std::net::Ipv4Addr;
-
 use serde::Serialize;
 
-use crate::host::{naming, HostFacts, InspectQuery, LinkFacts, VxlanSpec, VXLAN_PORT};
+use crate::host::vxlan::VxlanDevice;
+use crate::host::{naming, HostFacts, InspectQuery, LinkFacts, VxlanExpected, AGENT_ALIAS};
 use crate::hotplug::report::{self, NicReport};
 use crate::hotplug::{Hotplug, HotplugError, IDS_ALIAS_PREFIX};
 use crate::nic::{MacAddr, Segment, VlanId, Vni};
@@ -35,7 +34,8 @@ pub mod hop {
     pub const BRIDGE: &str = "bridge";
     /// The bridge's VXLAN/VLAN device (brvx-N / br<pif>-N bridges).
     pub const SEGMENT: &str = "segment";
-    /// guest <mtu> ≤ tap ≤ bridge, underlay ≥ bridge + 50 for VXLAN.
+    /// guest <mtu> ≤ tap ≤ bridge, underlay ≥ bridge + 50 for VXLAN (70
+    /// on an IPv6 underlay).
     pub const MTU: &str = "mtu";
     /// Promiscuous state and tc mirror filters match the IDS NICs on the
     /// bridge; a flooding bridge (ageing 0) is a warning.
@@ -107,14 +107,13 @@ impl Diagnosis {
 /// The VLAN/VXLAN device a bridge's name implies (CloudStack naming).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpectedSegment {
-    /// `brvx-N` carries `vxlanN` with VNI N and group 239.x.y.z from N.
+    /// `brvx-N` carries `vxlanN` with VNI N; its group, port and underlay
+    /// follow this host's VXLAN configuration ([`VxlanExpected`]).
     Vxlan {
         /// Device name.
         dev: String,
         /// VNI.
         vni: u32,
-        /// Multicast group.
-        group: Ipv4Addr,
     },
     /// `br<pif>-N` carries `<pif>.N`, 802.1Q id N.
     Vlan {
@@ -141,11 +140,9 @@ impl ExpectedSegment {
 pub fn expected_segment(bridge: &str) -> Option<ExpectedSegment> {
     if let Some(n) = bridge.strip_prefix("brvx-") {
         let vni = Vni::try_from(n.parse::<u32>().ok()?).ok()?;
-        let spec = VxlanSpec::for_vni(vni, "");
         return Some(ExpectedSegment::Vxlan {
-            dev: spec.name,
+            dev: naming::vxlan_device(vni.get()),
             vni: vni.get(),
-            group: spec.group,
         });
     }
     let (pif, id) = bridge.strip_prefix("br")?.rsplit_once('-')?;
@@ -477,6 +474,69 @@ fn bridge_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     h.done()
 }
 
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "none".to_string(), |x| x.to_string())
+}
+
+/// Judges a VXLAN device found on the host against the one this host's
+/// configuration makes, with the attach's own comparison
+/// ([`VxlanDevice::differences`]), so doctor and attach agree on what is
+/// wrong.
+fn vxlan_against_config(
+    h: &mut Acc,
+    s: &LinkFacts,
+    found: &crate::host::VxlanFacts,
+    want: &VxlanDevice,
+    e: &VxlanExpected,
+    ours: bool,
+) {
+    let diffs = want.differences(found, e.kernel_port);
+    if diffs.is_empty() {
+        let mut ev = format!("vni {}", want.vni.get());
+        if let Some(g) = want.group {
+            ev.push_str(&format!(", group {g}"));
+        }
+        if let Some(l) = want.local {
+            ev.push_str(&format!(", local {l}"));
+        }
+        let port = want.effective_port(e.kernel_port);
+        ev.push_str(&format!(", port {port}, as vxlan.flavour {}", want.flavour));
+        h.ok(ev);
+        return;
+    }
+    for d in diffs {
+        h.bad(
+            HopStatus::Fault,
+            format!("{} {d}", s.name),
+            want.mismatch_fix(ours),
+        );
+    }
+}
+
+/// The fix for a missing `vxlanN`: let the agent make it again, or the
+/// command this host's configuration would run.
+fn missing_vxlan_fix(vni: u32, bridge: &str, f: &HostFacts) -> String {
+    let again = format!("attach a NIC with vxlan://{vni} (the agent re-creates it)");
+    match f.vxlan_expected.as_ref().map(|e| (&e.device, e)) {
+        Some((Ok(d), e)) => {
+            let mut s = format!(
+                "{again}, or: {} && ip link set {} master {bridge} up",
+                d.ip_command(),
+                d.name
+            );
+            if e.family_guessed {
+                let v6 = crate::host::vxlan::group_v6(d.vni);
+                s.push_str(&format!(
+                    " (an IPv6 underlay takes `ip -f inet6` and group {v6})"
+                ));
+            }
+            s
+        }
+        Some((Err(why), _)) => format!("{why}; then {again}"),
+        None => again,
+    }
+}
+
 fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     let mut h = Acc::new(hop::SEGMENT);
     let expected = if ovs { None } else { expected_segment(bridge) };
@@ -489,9 +549,7 @@ fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     let dev = exp.dev();
     let Some(s) = &f.segment else {
         let recreate = match &exp {
-            ExpectedSegment::Vxlan { vni, group, .. } => format!(
-                "ip link add {dev} type vxlan id {vni} group {group} ttl 10 dstport {VXLAN_PORT} dev <label bridge> && ip link set {dev} master {bridge} up"
-            ),
+            ExpectedSegment::Vxlan { vni, .. } => missing_vxlan_fix(*vni, bridge, f),
             ExpectedSegment::Vlan { parent, id, .. } => format!(
                 "ip link add link {parent} name {dev} type vlan id {id} && ip link set {dev} master {bridge} up"
             ),
@@ -505,7 +563,7 @@ fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     };
     h.ok(link_summary(s));
     match &exp {
-        ExpectedSegment::Vxlan { vni, group, .. } => {
+        ExpectedSegment::Vxlan { vni, .. } => {
             let Some(v) = &s.vxlan else {
                 h.bad(
                     HopStatus::Fault,
@@ -514,31 +572,31 @@ fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
                 );
                 return h.done();
             };
-            if v.vni == Some(*vni) {
-                h.ok(format!("vni {vni}"));
-            } else {
-                h.bad(
+            let ours = s.alias.as_deref() == Some(AGENT_ALIAS);
+            match f.vxlan_expected.as_ref().map(|e| (&e.device, e)) {
+                Some((Ok(want), e)) => vxlan_against_config(&mut h, s, v, want, e, ours),
+                Some((Err(why), _)) => h.bad(
                     HopStatus::Fault,
-                    format!(
-                        "vni {}, expected {vni}",
-                        v.vni.map_or("none".into(), |n| n.to_string())
-                    ),
-                    format!("delete {dev} and re-create it with id {vni}"),
-                );
-            }
-            if v.group == Some(*group) {
-                h.ok(format!("group {group}"));
-            } else {
-                h.bad(
+                    format!("this host's VXLAN configuration cannot make {dev}: {why}"),
+                    why.clone(),
+                ),
+                // Facts from a host backend that does not say what it would
+                // make: only the VNI can be judged.
+                None if v.vni == Some(*vni) => h.ok(format!("vni {vni}")),
+                None => h.bad(
                     HopStatus::Fault,
-                    format!(
-                        "group {}, expected {group}",
-                        v.group.map_or("none".into(), |g| g.to_string())
-                    ),
-                    format!("delete {dev} and re-create it with group {group}"),
-                );
+                    format!("{dev} has VNI {}, expected {vni}", opt(v.vni)),
+                    format!("delete {dev} and re-attach a NIC with vxlan://{vni}"),
+                ),
             }
+            let want_underlay = f
+                .vxlan_expected
+                .as_ref()
+                .and_then(|e| e.device.as_ref().ok())
+                .is_none_or(|d| d.underlay.is_some());
             match (&v.underlay, &f.underlay) {
+                // evpn devices have no `dev`: FRR routes the underlay.
+                (None, _) if !want_underlay => {}
                 (None, _) => h.bad(
                     HopStatus::Fault,
                     format!("{dev} has no underlay device (dev)"),
@@ -686,15 +744,23 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
                 format!("ip link set {} mtu {}", s.name, b.mtu),
             );
         }
-        if s.vxlan.is_some() {
+        if let Some(v) = &s.vxlan {
+            // The encapsulation of the device as configured; IPv6 takes 70.
+            let overhead = match f.vxlan_expected.as_ref().map(|e| &e.device) {
+                Some(Ok(d)) => d.overhead(),
+                _ if v.group.or(v.local).is_some_and(|a| a.is_ipv6()) => {
+                    crate::host::mtu::VXLAN_IPV6_OVERHEAD
+                }
+                _ => crate::host::mtu::VXLAN_IPV4_OVERHEAD,
+            };
             if let Some(u) = &f.underlay {
-                let need = b.mtu.saturating_add(crate::host::mtu::VXLAN_IPV4_OVERHEAD);
+                let need = b.mtu.saturating_add(overhead);
                 h.ok(format!("underlay {} {} (needs ≥ {need})", u.name, u.mtu));
                 if u.mtu < need {
                     h.bad(
                         HopStatus::Fault,
                         format!(
-                            "underlay {} MTU {} < bridge {} + 50 VXLAN overhead",
+                            "underlay {} MTU {} < bridge {} + {overhead} VXLAN overhead",
                             u.name, u.mtu, b.mtu
                         ),
                         format!(
@@ -702,7 +768,7 @@ fn mtu_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
                             u.name,
                             u.name,
                             b.name,
-                            u.mtu.saturating_sub(crate::host::mtu::VXLAN_IPV4_OVERHEAD)
+                            u.mtu.saturating_sub(overhead)
                         ),
                     );
                 }
@@ -1094,11 +1160,14 @@ impl Hotplug {
         if let (Some(host), Some(i)) = (&self.host, live_nics.first()) {
             if let Some(bridge) = i.source.clone().filter(|_| i.kind == "bridge") {
                 let ovs = i.virtualport.as_deref() == Some("openvswitch");
+                let expected = (!ovs).then(|| expected_segment(&bridge)).flatten();
                 let q = InspectQuery {
                     tap: i.target.clone(),
-                    segment: (!ovs)
-                        .then(|| expected_segment(&bridge).map(|s| s.dev().to_string()))
-                        .flatten(),
+                    segment: expected.as_ref().map(|s| s.dev().to_string()),
+                    vxlan: match &expected {
+                        Some(ExpectedSegment::Vxlan { vni, .. }) => Vni::try_from(*vni).ok(),
+                        _ => None,
+                    },
                     bridge: bridge.clone(),
                     ovs,
                     mac: mac_s.clone(),

@@ -2,7 +2,13 @@
 //! at a time, each named as the right hop with a usable fix.
 
 use super::*;
-use crate::host::{FdbFacts, LinkCounters, OvsFacts, VlanFacts, VxlanFacts};
+use std::net::Ipv4Addr;
+
+use crate::host::vxlan::{LinkAddr, VxlanSettings};
+use crate::host::{
+    FdbFacts, LinkCounters, OvsFacts, VlanFacts, VxlanExpected, VxlanFacts, VxlanFamily,
+    VxlanFlavour,
+};
 
 const MAC: &str = "02:00:0d:00:00:01";
 
@@ -69,15 +75,80 @@ fn healthy_vxlan() -> (InterfaceView, HostFacts) {
     br.ageing = Some(30000);
     f.bridge = Some(br);
     let mut vx = link("vxlan5000", "vxlan", 1450, Some("brvx-5000"));
+    // As `modifyvxlan.sh` makes it: no dstport, so the kernel's 8472.
     vx.vxlan = Some(VxlanFacts {
         vni: Some(5000),
-        group: Some(Ipv4Addr::new(239, 0, 19, 136)),
+        group: Some(Ipv4Addr::new(239, 0, 19, 136).into()),
+        local: None,
         underlay: Some("cloudbr1".into()),
-        port: Some(4789),
+        port: Some(8472),
+        learning: Some(true),
     });
     f.segment = Some(vx);
     f.underlay = Some(link("cloudbr1", "bridge", 1500, None));
     f.fdb.learned_on = vec!["vnet4".into()];
+    f.vxlan_expected = Some(expect(
+        &VxlanSettings::default(),
+        Some("cloudbr1"),
+        &[],
+        &[],
+    ));
+    (i, f)
+}
+
+fn vni5000() -> Vni {
+    Vni::try_from(5000).expect("vni")
+}
+
+fn global(a: &str) -> LinkAddr {
+    LinkAddr {
+        addr: a.parse().expect("addr"),
+        global: true,
+    }
+}
+
+/// What `cfg` makes for VNI 5000, by the host module's own decision, on a
+/// host whose kernel default port is 8472.
+fn expect(
+    cfg: &VxlanSettings,
+    underlay: Option<&str>,
+    under: &[LinkAddr],
+    lo: &[LinkAddr],
+) -> VxlanExpected {
+    VxlanExpected {
+        device: cfg
+            .device(
+                vni5000(),
+                underlay.unwrap_or(crate::host::LABEL_PLACEHOLDER),
+                under,
+                lo,
+            )
+            .map_err(|e| e.to_string()),
+        kernel_port: 8472,
+        family_guessed: underlay.is_none() && cfg.family == VxlanFamily::Auto,
+    }
+}
+
+/// vxlan5000 as `modifyvxlan-evpn.sh` makes it on a host whose VTEP on lo
+/// is 10.0.0.7: dstport 4789, nolearning, no group, no dev.
+fn healthy_evpn() -> (InterfaceView, HostFacts) {
+    let (i, mut f) = healthy_vxlan();
+    if let Some(v) = f.segment.as_mut().and_then(|s| s.vxlan.as_mut()) {
+        *v = VxlanFacts {
+            vni: Some(5000),
+            group: None,
+            local: Some("10.0.0.7".parse().expect("ip")),
+            underlay: None,
+            port: Some(4789),
+            learning: Some(false),
+        };
+    }
+    f.underlay = None;
+    let evpn = VxlanSettings {
+        flavour: VxlanFlavour::Evpn,
+        ..VxlanSettings::default()
+    };
+    f.vxlan_expected = Some(expect(&evpn, None, &[], &[global("10.0.0.7")]));
     (i, f)
 }
 
@@ -319,7 +390,6 @@ fn expected_segment_follows_cloudstack_names() {
         Some(ExpectedSegment::Vxlan {
             dev: "vxlan5000".into(),
             vni: 5000,
-            group: Ipv4Addr::new(239, 0, 19, 136),
         })
     );
     assert_eq!(
@@ -351,10 +421,145 @@ fn healthy_vxlan_path_checks_vni_group_underlay_and_mtu() {
         assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
     }
     let s = get(&h, "segment");
-    for want in ["vni 5000", "group 239.0.19.136", "underlay cloudbr1 up"] {
+    for want in [
+        "vni 5000",
+        "group 239.0.19.136",
+        "port 8472, as vxlan.flavour multicast",
+        "underlay cloudbr1 up",
+    ] {
         assert!(s.evidence.contains(want), "{want}: {s:#?}");
     }
     assert!(get(&h, "mtu").evidence.contains("needs ≥ 1500"));
+}
+
+#[test]
+fn ipv6_underlay_device_with_cloudstacks_v6_group_is_ok() {
+    // modifyvxlan.sh -6 on an underlay with only a global IPv6 address:
+    // group ff05::0:19:136 for VNI 5000 (bytes 0, 19, 136 written as hex).
+    let (i, mut f) = healthy_vxlan();
+    if let Some(v) = f.segment.as_mut().and_then(|s| s.vxlan.as_mut()) {
+        v.group = Some("ff05::19:136".parse().expect("ip"));
+    }
+    let under = [global("2001:db8::1")];
+    f.vxlan_expected = Some(expect(
+        &VxlanSettings::default(),
+        Some("cloudbr1"),
+        &under,
+        &[],
+    ));
+    // IPv6 encapsulation takes 70 bytes: 1450 + 70.
+    f.underlay = Some(link("cloudbr1", "bridge", 1520, None));
+    let h = run(&i, &f, 0);
+    for hop in &h {
+        assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
+    }
+    let s = get(&h, "segment");
+    assert!(s.evidence.contains("group ff05::19:136"), "{s:#?}");
+    assert!(get(&h, "mtu").evidence.contains("needs ≥ 1520"), "{h:#?}");
+    // The same device on an IPv4 underlay is the wrong group.
+    f.vxlan_expected = Some(expect(
+        &VxlanSettings::default(),
+        Some("cloudbr1"),
+        &[],
+        &[],
+    ));
+    let h = run(&i, &f, 0);
+    let s = get(&h, "segment");
+    assert_eq!(s.status, HopStatus::Fault, "{s:#?}");
+    assert!(
+        s.evidence
+            .contains("vxlan5000 has group ff05::19:136, expected 239.0.19.136"),
+        "{s:#?}"
+    );
+}
+
+#[test]
+fn evpn_device_without_group_or_underlay_is_ok_on_an_evpn_host() {
+    let (i, f) = healthy_evpn();
+    let h = run(&i, &f, 0);
+    for hop in &h {
+        assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
+    }
+    let s = get(&h, "segment");
+    assert!(
+        s.evidence
+            .contains("vni 5000, local 10.0.0.7, port 4789, as vxlan.flavour evpn"),
+        "{s:#?}"
+    );
+    // The same device judged as a multicast host would: no group, no dev,
+    // the wrong port.
+    let mut multicast = f.clone();
+    multicast.vxlan_expected = Some(expect(&VxlanSettings::default(), None, &[], &[]));
+    let s = get(&run(&i, &multicast, 0), "segment").clone();
+    assert_eq!(s.status, HopStatus::Fault, "{s:#?}");
+    assert!(
+        s.evidence
+            .contains("uses UDP port 4789, this host is configured for 8472"),
+        "{s:#?}"
+    );
+    assert!(
+        s.evidence.contains("has group none, expected 239.0.19.136"),
+        "{s:#?}"
+    );
+}
+
+#[test]
+fn evpn_host_without_a_vtep_on_lo_is_a_segment_fault_naming_lo() {
+    let (i, mut f) = healthy_evpn();
+    let evpn = VxlanSettings {
+        flavour: VxlanFlavour::Evpn,
+        ..VxlanSettings::default()
+    };
+    f.vxlan_expected = Some(expect(&evpn, None, &[], &[]));
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "segment");
+    let s = get(&h, "segment");
+    assert!(s.evidence.contains("with scope global on lo"), "{s:#?}");
+    assert!(s.fix.contains("ip addr add ADDR/32 dev lo"), "{s:#?}");
+}
+
+#[test]
+fn vxlan_device_on_the_wrong_port_is_a_segment_fault_with_the_repair() {
+    let (i, mut f) = healthy_vxlan();
+    if let Some(v) = f.segment.as_mut().and_then(|s| s.vxlan.as_mut()) {
+        // What the agent made before it followed modifyvxlan.sh's port.
+        v.port = Some(4789);
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "segment");
+    let s = get(&h, "segment");
+    assert!(
+        s.evidence.contains(
+            "vxlan5000 uses UDP port 4789, this host is configured for 8472 \
+             (vxlan.flavour multicast, kernel default)"
+        ),
+        "{s:#?}"
+    );
+    // Not the agent's: agree the settings or re-create it by hand.
+    assert!(s.fix.contains("not made by nic-agent"), "{s:#?}");
+    assert!(
+        s.fix.contains(
+            "ip -f inet link add vxlan5000 type vxlan id 5000 group 239.0.19.136 ttl 10 dev cloudbr1"
+        ),
+        "{s:#?}"
+    );
+    // The agent's own: repair-vxlan.
+    if let Some(seg) = f.segment.as_mut() {
+        seg.alias = Some(crate::host::AGENT_ALIAS.into());
+    }
+    let s = get(&run(&i, &f, 0), "segment").clone();
+    assert!(
+        s.fix.contains("nic-agent repair-vxlan --vni 5000"),
+        "{s:#?}"
+    );
+    // A port pinned on every host (vxlan.port = 4789) makes it right.
+    let pinned = VxlanSettings {
+        port: Some(4789),
+        ..VxlanSettings::default()
+    };
+    f.vxlan_expected = Some(expect(&pinned, Some("cloudbr1"), &[], &[]));
+    let s = get(&run(&i, &f, 0), "segment").clone();
+    assert_eq!(s.status, HopStatus::Ok, "{s:#?}");
 }
 
 #[test]
@@ -362,11 +567,31 @@ fn missing_vxlan_device_is_a_segment_fault() {
     let (i, mut f) = healthy_vxlan();
     f.segment = None;
     f.underlay = None;
+    f.vxlan_expected = Some(expect(&VxlanSettings::default(), None, &[], &[]));
     let h = run(&i, &f, 0);
     assert_only_fault(&h, "segment");
     let s = get(&h, "segment");
     assert!(s.evidence.contains("vxlan5000 does not exist"), "{s:#?}");
-    assert!(s.fix.contains("id 5000 group 239.0.19.136"), "{s:#?}");
+    assert!(s.fix.contains("attach a NIC with vxlan://5000"), "{s:#?}");
+    // modifyvxlan.sh's command: no dstport, the kernel default applies.
+    assert!(
+        s.fix.contains(
+            "ip -f inet link add vxlan5000 type vxlan id 5000 group 239.0.19.136 ttl 10 \
+             dev <label bridge> && ip link set vxlan5000 master brvx-5000 up"
+        ),
+        "{s:#?}"
+    );
+    assert!(!s.fix.contains("dstport"), "{s:#?}");
+    assert!(s.fix.contains("group ff05::19:136"), "{s:#?}");
+    // An evpn host's command pins 4789 and takes the VTEP from lo.
+    let (_, mut e) = healthy_evpn();
+    e.segment = None;
+    let s = get(&run(&i, &e, 0), "segment").clone();
+    assert!(
+        s.fix
+            .contains("id 5000 local 10.0.0.7 dstport 4789 nolearning && ip link set"),
+        "{s:#?}"
+    );
 }
 
 /// Breaks one thing about a segment device.
@@ -377,7 +602,7 @@ fn wrong_vni_group_or_detached_vxlan_device_is_a_segment_fault() {
     let (i, f) = healthy_vxlan();
     let cases: Vec<(&str, Breaker)> = vec![
         (
-            "vni 5001",
+            "has VNI 5001, expected 5000",
             Box::new(|s| {
                 if let Some(v) = s.vxlan.as_mut() {
                     v.vni = Some(5001)
@@ -385,10 +610,10 @@ fn wrong_vni_group_or_detached_vxlan_device_is_a_segment_fault() {
             }),
         ),
         (
-            "group 239.1.1.1",
+            "has group 239.1.1.1, expected 239.0.19.136",
             Box::new(|s| {
                 if let Some(v) = s.vxlan.as_mut() {
-                    v.group = Some(Ipv4Addr::new(239, 1, 1, 1))
+                    v.group = Some(Ipv4Addr::new(239, 1, 1, 1).into())
                 }
             }),
         ),

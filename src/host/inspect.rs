@@ -12,20 +12,21 @@
 //! from one consistent snapshot.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    InfoBridge, InfoData, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::AddressFamily;
 use serde::Serialize;
 use tokio::process::Command;
 
+use super::vxlan::{self, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour};
 use super::{ovs, HostConfig, HostError};
+use crate::nic::Vni;
 
 /// What to inspect: the NIC's tap, its bridge, the segment device the
 /// bridge's name implies, and the guest MAC to look for in the FDB.
@@ -37,6 +38,9 @@ pub struct InspectQuery {
     pub bridge: String,
     /// The VLAN/VXLAN device expected in the bridge, if any.
     pub segment: Option<String>,
+    /// The VNI when that device is a VXLAN one: the facts then say what
+    /// this host's configuration would make for it.
+    pub vxlan: Option<Vni>,
     /// The bridge is an Open vSwitch bridge.
     pub ovs: bool,
     /// The guest MAC, lower-case `aa:bb:cc:dd:ee:ff`.
@@ -61,18 +65,8 @@ pub struct LinkCounters {
     pub tx_dropped: u64,
 }
 
-/// VXLAN parameters of a link.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct VxlanFacts {
-    /// VNI (`IFLA_VXLAN_ID`).
-    pub vni: Option<u32>,
-    /// IPv4 multicast group or remote.
-    pub group: Option<Ipv4Addr>,
-    /// Underlay link name (`dev`), resolved from its ifindex.
-    pub underlay: Option<String>,
-    /// UDP destination port.
-    pub port: Option<u16>,
-}
+/// VXLAN parameters of a link (`underlay` resolved to a name).
+pub type VxlanFacts = VxlanAttrs;
 
 /// 802.1Q parameters of a link.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -102,6 +96,8 @@ pub struct LinkFacts {
     pub tx_queue_len: Option<u32>,
     /// Name of the master (bridge) this link is enslaved to.
     pub master: Option<String>,
+    /// `IFLA_IFALIAS` ([`super::AGENT_ALIAS`] on links the agent made).
+    pub alias: Option<String>,
     /// IFF_PROMISC.
     pub promisc: bool,
     /// Bridge FDB ageing time in centiseconds (bridges only).
@@ -156,7 +152,30 @@ pub struct HostFacts {
     /// Linux bridges: each port of the bridge, with the sensor taps its
     /// agent `tc` mirror filters copy to (`None` when not read).
     pub mirrors: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// VXLAN segments: the device this host's configuration makes for the
+    /// VNI, decided by the same code as an attach.
+    #[serde(skip)]
+    pub vxlan_expected: Option<VxlanExpected>,
 }
+
+/// What this host's VXLAN configuration makes for one VNI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanExpected {
+    /// The device, or why the configuration cannot make one here (an evpn
+    /// host without a VTEP address on `lo`).
+    pub device: Result<VxlanDevice, String>,
+    /// The port a device without `dstport` gets on this host
+    /// (`/sys/module/vxlan/parameters/udp_port`).
+    pub kernel_port: u16,
+    /// The found device's underlay was not known, so `device` is built over
+    /// [`LABEL_PLACEHOLDER`], and with `vxlan.family = "auto"` its family is
+    /// a guess (IPv4).
+    pub family_guessed: bool,
+}
+
+/// The placeholder underlay of a [`VxlanExpected`] whose label bridge is
+/// not known (the device is missing, or has no `dev`).
+pub const LABEL_PLACEHOLDER: &str = "<label bridge>";
 
 fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts) {
     let flags = msg.header.flags;
@@ -173,6 +192,7 @@ fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts
             LinkAttribute::Mtu(m) => f.mtu = m,
             LinkAttribute::TxQueueLen(q) => f.tx_queue_len = Some(q),
             LinkAttribute::Controller(c) => f.master = names.get(&c).cloned(),
+            LinkAttribute::IfAlias(a) => f.alias = Some(a),
             LinkAttribute::Link(p) => parent = Some(p),
             LinkAttribute::Stats64(s) => {
                 f.counters = Some(LinkCounters {
@@ -196,16 +216,8 @@ fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts
                             }
                         }
                         LinkInfo::Data(InfoData::Vxlan(opts)) => {
-                            let mut v = VxlanFacts::default();
-                            for o in opts {
-                                match o {
-                                    InfoVxlan::Id(id) => v.vni = Some(id),
-                                    InfoVxlan::Group(g) => v.group = Some(g),
-                                    InfoVxlan::Link(l) => v.underlay = names.get(&l).cloned(),
-                                    InfoVxlan::Port(p) => v.port = Some(p),
-                                    _ => {}
-                                }
-                            }
+                            let (mut v, link) = vxlan::parse_attrs(&opts);
+                            v.underlay = link.and_then(|l| names.get(&l).cloned());
                             f.vxlan = Some(v);
                         }
                         LinkInfo::Data(InfoData::Vlan(opts)) => {
@@ -418,6 +430,46 @@ async fn ovs_facts(cfg: &HostConfig, q: &InspectQuery, fdb: &mut FdbFacts) -> Ov
     f
 }
 
+/// What `cfg` makes for `vni` on this host, by the attach's own decision
+/// ([`vxlan::VxlanSettings::device`]), reading the addresses it needs:
+/// the underlay's (`underlay`: name and ifindex, when known) and `lo`'s.
+async fn vxlan_expected(
+    handle: &rtnetlink::Handle,
+    cfg: &HostConfig,
+    vni: Vni,
+    underlay: Option<(&str, u32)>,
+    lo: Option<u32>,
+) -> VxlanExpected {
+    let addrs = |i: Option<u32>| async move {
+        match i {
+            Some(i) => super::netlink::link_addrs(handle, i).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let v = &cfg.vxlan;
+    let device = async {
+        let under = match (v.flavour, v.family) {
+            (VxlanFlavour::Multicast, VxlanFamily::Auto) => addrs(underlay.map(|u| u.1)).await?,
+            _ => Vec::new(),
+        };
+        let lo = match v.flavour {
+            VxlanFlavour::Evpn => addrs(lo).await?,
+            VxlanFlavour::Multicast => Vec::new(),
+        };
+        let name = underlay.map_or(LABEL_PLACEHOLDER, |u| u.0);
+        v.device(vni, name, &under, &lo)
+    }
+    .await
+    .map_err(|e: HostError| e.to_string());
+    VxlanExpected {
+        device,
+        kernel_port: vxlan::kernel_default_port(),
+        family_guessed: underlay.is_none()
+            && v.flavour == VxlanFlavour::Multicast
+            && v.family == VxlanFamily::Auto,
+    }
+}
+
 /// Reads the host path of one NIC. Never changes anything.
 pub(crate) async fn inspect(
     handle: &rtnetlink::Handle,
@@ -452,6 +504,19 @@ pub(crate) async fn inspect(
             .or_else(|| s.vlan.as_ref().and_then(|v| v.parent.clone()))
     });
     facts.underlay = underlay_name.as_deref().and_then(get);
+    if let Some(vni) = q.vxlan {
+        let index = |n: &str| by_name.get(n).map(|(i, _)| *i);
+        facts.vxlan_expected = Some(
+            vxlan_expected(
+                handle,
+                cfg,
+                vni,
+                underlay_name.as_deref().and_then(|n| Some((n, index(n)?))),
+                index("lo"),
+            )
+            .await,
+        );
+    }
 
     if q.ovs {
         let mut fdb = FdbFacts::default();

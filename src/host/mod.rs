@@ -33,17 +33,17 @@ pub mod tc;
 pub mod tcmirror;
 pub mod vxlan;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 
-use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
+use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId};
 
 pub use error::{HostError, HostErrorKind};
 pub use inspect::{
     parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts, VlanFacts,
-    VxlanFacts,
+    VxlanExpected, VxlanFacts, LABEL_PLACEHOLDER,
 };
 pub use mtu::{mtu_preflight, MtuError};
 pub use netlink::{NetlinkHost, RepairAction, RepairOutcome, RepairReport};
@@ -59,13 +59,6 @@ pub use vxlan::{VxlanDevice, VxlanFamily, VxlanFlavour, VxlanSettings};
 /// CloudStack's own scripts or an operator created with the same name —
 /// names alone cannot, because we deliberately use the same names.
 pub const AGENT_ALIAS: &str = "nic-agent";
-
-/// The IANA VXLAN port. Only CloudStack's EVPN flavour uses it; its default
-/// multicast flavour gives no port, so the kernel default (8472) applies.
-/// See [`vxlan`].
-pub const VXLAN_PORT: u16 = vxlan::IANA_PORT;
-/// TTL of VXLAN multicast packets on the underlay.
-pub const VXLAN_TTL: u8 = 10;
 
 /// Settings of the host backend.
 #[derive(Debug, Clone)]
@@ -92,36 +85,6 @@ impl Default for HostConfig {
             ovs_vsctl: PathBuf::from("ovs-vsctl"),
             persist_dir: PathBuf::from("/var/lib/nic-agent"),
             vxlan: VxlanSettings::default(),
-        }
-    }
-}
-
-/// CloudStack's name and IPv4 multicast group for a VNI, as `modifyvxlan.sh`
-/// derives them. The device the agent actually makes depends on the
-/// configuration and the underlay: see [`VxlanDevice`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanSpec {
-    /// Device name (`vxlan<vni>`).
-    pub name: String,
-    /// VXLAN network identifier.
-    pub vni: Vni,
-    /// Multicast group 239.(vni>>16).(vni>>8).(vni) (low bytes).
-    pub group: Ipv4Addr,
-    /// Multicast TTL.
-    pub ttl: u8,
-    /// Underlay link (`dev`), the label bridge.
-    pub underlay: String,
-}
-
-impl VxlanSpec {
-    /// The CloudStack-style names for `vni` over `underlay`.
-    pub fn for_vni(vni: Vni, underlay: &str) -> Self {
-        Self {
-            name: naming::vxlan_device(vni.get()),
-            vni,
-            group: vxlan::group_v4(vni),
-            ttl: VXLAN_TTL,
-            underlay: underlay.to_string(),
         }
     }
 }

@@ -11,17 +11,18 @@ use std::path::Path;
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
 use netlink_packet_route::link::{
-    InfoBridge, InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
 use nix::errno::Errno;
 use rtnetlink::{
-    LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan, RouteMessageBuilder,
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVlan, LinkVxlan,
+    RouteMessageBuilder,
 };
 use tracing::{debug, info, warn};
 
 use super::error::netlink_errno;
-use super::vxlan::{self, Family, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour, VxlanLock};
+use super::vxlan::{self, LinkAddr, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour, VxlanLock};
 use super::{
     naming, ovs, promisc, tcmirror, BridgePorts, HostConfig, HostError, HostNet, HostPlan,
     HostUndo, PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
@@ -86,27 +87,8 @@ impl Link {
                                 }
                             }
                             LinkInfo::Data(InfoData::Vxlan(opts)) => {
-                                let mut v = VxlanAttrs::default();
-                                for o in opts {
-                                    match o {
-                                        InfoVxlan::Id(id) => v.vni = Some(id),
-                                        InfoVxlan::Group(g) => v.group = Some(g.into()),
-                                        InfoVxlan::Group6(g) => v.group = Some(g.into()),
-                                        InfoVxlan::Local(a) => v.local = Some(a.into()),
-                                        InfoVxlan::Local6(a) => v.local = Some(a.into()),
-                                        InfoVxlan::Port(p) => v.port = Some(p),
-                                        InfoVxlan::Learning(b) => v.learning = Some(b),
-                                        InfoVxlan::Link(i) => l.vxlan_dev = Some(i),
-                                        _ => {}
-                                    }
-                                }
-                                // The kernel reports "no group" as 0.0.0.0 / ::.
-                                if v.group.is_some_and(|g| g.is_unspecified()) {
-                                    v.group = None;
-                                }
-                                if v.local.is_some_and(|a| a.is_unspecified()) {
-                                    v.local = None;
-                                }
+                                let (v, link) = vxlan::parse_attrs(&opts);
+                                l.vxlan_dev = link;
                                 l.vxlan = Some(v);
                             }
                             _ => {}
@@ -175,6 +157,35 @@ pub(crate) fn disable_ipv6(dev: &str) -> Result<(), HostError> {
     })?;
     debug!(dev, "disabled IPv6");
     Ok(())
+}
+
+/// Addresses on link `index`, with whether each is scope global. The
+/// caller serialises dumps on the socket.
+pub(crate) async fn link_addrs(
+    handle: &rtnetlink::Handle,
+    index: u32,
+) -> Result<Vec<LinkAddr>, HostError> {
+    let msgs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("dump addresses"))?;
+    Ok(msgs
+        .into_iter()
+        // The dump filter is applied in user space by rtnetlink only
+        // for some kernels; check the index again.
+        .filter(|m| m.header.index == index)
+        .flat_map(|m| {
+            let global = m.header.scope == AddressScope::Universe;
+            m.attributes.into_iter().filter_map(move |a| match a {
+                AddressAttribute::Address(addr) => Some(LinkAddr { addr, global }),
+                _ => None,
+            })
+        })
+        .collect())
 }
 
 fn bridge_name(name: &str) -> Result<BridgeName, HostError> {
@@ -320,79 +331,10 @@ impl NetlinkHost {
         Ok(lock)
     }
 
-    /// Addresses on link `index`, with their scope.
-    async fn addresses(&self, index: u32) -> Result<Vec<(IpAddr, AddressScope)>, HostError> {
+    /// Addresses on link `index`.
+    async fn addresses(&self, index: u32) -> Result<Vec<LinkAddr>, HostError> {
         let _turn = self.dump.lock().await;
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump addresses"))?;
-        Ok(msgs
-            .into_iter()
-            // The dump filter is applied in user space by rtnetlink only
-            // for some kernels; check the index again.
-            .filter(|m| m.header.index == index)
-            .flat_map(|m| {
-                let scope = m.header.scope;
-                m.attributes.into_iter().filter_map(move |a| match a {
-                    AddressAttribute::Address(ip) => Some((ip, scope)),
-                    _ => None,
-                })
-            })
-            .collect())
-    }
-
-    /// The underlay family of a multicast VXLAN over `underlay`.
-    async fn underlay_family(&self, underlay: &Link) -> Result<Family, HostError> {
-        Ok(match self.config.vxlan.family {
-            VxlanFamily::Inet => Family::V4,
-            VxlanFamily::Inet6 => Family::V6,
-            VxlanFamily::Auto => {
-                let addrs = self.addresses(underlay.index).await?;
-                Family::auto(
-                    addrs.iter().any(|(a, _)| a.is_ipv4()),
-                    addrs
-                        .iter()
-                        .any(|(a, s)| a.is_ipv6() && *s == AddressScope::Universe),
-                )
-            }
-        })
-    }
-
-    /// The EVPN VTEP address: the first global address on `lo` of the
-    /// configured family, as `modifyvxlan-evpn.sh` reads it.
-    async fn loopback_vtep(&self) -> Result<IpAddr, HostError> {
-        let lo = self.need_link("lo").await?;
-        let global: Vec<IpAddr> = self
-            .addresses(lo.index)
-            .await?
-            .into_iter()
-            .filter(|(a, s)| *s == AddressScope::Universe && !a.is_loopback())
-            .map(|(a, _)| a)
-            .collect();
-        let has4 = global.iter().any(IpAddr::is_ipv4);
-        let has6 = global.iter().any(IpAddr::is_ipv6);
-        let family = match self.config.vxlan.family {
-            VxlanFamily::Inet => Family::V4,
-            VxlanFamily::Inet6 => Family::V6,
-            VxlanFamily::Auto => Family::auto(has4, has6),
-        };
-        global
-            .into_iter()
-            .find(|a| a.is_ipv6() == (family == Family::V6))
-            .ok_or_else(|| {
-                HostError::Unsupported(format!(
-                    "vxlan.flavour = \"evpn\" needs this host's VTEP address ({}) with scope \
-                     global on lo, as CloudStack's modifyvxlan-evpn.sh does; add it \
-                     (ip addr add ADDR/32 dev lo) or set vxlan.flavour = \"multicast\"",
-                    if family == Family::V6 { "IPv6" } else { "IPv4" }
-                ))
-            })
+        link_addrs(&self.handle, index).await
     }
 
     /// Whether traffic to `dst` already leaves through link `index`
@@ -479,40 +421,29 @@ impl NetlinkHost {
         if diffs.is_empty() {
             return Ok(());
         }
-        let vni = want.vni.get();
-        let fix = if found.is_ours() {
-            format!(
-                "it was made by nic-agent: run `nic-agent repair-vxlan --vni {vni}` to re-create \
-                 it as configured (VNI {vni} is interrupted briefly on this host)"
-            )
-        } else {
-            format!(
-                "it was not made by nic-agent (no alias {AGENT_ALIAS}), so the agent leaves it \
-                 alone: make the VXLAN settings of all hosts agree (vxlan.flavour, vxlan.port, \
-                 vxlan.family), or re-create it with `{}`",
-                want.ip_command()
-            )
-        };
         Err(HostError::SegmentMismatch {
             device: found.name.clone(),
             differences: diffs.join("; "),
-            fix,
+            fix: want.mismatch_fix(found.is_ours()),
         })
     }
 
     /// The VXLAN device this host's configuration makes for `vni` over the
-    /// label bridge `label`.
+    /// label bridge `label` ([`VxlanSettings::device`]); reads only the
+    /// addresses that decision needs.
     async fn vxlan_device(&self, vni: Vni, label: &Link) -> Result<VxlanDevice, HostError> {
         let cfg = &self.config.vxlan;
-        Ok(match cfg.flavour {
-            VxlanFlavour::Multicast => VxlanDevice::multicast(
-                vni,
-                &label.name,
-                self.underlay_family(label).await?,
-                cfg.port,
-            ),
-            VxlanFlavour::Evpn => VxlanDevice::evpn(vni, self.loopback_vtep().await?, cfg.port),
-        })
+        let (under, lo) = match (cfg.flavour, cfg.family) {
+            (VxlanFlavour::Multicast, VxlanFamily::Auto) => {
+                (self.addresses(label.index).await?, Vec::new())
+            }
+            (VxlanFlavour::Multicast, _) => (Vec::new(), Vec::new()),
+            (VxlanFlavour::Evpn, _) => {
+                let lo = self.need_link("lo").await?;
+                (Vec::new(), self.addresses(lo.index).await?)
+            }
+        };
+        cfg.device(vni, &label.name, &under, &lo)
     }
 
     /// Resolve a Linux-bridge segment device + bridge into a plan.
@@ -880,6 +811,32 @@ impl NetlinkHost {
         Ok((l, true))
     }
 
+    /// `bridge link set dev DEV neigh_suppress on learning off`, which
+    /// `modifyvxlan-evpn.sh` runs on its VXLAN device once it is a bridge
+    /// port: with EVPN, FRR's BGP fills the FDB and answers ARP/ND from its
+    /// routes, so the port must neither flood neighbour requests over the
+    /// fabric nor learn MACs from it. `IFLA_BRPORT_NEIGH_SUPPRESS` and
+    /// `IFLA_BRPORT_LEARNING` in a change (RTM_NEWLINK) request, as
+    /// `ip link set DEV type bridge_slave ...` sends them; RTM_SETLINK
+    /// ignores port data.
+    async fn evpn_bridge_port(&self, port: &Link) -> Result<(), HostError> {
+        let msg = LinkBridgePort::new(port.index)
+            .neigh_suppress(true)
+            .learning(false)
+            .build();
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "set neigh_suppress on, learning off on bridge port {}",
+                port.name
+            )))?;
+        debug!(port = %port.name, "EVPN bridge port: neigh_suppress on, learning off");
+        Ok(())
+    }
+
     /// Set [`AGENT_ALIAS`] on a link just created (the kernel ignores
     /// IFLA_IFALIAS in a create request, so it is a second request).
     async fn mark(&self, name: &str) -> Result<Link, HostError> {
@@ -928,7 +885,8 @@ impl NetlinkHost {
         let (b, b_new) = self
             .ensure_bridge(plan.bridge.as_str(), bridge_no_ipv6, undo)
             .await?;
-        if d.controller != Some(b.index) {
+        let enslave_now = d.controller != Some(b.index);
+        if enslave_now {
             self.set(
                 LinkUnspec::new_with_index(d.index)
                     .controller(b.index)
@@ -940,6 +898,15 @@ impl NetlinkHost {
                 undo.push(HostUndo::Release {
                     port: d.name.clone(),
                 });
+            }
+        }
+        // The port settings go with the port: a release or a delete in the
+        // undo takes them away, so they need no undo of their own. An
+        // agent-made device enslaved before this existed gets them too; a
+        // device someone else enslaved is left as it is.
+        if let SegmentDevice::Vxlan(v) = dev {
+            if v.flavour == VxlanFlavour::Evpn && (enslave_now || d.is_ours()) {
+                self.evpn_bridge_port(&d).await?;
             }
         }
         for l in [&d, &b] {

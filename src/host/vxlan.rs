@@ -12,25 +12,28 @@
 //!   IPv4 underlay and `ff05::A:B:C` on an IPv6 one (see [`group_v6`]).
 //! - **evpn** (`modifyvxlan-evpn.sh`): `dstport 4789 nolearning`, the local
 //!   address taken from `lo`, no `dev`, no group, no route; FRR's BGP EVPN
-//!   fills the FDB. IPv6 is disabled on the device and on the bridge.
+//!   fills the FDB. IPv6 is disabled on the device and on the bridge, and
+//!   the device's bridge port gets `neigh_suppress on learning off`.
 //!
 //! Both scripts serialise on `flock -x -w 10 /var/run/cloud/vxlan.lock`;
 //! [`VxlanLock`] takes the same lock, so the agent and cloudstack-agent
 //! never race on one host.
 //!
 //! This module is pure (apart from the lock and reading the kernel's default
-//! port): it decides what a device must look like ([`VxlanDevice`]) and
-//! compares a device found on the host with it ([`VxlanDevice::differences`]).
-//! The netlink work is in `netlink.rs`.
+//! port): it decides what a device must look like
+//! ([`VxlanSettings::device`]) and compares a device found on the host with
+//! it ([`VxlanDevice::differences`]). The agent's attach and `doctor` both
+//! judge devices with these two. The netlink work is in `netlink.rs`.
 
 use std::fs::{File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use netlink_packet_route::link::InfoVxlan;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::mtu::{VXLAN_IPV4_OVERHEAD, VXLAN_IPV6_OVERHEAD};
 use super::{naming, HostError};
@@ -121,6 +124,82 @@ pub struct VxlanSettings {
     pub lock_file: PathBuf,
     /// How long to wait for the lock.
     pub lock_wait: Duration,
+}
+
+/// An address on a link, as the VXLAN decisions read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LinkAddr {
+    /// The address.
+    pub addr: IpAddr,
+    /// Scope global (`RT_SCOPE_UNIVERSE`).
+    pub global: bool,
+}
+
+impl VxlanSettings {
+    /// The underlay family of a multicast device over a link that has
+    /// `addrs`: the configured one, or the auto rule on those addresses.
+    pub fn underlay_family(&self, addrs: &[LinkAddr]) -> Family {
+        match self.family {
+            VxlanFamily::Inet => Family::V4,
+            VxlanFamily::Inet6 => Family::V6,
+            VxlanFamily::Auto => Family::auto(
+                addrs.iter().any(|a| a.addr.is_ipv4()),
+                addrs.iter().any(|a| a.addr.is_ipv6() && a.global),
+            ),
+        }
+    }
+
+    /// The EVPN VTEP address: the first global address on `lo` (`lo_addrs`)
+    /// of the configured family, as `modifyvxlan-evpn.sh` reads it.
+    pub fn evpn_vtep(&self, lo_addrs: &[LinkAddr]) -> Result<IpAddr, HostError> {
+        let global: Vec<IpAddr> = lo_addrs
+            .iter()
+            .filter(|a| a.global && !a.addr.is_loopback())
+            .map(|a| a.addr)
+            .collect();
+        let family = match self.family {
+            VxlanFamily::Inet => Family::V4,
+            VxlanFamily::Inet6 => Family::V6,
+            VxlanFamily::Auto => Family::auto(
+                global.iter().any(IpAddr::is_ipv4),
+                global.iter().any(IpAddr::is_ipv6),
+            ),
+        };
+        global
+            .into_iter()
+            .find(|a| a.is_ipv6() == (family == Family::V6))
+            .ok_or_else(|| {
+                HostError::Unsupported(format!(
+                    "vxlan.flavour = \"evpn\" needs this host's VTEP address ({}) with scope \
+                     global on lo, as CloudStack's modifyvxlan-evpn.sh does; add it \
+                     (ip addr add ADDR/32 dev lo) or set vxlan.flavour = \"multicast\"",
+                    if family == Family::V6 { "IPv6" } else { "IPv4" }
+                ))
+            })
+    }
+
+    /// The device this configuration makes for `vni`: over the label bridge
+    /// `underlay` (whose addresses are `underlay_addrs`) for multicast, from
+    /// the VTEP on `lo` (`lo_addrs`) for evpn. The one decision that
+    /// attach, the libvirt hook, `repair-vxlan` and `doctor` share, so the
+    /// doctor judges a device by what the agent would make.
+    pub fn device(
+        &self,
+        vni: Vni,
+        underlay: &str,
+        underlay_addrs: &[LinkAddr],
+        lo_addrs: &[LinkAddr],
+    ) -> Result<VxlanDevice, HostError> {
+        Ok(match self.flavour {
+            VxlanFlavour::Multicast => VxlanDevice::multicast(
+                vni,
+                underlay,
+                self.underlay_family(underlay_addrs),
+                self.port,
+            ),
+            VxlanFlavour::Evpn => VxlanDevice::evpn(vni, self.evpn_vtep(lo_addrs)?, self.port),
+        })
+    }
 }
 
 impl Default for VxlanSettings {
@@ -343,12 +422,63 @@ impl VxlanDevice {
     }
 }
 
+impl VxlanDevice {
+    /// What to do about a device found with this one's name that
+    /// [`differs`](Self::differences): `repair-vxlan` for a device the agent
+    /// made (`ours`), otherwise agree the settings or re-create it by hand.
+    pub fn mismatch_fix(&self, ours: bool) -> String {
+        let vni = self.vni.get();
+        if ours {
+            format!(
+                "it was made by nic-agent: run `nic-agent repair-vxlan --vni {vni}` to re-create \
+                 it as configured (VNI {vni} is interrupted briefly on this host)"
+            )
+        } else {
+            format!(
+                "it was not made by nic-agent (no alias {}), so the agent leaves it \
+                 alone: make the VXLAN settings of all hosts agree (vxlan.flavour, vxlan.port, \
+                 vxlan.family), or re-create it with `{}`",
+                super::AGENT_ALIAS,
+                self.ip_command()
+            )
+        }
+    }
+}
+
+/// Reads a VXLAN link's `IFLA_INFO_DATA`: its attributes, and the
+/// underlay's ifindex (`IFLA_VXLAN_LINK`), which the caller names.
+pub fn parse_attrs(opts: &[InfoVxlan]) -> (VxlanAttrs, Option<u32>) {
+    let mut v = VxlanAttrs::default();
+    let mut link = None;
+    for o in opts {
+        match o {
+            InfoVxlan::Id(id) => v.vni = Some(*id),
+            InfoVxlan::Group(g) => v.group = Some((*g).into()),
+            InfoVxlan::Group6(g) => v.group = Some((*g).into()),
+            InfoVxlan::Local(a) => v.local = Some((*a).into()),
+            InfoVxlan::Local6(a) => v.local = Some((*a).into()),
+            InfoVxlan::Port(p) => v.port = Some(*p),
+            InfoVxlan::Learning(b) => v.learning = Some(*b),
+            InfoVxlan::Link(i) => link = Some(*i),
+            _ => {}
+        }
+    }
+    // The kernel reports "no group" as 0.0.0.0 / ::.
+    if v.group.is_some_and(|g| g.is_unspecified()) {
+        v.group = None;
+    }
+    if v.local.is_some_and(|a| a.is_unspecified()) {
+        v.local = None;
+    }
+    (v, link)
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "none".to_string(), |x| x.to_string())
 }
 
 /// The attributes of a VXLAN device found on the host.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VxlanAttrs {
     /// `IFLA_VXLAN_ID`.
     pub vni: Option<u32>,
@@ -539,6 +669,55 @@ mod tests {
             "{d:?}"
         );
         assert!(d[2].contains("over eth9, expected cloudbr1"), "{d:?}");
+    }
+
+    fn addr(a: &str, global: bool) -> LinkAddr {
+        LinkAddr {
+            addr: a.parse().expect("addr"),
+            global,
+        }
+    }
+
+    #[test]
+    fn configured_device_follows_flavour_family_and_the_underlays_addresses() {
+        let auto = VxlanSettings::default();
+        let v4 = [addr("10.1.1.1", true), addr("fe80::1", false)];
+        let v6 = [addr("2001:db8::1", true), addr("fe80::1", false)];
+        let d = auto.device(vni(1001), "cloudbr1", &v4, &[]).expect("v4");
+        assert_eq!(
+            d,
+            VxlanDevice::multicast(vni(1001), "cloudbr1", Family::V4, None)
+        );
+        let d = auto.device(vni(1001), "cloudbr1", &v6, &[]).expect("v6");
+        assert_eq!(d.group, Some(IpAddr::V6(group_v6(vni(1001)))));
+        let inet6 = VxlanSettings {
+            family: VxlanFamily::Inet6,
+            ..VxlanSettings::default()
+        };
+        let d = inet6.device(vni(1001), "cloudbr1", &v4, &[]).expect("-6");
+        assert_eq!(d.family, Family::V6);
+
+        let evpn = VxlanSettings {
+            flavour: VxlanFlavour::Evpn,
+            ..VxlanSettings::default()
+        };
+        let lo = [
+            addr("127.0.0.1", false),
+            addr("::1", false),
+            addr("10.0.0.7", true),
+        ];
+        let d = evpn.device(vni(7), "ignored", &[], &lo).expect("evpn");
+        assert_eq!(
+            d,
+            VxlanDevice::evpn(vni(7), "10.0.0.7".parse().unwrap(), None)
+        );
+        let e = evpn
+            .device(vni(7), "ignored", &[], &lo[..2])
+            .expect_err("no VTEP on lo");
+        assert!(
+            e.to_string().contains("(IPv4) with scope global on lo"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

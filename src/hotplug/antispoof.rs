@@ -283,6 +283,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn security_group_enabled_asks_for_the_filter_with_cloudstacks_addresses() {
+        // PlugNic's isSecurityGroupEnabled without the per-NIC flag.
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.add("vm1", RunState::Running, false, 2);
+        let hp = engine(fake.clone(), AntiSpoofing::Auto, no_script());
+        let spec = NicSpec::try_from(RawNic {
+            mac: "52:54:00:00:0a:07".into(),
+            bridge: "cloudbr0".into(),
+            security_group_enabled: true,
+            addresses: crate::nic::RawAddresses {
+                ipv4_cidr: "10.0.0.10/24".into(),
+                secondary_ips: vec!["10.0.0.11".into()],
+                ..crate::nic::RawAddresses::default()
+            },
+            ..RawNic::default()
+        })
+        .expect("valid spec");
+        assert!(!spec.anti_spoofing);
+        let out = hp.attach("vm1", &spec).await.expect("attach");
+        assert_eq!(defines(&fake), 1);
+        assert_eq!(out.nic.filter, FILTER_NAME);
+        let xml = live_xml(&fake);
+        for p in [
+            "name=\"MAC\" value=\"52:54:00:00:0a:07\"",
+            "name=\"IP\" value=\"10.0.0.10\"",
+            "name=\"IP\" value=\"10.0.0.11\"",
+        ] {
+            assert!(xml.contains(p), "{p} missing in {xml}");
+        }
+    }
+
+    #[tokio::test]
     async fn nic_that_does_not_ask_gets_no_filter() {
         let fake = Arc::new(FakeHypervisor::default());
         fake.add("vm1", RunState::Running, false, 2);

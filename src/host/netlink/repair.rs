@@ -226,6 +226,9 @@ impl NetlinkHost {
             )
             .await
             .map_err(cut)?;
+            if want.flavour == VxlanFlavour::Evpn {
+                self.evpn_bridge_port(&d).await.map_err(cut)?;
+            }
         }
         self.set(
             LinkUnspec::new_with_index(d.index).up().build(),
