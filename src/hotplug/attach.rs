@@ -30,7 +30,7 @@ struct Step<'a> {
 impl Hotplug {
     /// Attaches a NIC, or confirms it is already there with the same spec.
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
-        let first = self.lookup(vm).await?;
+        let first = self.resolve(vm).await?;
         let _guard = self.locks.lock(&first).await?;
         self.attach_locked(&first.uuid, spec)
             .await
@@ -247,6 +247,7 @@ impl Hotplug {
         };
 
         let mut undo: Vec<Undo> = Vec::new();
+        let mut live_after: Option<DomainView> = None;
         let result = self
             .apply(
                 &Step {
@@ -258,6 +259,7 @@ impl Hotplug {
                     promiscuous: spec.promiscuous && dom.state.is_live(),
                 },
                 &mut undo,
+                &mut live_after,
             )
             .await;
         match result {
@@ -280,7 +282,33 @@ impl Hotplug {
                 return Err(self.reclassify(&dom, e).await);
             }
         }
-        let nic = self.until_reachable(|| self.read_back(&dom, &mac)).await?;
+        // The read-back: the live read that gave the persistent copy its
+        // PCI address serves here too (nothing else changes the live domain
+        // under the VM's lock); a definition this attach did not change is
+        // as it was read before.
+        let config_changed = targets.contains(&Target::Config);
+        let nic = self
+            .until_reachable(|| async {
+                let lv = match &live_after {
+                    Some(v) => Some(v.clone()),
+                    None if live.is_some() => Some(self.view(&dom, Target::Live).await?),
+                    None => None,
+                };
+                let cv = match &config {
+                    Some(_) if config_changed => Some(self.view(&dom, Target::Config).await?),
+                    Some(c) => Some(c.clone()),
+                    None => None,
+                };
+                report::merge(lv.as_ref(), cv.as_ref())
+                    .into_iter()
+                    .find(|n| n.mac.eq_ignore_ascii_case(&mac))
+                    .ok_or_else(|| {
+                        HotplugError::Internal(format!(
+                            "libvirt accepted NIC {mac} but it is not in the domain"
+                        ))
+                    })
+            })
+            .await?;
         Ok(AttachOutcome {
             nic,
             already_present: false,
@@ -290,7 +318,14 @@ impl Hotplug {
     }
 
     /// The steps of an attach; each success pushes its undo.
-    async fn apply(&self, step: &Step<'_>, undo: &mut Vec<Undo>) -> Result<(), HotplugError> {
+    /// `live_after` gets the live domain as read after the live attach,
+    /// when one was needed (for the persistent copy's PCI address).
+    async fn apply(
+        &self,
+        step: &Step<'_>,
+        undo: &mut Vec<Undo>,
+        live_after: &mut Option<DomainView>,
+    ) -> Result<(), HotplugError> {
         let Step {
             dom,
             def,
@@ -315,6 +350,7 @@ impl Hotplug {
                     .interface_by_mac(&def.mac.to_string())
                     .first()
                     .and_then(|i| i.pci);
+                *live_after = Some(live);
                 def.pci = got.filter(|a| {
                     config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a))
                 });

@@ -41,7 +41,7 @@ impl Hotplug {
         timeout: Option<Duration>,
         keep_bridge: bool,
     ) -> Result<DetachState, HotplugError> {
-        let first = self.lookup(vm).await?;
+        let first = self.resolve(vm).await?;
         let _guard = self.locks.lock(&first).await?;
         self.detach_locked(&first.uuid, mac, alias, timeout, true, keep_bridge)
             .await

@@ -294,6 +294,9 @@ impl Hypervisor for Scoped {
     fn lookup(&self, vm: &str) -> Result<crate::hypervisor::DomainRef, HvError> {
         self.inner.lookup(vm)
     }
+    fn resolve(&self, vm: &str) -> Result<crate::hypervisor::DomainRef, HvError> {
+        self.inner.resolve(vm)
+    }
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
         self.inner.list()
     }

@@ -264,6 +264,21 @@ impl Hotplug {
         }
     }
 
+    /// Name and UUID of a VM, for its lock (see [`Hypervisor::resolve`]):
+    /// its state is read again under the lock with [`Hotplug::lookup`], so
+    /// the caller must not use `state` or `persistent` of this one. A VM in
+    /// doubt is refused here, before the request waits for its lock.
+    pub(crate) async fn resolve(&self, vm: &str) -> Result<DomainRef, HotplugError> {
+        let name = vm.to_string();
+        match self.blocking(move |hv| hv.resolve(&name)).await {
+            Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                Err(HotplugError::VmNotFound(vm.to_string()))
+            }
+            Ok(d) => self.doubt.check(&d).map(|_| d),
+            other => other,
+        }
+    }
+
     async fn view(&self, dom: &DomainRef, target: Target) -> Result<DomainView, HotplugError> {
         let d = dom.clone();
         let xml = match self.blocking(move |hv| hv.xml(&d, target)).await {

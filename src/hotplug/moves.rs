@@ -38,8 +38,8 @@ impl Hotplug {
         alias: Option<&Alias>,
         timeout: Option<Duration>,
     ) -> Result<MoveOutcome, HotplugError> {
-        let a = self.lookup(from_vm).await?;
-        let b = self.lookup(to_vm).await?;
+        let a = self.resolve(from_vm).await?;
+        let b = self.resolve(to_vm).await?;
         if a.uuid == b.uuid {
             return Err(HotplugError::Invalid(NicError::Invalid {
                 field: "to_vm",

@@ -173,7 +173,7 @@ impl Hotplug {
         timeout: Option<Duration>,
         keep_old_bridge: bool,
     ) -> Result<ReplugOutcome, HotplugError> {
-        let first = self.lookup(vm).await?;
+        let first = self.resolve(vm).await?;
         let _guard = self.locks.lock(&first).await?;
         self.replug_locked(&first.uuid, mac, alias, to, timeout, keep_old_bridge)
             .await

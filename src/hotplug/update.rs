@@ -78,7 +78,7 @@ impl Hotplug {
                 allowed: "at least one of link_down, inbound, outbound".into(),
             }));
         }
-        let first = self.lookup(vm).await?;
+        let first = self.resolve(vm).await?;
         let _guard = self.locks.lock(&first).await?;
         let dom = self.lookup(&first.uuid).await?;
         let targets = self.change_targets(&dom, "updating a stopped VM's persistent definition")?;

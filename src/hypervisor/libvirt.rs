@@ -16,8 +16,9 @@
 //!
 //! Every libvirt API call is counted (see [`super::calls`]).
 
+use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
@@ -38,6 +39,61 @@ pub const KEEPALIVE_COUNT: u32 = 3;
 struct Live {
     conn: Connect,
     subscription: Option<Subscription>,
+    /// Domain handles of this connection, by UUID, with the name each was
+    /// found by; and names to UUIDs. See [`Handles`].
+    handles: Mutex<Handles>,
+}
+
+/// Why a cache of domain handles: every virDomain* call needs a handle, and
+/// looking the domain up again before each one (by UUID: one RPC) was a
+/// third of an attach's libvirt calls. A handle stays valid for the life of
+/// its connection, and it names the domain by UUID, so it can never point
+/// at another domain. A domain that is gone answers VIR_ERR_NO_DOMAIN on
+/// its handle, which evicts it; a new connection starts with an empty
+/// cache. The name-to-UUID map follows names: a name that a new domain
+/// took over (the old one undefined) is found stale the same way, through
+/// the old handle's NO_DOMAIN. libvirt renames only inactive domains, and
+/// CloudStack never renames; a renamed domain is seen under its new name
+/// after its next lookup by that name.
+#[derive(Default)]
+struct Handles {
+    by_uuid: HashMap<String, (String, Domain)>,
+    by_name: HashMap<String, String>,
+}
+
+/// More domains than a host runs; past it the cache starts again.
+const MAX_HANDLES: usize = 4096;
+
+impl Live {
+    fn cached(&self, uuid: &str) -> Option<(String, Domain)> {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        h.by_uuid.get(uuid).cloned()
+    }
+
+    fn uuid_of(&self, name: &str) -> Option<String> {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        h.by_name.get(name).cloned()
+    }
+
+    fn remember(&self, name: &str, uuid: &str, d: &Domain) {
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if h.by_uuid.len() >= MAX_HANDLES {
+            h.by_uuid.clear();
+            h.by_name.clear();
+        }
+        h.by_uuid
+            .insert(uuid.to_string(), (name.to_string(), d.clone()));
+        h.by_name.insert(name.to_string(), uuid.to_string());
+    }
+
+    fn forget(&self, uuid: &str) {
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((name, _)) = h.by_uuid.remove(uuid) {
+            if h.by_name.get(&name).map(String::as_str) == Some(uuid) {
+                h.by_name.remove(&name);
+            }
+        }
+    }
 }
 
 impl Deref for Live {
@@ -148,7 +204,11 @@ impl Libvirt {
             });
         self.subscribed
             .store(subscription.is_some(), std::sync::atomic::Ordering::SeqCst);
-        Live { conn, subscription }
+        Live {
+            conn,
+            subscription,
+            handles: Mutex::default(),
+        }
     }
 
     /// The current connection, reopening it if it was dropped.
@@ -197,17 +257,37 @@ impl Libvirt {
         err
     }
 
-    fn domain(&self, conn: &Connect, dom: &DomainRef) -> Result<Domain, HvError> {
+    /// The domain's handle: from the cache, or looked up by UUID once.
+    fn domain(&self, conn: &Live, dom: &DomainRef) -> Result<Domain, HvError> {
+        if let Some((_, d)) = conn.cached(&dom.uuid) {
+            return Ok(d);
+        }
         count("virDomainLookupByUUIDString");
-        conn.lookup_domain_by_uuid_string(&dom.uuid)
-            .map_err(|e| self.fail(conn, "lookup", &e))
+        let d = conn
+            .lookup_domain_by_uuid_string(&dom.uuid)
+            .map_err(|e| self.fail(conn, "lookup", &e))?;
+        conn.remember(&dom.name, &dom.uuid, &d);
+        Ok(d)
     }
 
-    fn describe(&self, conn: &Connect, d: &Domain) -> Result<DomainRef, HvError> {
-        count("virDomainGetName");
-        let name = d.name().map_err(|e| self.fail(conn, "name", &e))?;
-        count("virDomainGetUUIDString");
-        let uuid = d.uuid_string().map_err(|e| self.fail(conn, "uuid", &e))?;
+    /// A call on a handle failed: a domain that is gone leaves the cache,
+    /// then the error is classified as any other.
+    fn fail_on(&self, conn: &Live, dom: &DomainRef, op: &str, e: &VirtError) -> HvError {
+        let err = self.fail(conn, op, e);
+        if err.kind == HvErrorKind::NotFound {
+            conn.forget(&dom.uuid);
+        }
+        err
+    }
+
+    /// State and persistence of a domain whose name and UUID are known.
+    fn refresh(
+        &self,
+        conn: &Connect,
+        d: &Domain,
+        name: String,
+        uuid: String,
+    ) -> Result<DomainRef, HvError> {
         count("virDomainGetState");
         let (state, _) = d.state().map_err(|e| self.fail(conn, "state", &e))?;
         count("virDomainIsPersistent");
@@ -395,7 +475,22 @@ impl Hypervisor for Libvirt {
 
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
         let conn = self.conn()?;
-        let found = if looks_like_uuid(vm) {
+        let by_uuid = looks_like_uuid(vm);
+        let uuid = if by_uuid {
+            Some(vm.to_ascii_lowercase())
+        } else {
+            conn.uuid_of(vm)
+        };
+        // A cached handle costs two calls (state, persistence); a domain it
+        // no longer finds is looked up afresh below.
+        if let Some((name, d)) = uuid.as_deref().and_then(|u| conn.cached(u)) {
+            let u = uuid.clone().unwrap_or_default();
+            match self.refresh(&conn, &d, name, u.clone()) {
+                Err(e) if e.kind == HvErrorKind::NotFound => conn.forget(&u),
+                other => return other,
+            }
+        }
+        let found = if by_uuid {
             count("virDomainLookupByUUIDString");
             conn.lookup_domain_by_uuid_string(vm)
         } else {
@@ -403,7 +498,39 @@ impl Hypervisor for Libvirt {
             conn.lookup_domain_by_name(vm)
         };
         let d = found.map_err(|e| self.fail(&conn, "lookup", &e))?;
-        self.describe(&conn, &d)
+        // What the caller did not give is asked once, then cached.
+        let (name, uuid) = if by_uuid {
+            count("virDomainGetName");
+            let name = d.name().map_err(|e| self.fail(&conn, "name", &e))?;
+            (name, vm.to_ascii_lowercase())
+        } else {
+            count("virDomainGetUUIDString");
+            let uuid = d.uuid_string().map_err(|e| self.fail(&conn, "uuid", &e))?;
+            (vm.to_string(), uuid)
+        };
+        conn.remember(&name, &uuid, &d);
+        self.refresh(&conn, &d, name, uuid)
+    }
+
+    fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
+        // Name and UUID only, for the VM lock: from the cache without a
+        // call; state and persistence are read under the lock.
+        let conn = self.conn()?;
+        let uuid = if looks_like_uuid(vm) {
+            Some(vm.to_ascii_lowercase())
+        } else {
+            conn.uuid_of(vm)
+        };
+        if let Some((name, _)) = uuid.as_deref().and_then(|u| conn.cached(u)) {
+            return Ok(DomainRef {
+                name,
+                uuid: uuid.unwrap_or_default(),
+                state: RunState::Other,
+                persistent: false,
+            });
+        }
+        drop(conn);
+        self.lookup(vm)
     }
 
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
@@ -414,7 +541,15 @@ impl Hypervisor for Libvirt {
             .map_err(|e| self.fail(&conn, "list", &e))?;
         let mut out = Vec::with_capacity(doms.len());
         for d in &doms {
-            match self.describe(&conn, d) {
+            let described = (|| {
+                count("virDomainGetName");
+                let name = d.name().map_err(|e| self.fail(&conn, "name", &e))?;
+                count("virDomainGetUUIDString");
+                let uuid = d.uuid_string().map_err(|e| self.fail(&conn, "uuid", &e))?;
+                conn.remember(&name, &uuid, d);
+                self.refresh(&conn, d, name, uuid)
+            })();
+            match described {
                 Ok(r) => out.push(r),
                 // A domain that vanished between list and describe is not an error.
                 Err(e) if e.kind == HvErrorKind::NotFound => {}
@@ -433,7 +568,8 @@ impl Hypervisor for Libvirt {
             Target::Config => virt::sys::VIR_DOMAIN_XML_INACTIVE,
         };
         count("virDomainGetXMLDesc");
-        d.xml_desc(f).map_err(|e| self.fail(&conn, "dumpxml", &e))
+        d.xml_desc(f)
+            .map_err(|e| self.fail_on(&conn, dom, "dumpxml", &e))
     }
 
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
@@ -442,7 +578,7 @@ impl Hypervisor for Libvirt {
         count("virDomainAttachDeviceFlags");
         d.attach_device_flags(xml, flags(target))
             .map(|_| ())
-            .map_err(|e| self.fail(&conn, &format!("attach ({target})"), &e))
+            .map_err(|e| self.fail_on(&conn, dom, &format!("attach ({target})"), &e))
     }
 
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
@@ -451,7 +587,7 @@ impl Hypervisor for Libvirt {
         count("virDomainDetachDeviceFlags");
         d.detach_device_flags(xml, flags(target))
             .map(|_| ())
-            .map_err(|e| self.fail(&conn, &format!("detach ({target})"), &e))
+            .map_err(|e| self.fail_on(&conn, dom, &format!("detach ({target})"), &e))
     }
 
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
@@ -459,7 +595,7 @@ impl Hypervisor for Libvirt {
         let d = self.domain(&conn, dom)?;
         count("virDomainUpdateDeviceFlags");
         d.update_device_flags(xml, flags(target))
-            .map_err(|e| self.fail(&conn, &format!("update ({target})"), &e))
+            .map_err(|e| self.fail_on(&conn, dom, &format!("update ({target})"), &e))
     }
 
     fn qemu_nics(&self, dom: &DomainRef) -> Result<Vec<QemuNic>, HvError> {

@@ -185,6 +185,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     }
     /// Finds a domain by name or UUID.
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError>;
+    /// Name and UUID of a domain by name or UUID, for taking its lock:
+    /// `state` and `persistent` may be placeholders (read them with
+    /// [`Hypervisor::lookup`] under the lock). A driver that caches handles
+    /// answers without a call.
+    fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
+        self.lookup(vm)
+    }
     /// Every domain, running or defined.
     fn list(&self) -> Result<Vec<DomainRef>, HvError>;
     /// The domain's XML: live state, or the persistent definition.
