@@ -69,14 +69,18 @@ class Agent:
         self.err_path = os.path.join(workdir, f"agent-{int(time.time() * 1000)}.stderr")
         self.err = open(self.err_path, "w")
         cmd = [AGENT, "serve", "--connect", uri, "--listen", "127.0.0.1:0", "--insecure",
+               "--metrics-listen", "127.0.0.1:0",
                "--state-dir", os.path.join(workdir, "state"), *extra]
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      env={**os.environ, "RUST_LOG": "warn"})
-        self.addr = None
+        self.addr = self.metrics_addr = None
         for line in self.proc.stdout:
             if line.startswith("nic-agent listening on "):
                 self.addr = line.split()[-1]
+            elif line.startswith("nic-agent metrics on "):
+                self.metrics_addr = line.split()[-1]
+            if self.addr and self.metrics_addr:
                 break
         if self.addr is None:
             self.stop()
@@ -90,6 +94,69 @@ class Agent:
                 raise RuntimeError("agent never reported SERVING")
             time.sleep(0.002)
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
+
+    def counters(self):
+        """libvirt API calls (all, and GetXMLDesc alone) and the detach
+        polling reads so far, from the agent's /metrics."""
+        import urllib.request
+        text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=10).read()
+        calls = xml = polls = 0
+        for line in text.decode().splitlines():
+            m = re.match(r'nic_agent_libvirt_calls_total\{api="([^"]+)"\} (\d+)', line)
+            if m:
+                calls += int(m.group(2))
+                if m.group(1) == "virDomainGetXMLDesc":
+                    xml += int(m.group(2))
+            m = re.match(r"nic_agent_detach_poll_reads_total (\d+)", line)
+            if m:
+                polls = int(m.group(1))
+        return {"calls": calls, "xml": xml, "polls": polls}
+
+    def detach_all(self, vms, concurrency, label):
+        """DetachNic of every NIC of `vms` (ListNics first, not timed), from
+        `concurrency` clients; one result like bench.rs's, with the libvirt
+        calls, XML reads and polling reads the detaches made."""
+        import grpc
+        _, pb, rpc = lk.stubs()
+        stub = rpc.NicAgentStub(self.channel)
+        work = [(vm, n.mac) for vm in vms
+                for n in stub.ListNics(pb.ListNicsRequest(vm=vm), timeout=60).nics]
+        lat, errors, lock = [], [], threading.Lock()
+        c0 = self.counters()
+
+        def worker(items):
+            for vm, mac in items:
+                t0 = time.perf_counter()
+                try:
+                    r = stub.DetachNic(pb.DetachNicRequest(vm=vm, mac=mac, timeout_ms=30000),
+                                       timeout=60)
+                    ok = r.state == pb.DETACH_STATE_REMOVED
+                except grpc.RpcError as e:
+                    ok = False
+                    with lock:
+                        errors.append(f"{vm} {mac}: {e.code().name}")
+                with lock:
+                    if ok:
+                        lat.append(time.perf_counter() - t0)
+        t_start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(work[i::concurrency],))
+                   for i in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t_start
+        c1 = self.counters()
+        lat.sort()
+
+        def pct(p):
+            return lat[min(len(lat) - 1, max(0, -(-len(lat) * p // 100) - 1))] * 1000 if lat else 0.0
+        return {"mode": "agent-grpc", "label": label, "concurrency": concurrency,
+                "requests": len(work), "ok": len(lat), "errors": errors[:5], "wall_s": wall,
+                "throughput_per_s": len(lat) / wall if wall > 0 else 0.0,
+                "p50_ms": pct(50), "p99_ms": pct(99),
+                "libvirt_calls": c1["calls"] - c0["calls"], "xml_reads": c1["xml"] - c0["xml"],
+                "poll_reads": c1["polls"] - c0["polls"]}
 
     def rss_kib(self, field="VmRSS"):
         """A memory figure of the agent from /proc/PID/status, in KiB. VmRSS
@@ -199,6 +266,15 @@ def run_raw(uri, jobs, tmpl, c, label):
 
 
 def run_grpc(agent, jobs, bridge, c, label):
+    c0 = agent.counters()
+    r = run_grpc_jobs(agent, jobs, bridge, c, label)
+    c1 = agent.counters()
+    if r.get("ok"):
+        r["libvirt_calls_per_op"] = (c1["calls"] - c0["calls"]) / r["ok"]
+    return r
+
+
+def run_grpc_jobs(agent, jobs, bridge, c, label):
     return bench_json([BENCH, "grpc", "--server", agent.addr, "--jobs", jobs, "--bridge", bridge,
                        "--queues", "2", "--concurrency", str(c), "--label", label])
 
@@ -310,6 +386,8 @@ def phase_qemu(workdir, n_guests, per_vm, results, extra, persistent):
         results.append(run_raw(lk.URI, jobs(k), tmpl, c, label))
         clean_nics(vms)
     agent = Agent(lk.URI, workdir, "--host-network", "off")
+    detach1 = f"QEMU detach, {n_guests * seq_per_vm} NICs one at a time, {kind} guests"
+    detach8 = f"QEMU detach storm, {n} NICs, {kind} guests"
     try:
         extra["agent_startup_ms_qemu"] = agent.startup_ms
         extra.update(agent.memory("idle"))
@@ -320,11 +398,44 @@ def phase_qemu(workdir, n_guests, per_vm, results, extra, persistent):
             results.append(r)
             if c == 8:
                 extra.update(agent.memory("after_storm"))
+            # DetachNic of what was just attached: one client after the
+            # sequential phase, 8 after the storm.
+            log(f"{detach1 if c == 1 else detach8}: agent, {c} client(s)")
+            results.append(agent.detach_all(vms, c, detach1 if c == 1 else detach8))
             clean_nics(vms)
+        persistent_probe(agent, workdir, extra)
     finally:
         agent.stop()
+    # The raw floor for a detach: libvirt's own call, then DEVICE_REMOVED.
+    log(f"{detach1}: raw with the event wait")
+    run_raw(lk.URI, jobs(seq_per_vm), tmpl, 1, "attach for the raw detach")
+    results.append(json.loads(sh(PEER_PY, PEER, "detach-event", "--uri", lk.URI,
+                                 "--label", detach1, *vms, timeout=600)))
+    clean_nics(vms)
     log(f"{storm}: python peer, sequential")
     results.append(run_peer(lk.URI, jobs(per_vm), tmpl, 1, storm))
+
+
+def persistent_probe(agent, workdir, extra, n=5):
+    """libvirt calls per AttachNic on a running persistent guest (LIVE and
+    CONFIG), the case the call target names: one more guest, persistent."""
+    _, pb, rpc = lk.stubs()
+    name = f"{PREFIX}-p0"
+    lk.script("define-guest.sh", name, "pc", GUEST_DIR, "--timeout", "180", timeout=240)
+    try:
+        stub = rpc.NicAgentStub(agent.channel)
+        c0 = agent.counters()
+        for i in range(n):
+            r = stub.AttachNic(pb.AttachNicRequest(vm=name, nic=pb.NicSpec(
+                mac=f"02:e0:00:7f:00:{i:02x}", bridge=BRIDGE)), timeout=60)
+            if not (r.nic.in_live and r.nic.in_config):
+                raise RuntimeError(f"persistent probe: {r.nic}")
+        c1 = agent.counters()
+        extra["calls_per_attach_persistent"] = (c1["calls"] - c0["calls"]) / n
+        log(f"persistent probe: {extra['calls_per_attach_persistent']:.1f} libvirt calls per attach")
+    finally:
+        lk.virsh("destroy", name, check=False)
+        lk.virsh("undefine", name, check=False)
 
 
 # ---------------------------------------------------------------- report
@@ -405,6 +516,47 @@ def table(results, extra, mach):
     if starts:
         t.append(f"| agent exec → health SERVING (test driver) | - | "
                  f"{min(starts):.0f}-{max(starts):.0f} ms | - |")
+    # Issue 15's targets.
+    td1, tp1 = find(results, "agent-grpc", "test driver", 1), find(results, "python-peer", "test driver", 1)
+    if td1 and tp1 and tp1["p50_ms"] > 0:
+        ratio = td1["p50_ms"] / tp1["p50_ms"]
+        met = td1["p50_ms"] <= 0.30 and ratio <= 2.5
+        t.append(f"| test driver, 1 client: agent p50 | ≤ 0.30 ms and ≤ 2.5× the peer | "
+                 f"{td1['p50_ms']:.2f} ms, {ratio:.1f}× | {'met' if met else 'missed'} |")
+    if td:
+        t.append(f"| test driver, 16 clients: attaches per second | ≥ 5,000/s | "
+                 f"{td['throughput_per_s']:,.0f}/s | "
+                 f"{'met' if td['throughput_per_s'] >= 5000 else 'missed'} |")
+    if td1 and td1.get("libvirt_calls_per_op"):
+        t.append(f"| libvirt calls per attach, test driver (LIVE only) | - | "
+                 f"{td1['libvirt_calls_per_op']:.1f} | - |")
+    if extra.get("calls_per_attach_persistent"):
+        c = extra["calls_per_attach_persistent"]
+        t.append(f"| libvirt calls per attach, running persistent VM | ≤ 8 | {c:.1f} | "
+                 f"{'met' if c <= 8 else 'missed'} |")
+    d_ag = next((r for r in results if r["mode"] == "agent-grpc" and r["label"].startswith("QEMU detach,")), None)
+    d_raw = next((r for r in results if r["mode"] == "raw-event"), None)
+    if d_ag and d_raw and d_raw["p50_ms"] > 0:
+        ratio = d_ag["p50_ms"] / d_raw["p50_ms"]
+        t.append(f"| QEMU detach (1 client): agent p50 vs raw detach + DEVICE_REMOVED | ≤ 1.05× | "
+                 f"{d_ag['p50_ms']:.0f} vs {d_raw['p50_ms']:.0f} ms, {ratio:.2f}× | "
+                 f"{'met' if ratio <= 1.05 else 'missed'} |")
+    d_st = next((r for r in results if r["label"].startswith("QEMU detach storm")), None)
+    if d_st:
+        t.append(f"| detach storm ({d_st['ok']} NICs, 8 clients): polling reads | 0 while events flow | "
+                 f"{d_st['poll_reads']} ({d_st['xml_reads']} XML reads, {d_st['libvirt_calls']} calls in all) | "
+                 f"{'met' if d_st['poll_reads'] == 0 else 'missed'} |")
+    if extra.get("agent_startup_ms_qemu"):
+        ms = extra["agent_startup_ms_qemu"]
+        t.append(f"| exec → health SERVING on qemu:///system | ≤ 100 ms | {ms:.0f} ms | "
+                 f"{'met' if ms <= 100 else 'missed'} |")
+    for key, name, lim in (("agent_rss_anon_kib_idle", "RssAnon idle", 4),
+                           ("agent_rss_anon_kib_after_storm", "RssAnon after the storm", 8),
+                           ("agent_pss_kib_idle", "Pss idle", 15),
+                           ("agent_pss_kib_after_storm", "Pss after the storm", 20)):
+        if extra.get(key):
+            mib = extra[key] / 1024
+            t.append(f"| {name} | ≤ {lim} MiB | {mib:.1f} MiB | {'met' if mib <= lim else 'missed'} |")
     if t:
         lines += ["| target | goal | measured | |", "| --- | --- | ---: | --- |", *t]
     return "\n".join(lines)

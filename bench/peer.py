@@ -134,6 +134,66 @@ def clean(args):
         sys.exit("clean failed:\n" + "\n".join(failures))
 
 
+def detach_event(args):
+    """raw-event: one client detaches every NIC of the given guests, one at
+    a time: virDomainDetachDeviceFlags(LIVE), then a wait on libvirt's
+    DEVICE_REMOVED event for that device's alias -- the fastest a caller can
+    know that the guest let go. Prints one JSON object like `run`."""
+    libvirt.virEventRegisterDefaultImpl()
+    conn = libvirt.open(args.uri)
+    removed = {}
+    cond = threading.Condition()
+
+    def on_removed(_conn, dom, alias, _opaque):
+        with cond:
+            removed[(dom.UUIDString(), alias)] = time.perf_counter()
+            cond.notify_all()
+
+    conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, on_removed, None)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, daemon=True).start()
+    alias_re = re.compile(r"<alias name=['\"]([^'\"]+)['\"]")
+    lat, errors, t_start = [], [], time.perf_counter()
+    for name in args.vms:
+        dom = conn.lookupByName(name)
+        for iface in IFACE.findall(dom.XMLDesc(0)):
+            m = alias_re.search(iface)
+            if not m:
+                errors.append(f"{name}: a NIC without alias")
+                continue
+            key = (dom.UUIDString(), m.group(1))
+            t0 = time.perf_counter()
+            try:
+                dom.detachDeviceFlags(iface, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as e:
+                errors.append(f"{name}: {e}")
+                continue
+            with cond:
+                ok = cond.wait_for(lambda: key in removed, timeout=args.timeout)
+            if not ok:
+                errors.append(f"{name} {key[1]}: no DEVICE_REMOVED in {args.timeout}s")
+                continue
+            lat.append(removed[key] - t0)
+    wall = time.perf_counter() - t_start
+    stop.set()
+    conn.close()
+    lat.sort()
+    print(json.dumps({
+        "mode": "raw-event", "label": args.label, "concurrency": 1,
+        "requests": len(lat) + len(errors), "ok": len(lat), "errors": errors[:5],
+        "wall_s": wall,
+        "throughput_per_s": len(lat) / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": lat[-1] * 1000.0 if lat else 0.0,
+    }))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -147,8 +207,13 @@ def main():
     c.add_argument("--uri", required=True)
     c.add_argument("--timeout", type=float, default=60)
     c.add_argument("vms", nargs="+")
+    d = sub.add_parser("detach-event")
+    d.add_argument("--uri", required=True)
+    d.add_argument("--timeout", type=float, default=30)
+    d.add_argument("--label", default="")
+    d.add_argument("vms", nargs="+")
     args = ap.parse_args()
-    {"run": run, "clean": clean}[args.cmd](args)
+    {"run": run, "clean": clean, "detach-event": detach_event}[args.cmd](args)
 
 
 if __name__ == "__main__":
