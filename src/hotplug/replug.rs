@@ -311,6 +311,10 @@ impl Hotplug {
         // done its job. A sensor brings its IDS state along (the unplug
         // way's attach has already set it, as every attach does).
         self.drop_intents(&undo).await;
+        // The old bridge lost a port, exactly as after a detach. First, so
+        // that an OVS sensor that only changed its tag on the same bridge
+        // loses its old mirror before it gets the new one.
+        self.host_after_detach(&have, keep_old_bridge).await;
         let in_place = decided.way == ReplugWay::InPlace;
         if in_place && sensor && dom.state.is_live() {
             if let Err(e) = self.ids_on(&dom, spec.switch, &source, &mac_s).await {
@@ -319,8 +323,6 @@ impl Hotplug {
         } else if in_place && spec.switch == SwitchType::LinuxBridge {
             self.ids_sync_if_tracked(&source).await;
         }
-        // The old bridge lost a port, exactly as after a detach.
-        self.host_after_detach(&have, keep_old_bridge).await;
         let nic = self
             .until_reachable(|| self.report_nic(&dom, &mac_s, alias))
             .await?;
