@@ -55,11 +55,9 @@ impl Hotplug {
         at: Option<PciAddress>,
     ) -> Result<AttachOutcome, HotplugError> {
         // Re-read after waiting for the lock: the state may have changed.
-        let dom = self.lookup(uuid).await?;
-        self.settle(&dom).await?;
+        let (dom, live, config) = self.fresh_views(uuid).await?;
         let targets =
             self.change_targets(&dom, "attaching to a stopped VM's persistent definition")?;
-        let (live, config) = self.views(&dom).await?;
         let primary = live.as_ref().or(config.as_ref()).ok_or_else(|| {
             HotplugError::Internal("domain has neither live nor config XML".into())
         })?;

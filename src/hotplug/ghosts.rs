@@ -29,7 +29,7 @@ impl Hotplug {
         tracing::warn!(vm = %dom.name, "libvirtd went away during a live attach; QEMU is checked for a NIC libvirt lost before this VM is changed again");
     }
 
-    fn is_suspect(&self, uuid: &str) -> bool {
+    pub(super) fn is_suspect(&self, uuid: &str) -> bool {
         self.suspects
             .lock()
             .map(|s| s.contains(uuid))

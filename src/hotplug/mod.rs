@@ -269,6 +269,10 @@ impl Hotplug {
     /// the caller must not use `state` or `persistent` of this one. A VM in
     /// doubt is refused here, before the request waits for its lock.
     pub(crate) async fn resolve(&self, vm: &str) -> Result<DomainRef, HotplugError> {
+        // Known already: no trip through the blocking pool at all.
+        if let Some(d) = self.hv.resolve_cached(vm) {
+            return self.doubt.check(&d).map(|_| d);
+        }
         let name = vm.to_string();
         match self.blocking(move |hv| hv.resolve(&name)).await {
             Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
@@ -289,6 +293,56 @@ impl Hotplug {
         };
         tracing::debug!(vm = %dom.name, %target, xml = %xml, "domain xml");
         Ok(DomainView::parse(&xml)?)
+    }
+
+    /// The domain read afresh under its lock, with the views of the
+    /// definitions that exist, in one trip through the blocking pool: the
+    /// start of every attach. A VM suspected of holding NICs libvirt lost is
+    /// settled first (see `ghosts`), which may change its live XML, so it
+    /// takes the long way.
+    pub(crate) async fn fresh_views(
+        &self,
+        uuid: &str,
+    ) -> Result<(DomainRef, Option<DomainView>, Option<DomainView>), HotplugError> {
+        if self.is_suspect(uuid) {
+            let dom = self.lookup(uuid).await?;
+            self.settle(&dom).await?;
+            let (live, config) = self.views(&dom).await?;
+            return Ok((dom, live, config));
+        }
+        let id = uuid.to_string();
+        let read = self
+            .blocking(move |hv| {
+                let dom = hv.lookup(&id)?;
+                let live = match dom.state.is_live() {
+                    true => Some(hv.xml(&dom, Target::Live)?),
+                    false => None,
+                };
+                let config = match dom.persistent {
+                    true => Some(hv.xml(&dom, Target::Config)?),
+                    false => None,
+                };
+                Ok((dom, live, config))
+            })
+            .await;
+        let (dom, live, config) = match read {
+            Err(HotplugError::Hypervisor(e)) if e.kind == HvErrorKind::NotFound => {
+                return Err(HotplugError::VmNotFound(uuid.to_string()))
+            }
+            other => other?,
+        };
+        self.doubt.check(&dom)?;
+        let parse = |target: Target, xml: Option<String>| -> Result<_, HotplugError> {
+            xml.map(|x| {
+                tracing::debug!(vm = %dom.name, %target, xml = %x, "domain xml");
+                DomainView::parse(&x)
+            })
+            .transpose()
+            .map_err(HotplugError::from)
+        };
+        let live = parse(Target::Live, live)?;
+        let config = parse(Target::Config, config)?;
+        Ok((dom, live, config))
     }
 
     /// Views of the definitions that exist: (live, config).

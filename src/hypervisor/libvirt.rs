@@ -512,6 +512,23 @@ impl Hypervisor for Libvirt {
         self.refresh(&conn, &d, name, uuid)
     }
 
+    fn resolve_cached(&self, vm: &str) -> Option<DomainRef> {
+        // The current connection only: reconnecting would block.
+        let conn = self.conn.read().ok().and_then(|g| g.clone())?;
+        let uuid = if looks_like_uuid(vm) {
+            vm.to_ascii_lowercase()
+        } else {
+            conn.uuid_of(vm)?
+        };
+        let (name, _) = conn.cached(&uuid)?;
+        Some(DomainRef {
+            name,
+            uuid,
+            state: RunState::Other,
+            persistent: false,
+        })
+    }
+
     fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
         // Name and UUID only, for the VM lock: from the cache without a
         // call; state and persistence are read under the lock.

@@ -192,6 +192,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
         self.lookup(vm)
     }
+    /// [`Hypervisor::resolve`] from memory alone, without blocking: `None`
+    /// when the driver would have to ask libvirt.
+    fn resolve_cached(&self, _vm: &str) -> Option<DomainRef> {
+        None
+    }
     /// Every domain, running or defined.
     fn list(&self) -> Result<Vec<DomainRef>, HvError>;
     /// The domain's XML: live state, or the persistent definition.
