@@ -76,26 +76,7 @@ impl Hotplug {
             None => None,
         };
         let source = source_bridge(spec, plan.as_ref())?;
-        // The bridge the NIC lands on is checked too: a VLAN or VXLAN
-        // segment of an allowed label lands on a bridge of its own
-        // (br<pif>-<vlan>, brvx-<vni>), which must be allowed as well.
-        if source.as_str() != spec.bridge.as_str() {
-            let what = format!("segment bridge (for {})", spec.bridge);
-            allowed(
-                &self.cfg.allow_bridges,
-                "allow_bridges",
-                &what,
-                source.as_str(),
-            )?;
-        }
-        if spec.promiscuous {
-            allowed(
-                &self.cfg.allow_promisc_bridges,
-                "allow_promisc_bridges",
-                "promiscuous (IDS) NIC on bridge",
-                source.as_str(),
-            )?;
-        }
+        self.landing_allowed(&spec.bridge, &source, spec.promiscuous)?;
         let vlan_tag = match (spec.switch, &spec.segment, &plan) {
             (_, _, Some(p)) => p.ovs_vlan_tag,
             (SwitchType::OpenVswitch, Segment::Vlan(v), None) => Some(*v),
@@ -370,6 +351,36 @@ impl Hotplug {
             if plan.switch == SwitchType::LinuxBridge {
                 self.ids_sync_if_tracked(&plan.bridge).await;
             }
+        }
+        Ok(())
+    }
+
+    /// The bridge a NIC lands on is checked too, after the one the request
+    /// names: a VLAN or VXLAN segment of an allowed label lands on a bridge
+    /// of its own (br<pif>-<vlan>, brvx-<vni>), which must be allowed as
+    /// well, and an IDS NIC needs it in `allow_promisc_bridges`.
+    pub(super) fn landing_allowed(
+        &self,
+        requested: &BridgeName,
+        source: &BridgeName,
+        promiscuous: bool,
+    ) -> Result<(), HotplugError> {
+        if source.as_str() != requested.as_str() {
+            let what = format!("segment bridge (for {requested})");
+            allowed(
+                &self.cfg.allow_bridges,
+                "allow_bridges",
+                &what,
+                source.as_str(),
+            )?;
+        }
+        if promiscuous {
+            allowed(
+                &self.cfg.allow_promisc_bridges,
+                "allow_promisc_bridges",
+                "promiscuous (IDS) NIC on bridge",
+                source.as_str(),
+            )?;
         }
         Ok(())
     }

@@ -234,27 +234,11 @@ impl Hotplug {
             None => None,
         };
         let source = source_bridge(&spec, plan.as_ref())?;
-        if source.as_str() != spec.bridge.as_str() {
-            let what = format!("segment bridge (for {})", spec.bridge);
-            allowed(
-                &self.cfg.allow_bridges,
-                "allow_bridges",
-                &what,
-                source.as_str(),
-            )?;
-        }
-        if sensor {
-            allowed(
-                &self.cfg.allow_promisc_bridges,
-                "allow_promisc_bridges",
-                "promiscuous (IDS) NIC on bridge",
-                source.as_str(),
-            )?;
-            if self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
-                return Err(HotplugError::Precondition(format!(
-                    "promiscuous (IDS) NICs are forbidden on bridge {source} by configuration"
-                )));
-            }
+        self.landing_allowed(&spec.bridge, &source, sensor)?;
+        if sensor && self.cfg.forbid_promisc.iter().any(|b| b == source.as_str()) {
+            return Err(HotplugError::Precondition(format!(
+                "promiscuous (IDS) NICs are forbidden on bridge {source} by configuration"
+            )));
         }
         // A running guest's MTU cannot change: the NIC's must fit the new
         // bridge (and underlay) as it is.
