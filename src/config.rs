@@ -300,6 +300,9 @@ pub struct LimitsFile {
     pub metrics_header_timeout_ms: u64,
     /// How often the metrics that need libvirt are refreshed.
     pub metrics_refresh_ms: u64,
+    /// Connections to libvirtd, which serves at most `max_client_requests`
+    /// calls of one connection at a time.
+    pub libvirt_connections: usize,
 }
 
 impl Default for LimitsFile {
@@ -316,6 +319,7 @@ impl Default for LimitsFile {
             metrics_connections: 8,
             metrics_header_timeout_ms: 5_000,
             metrics_refresh_ms: 10_000,
+            libvirt_connections: crate::hypervisor::libvirt::DEFAULT_CONNECTIONS,
         }
     }
 }
@@ -341,6 +345,8 @@ pub struct Limits {
     pub metrics_header_timeout: Duration,
     /// Metrics background refresh period.
     pub metrics_refresh: Duration,
+    /// Connections in the libvirt pool (the test driver always gets one).
+    pub libvirt_connections: usize,
 }
 
 impl Default for Limits {
@@ -391,6 +397,17 @@ impl Limits {
                 ),
             ));
         }
+        let max = crate::hypervisor::libvirt::MAX_CONNECTIONS;
+        if !(1..=max).contains(&l.libvirt_connections) {
+            return Err(invalid(
+                "limits.libvirt_connections",
+                format!(
+                    "{} is out of range: give 1 to {max} (libvirtd serves at most \
+                     max_client_requests, 5 by default, calls per connection at a time)",
+                    l.libvirt_connections
+                ),
+            ));
+        }
         let ms = Duration::from_millis;
         Ok(Limits {
             requests_per_connection: l.requests_per_connection,
@@ -402,6 +419,7 @@ impl Limits {
             metrics_connections: l.metrics_connections,
             metrics_header_timeout: ms(l.metrics_header_timeout_ms),
             metrics_refresh: ms(l.metrics_refresh_ms),
+            libvirt_connections: l.libvirt_connections,
         })
     }
 }
@@ -1395,6 +1413,19 @@ mod tests {
     }
 
     #[test]
+    fn libvirt_connections_default_to_four_and_take_one_to_sixteen() {
+        assert_eq!(Settings::default().limits.libvirt_connections, 4);
+        for n in [1, 16] {
+            let f = parse(&format!("[limits]\nlibvirt_connections = {n}")).unwrap();
+            assert_eq!(Settings::try_from(f).unwrap().limits.libvirt_connections, n);
+        }
+        let e = Settings::try_from(parse("[limits]\nlibvirt_connections = 17").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give 1 to 16"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("queue_cap = 0", "queue_cap"),
@@ -1419,6 +1450,14 @@ mod tests {
             (
                 "[limits]\nmetrics_connections = 0",
                 "limits.metrics_connections",
+            ),
+            (
+                "[limits]\nlibvirt_connections = 0",
+                "limits.libvirt_connections",
+            ),
+            (
+                "[limits]\nlibvirt_connections = 17",
+                "limits.libvirt_connections",
             ),
         ] {
             let e = Settings::try_from(parse(text).unwrap())

@@ -112,7 +112,10 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
     // should not wait for a connection to fail.
     let tls = tls_server(&s)?;
     let uri = s.connect.clone();
-    let opts = LibvirtOptions { events: s.events };
+    let opts = LibvirtOptions {
+        events: s.events,
+        connections: s.limits.libvirt_connections,
+    };
     let hv = tokio::task::spawn_blocking(move || Libvirt::connect_with(&uri, opts)).await??;
     let manage_host = match s.host_network {
         HostNetwork::On => true,
@@ -125,7 +128,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
     } else {
         None
     };
-    tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), "connected to libvirt");
+    tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), connections = hv.connections(), "connected to libvirt");
     // Wherever taps are real (also with --host-network off): libvirt
     // shapes them with tc. The test driver has no taps and shapes nothing.
     let tc = if !s.connect.starts_with("test:") {

@@ -574,3 +574,73 @@ pub fn parse_bandwidth(
         rate_mbps: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook_args(argv: &[&str]) -> HookArgs {
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Hook(a) => a,
+            other => panic!("not the hook: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hook_gets_libvirts_five_arguments_verbatim_dashes_included() {
+        // packaging/libvirt-hook-nic-agent runs `nic-agent hook qemu "$@"`;
+        // libvirt passes `-` for an empty sub-operation or extra.
+        let a = hook_args(&[
+            "nic-agent",
+            "hook",
+            "qemu",
+            "i-2-10-VM",
+            "release",
+            "end",
+            "-",
+        ]);
+        assert_eq!(a.args, ["qemu", "i-2-10-VM", "release", "end", "-"]);
+        assert_eq!(a.state_dir, None);
+        let a = hook_args(&["nic-agent", "hook", "qemu", "v", "stopped", "end", "-"]);
+        assert_eq!(a.args.len(), 5);
+    }
+
+    #[test]
+    fn the_hooks_own_options_come_before_libvirts_arguments() {
+        // As the lab's drop-in calls it.
+        let a = hook_args(&[
+            "nic-agent",
+            "hook",
+            "--state-dir",
+            "/run/x",
+            "--persist-dir",
+            "/var/lib/x",
+            "--bridge-grace-s",
+            "0",
+            "qemu",
+            "v",
+            "prepare",
+            "begin",
+            "-",
+        ]);
+        assert_eq!(a.state_dir.as_deref(), Some(std::path::Path::new("/run/x")));
+        assert_eq!(
+            a.persist_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/x"))
+        );
+        assert_eq!(a.bridge_grace_s, Some(0));
+        assert_eq!(a.args, ["qemu", "v", "prepare", "begin", "-"]);
+        // After the first of libvirt's arguments nothing is an option: an
+        // extra that looks like one reaches the hook's own check.
+        let a = hook_args(&[
+            "nic-agent",
+            "hook",
+            "qemu",
+            "v",
+            "release",
+            "end",
+            "--state-dir",
+        ]);
+        assert_eq!(a.args, ["qemu", "v", "release", "end", "--state-dir"]);
+    }
+}

@@ -31,6 +31,8 @@ pub mod portwatch;
 mod promisc;
 pub mod tc;
 pub mod tcmirror;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vxlan;
 
 use std::net::IpAddr;

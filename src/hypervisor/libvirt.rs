@@ -1,23 +1,40 @@
 //! [`Hypervisor`] on libvirt through the `virt` crate.
 //!
-//! One shared connection serves every request (libvirt connections are
-//! thread-safe). When libvirtd restarts the connection dies; the next call
-//! notices (`virConnectIsAlive`), drops it and opens a new one, and the
-//! health service reports NOT_SERVING in between.
+//! Requests share a small pool of connections (libvirt connections are
+//! thread-safe). A pool, not one connection, because libvirtd serves at
+//! most `max_client_requests` (5 by default) calls of one client connection
+//! at a time and queues the rest: with one connection, five slow calls on
+//! five VMs (a detach on a paused guest blocks about 5 s) hold up every
+//! other VM's calls and the health probe. Calls on one VM are serialised by
+//! the VM lock already, so each call simply takes the least busy
+//! connection ([`pick`]); a call hung past its deadline keeps its
+//! connection busy, so new calls go around it. The size is
+//! `[limits] libvirt_connections`; see [`pool_size`] for why the test
+//! driver gets one.
+//!
+//! When libvirtd restarts every connection dies; a call that notices
+//! (`virConnectIsAlive`) drops its connection and the next call on that
+//! slot opens a new one. The health probe ([`Hypervisor::is_alive`]) looks
+//! at every slot, so dead ones are dropped within one probe period, and
+//! reopens the event connection at once. Health reports NOT_SERVING in
+//! between.
 //!
 //! Each connection gets a keep-alive (libvirt's event loop sends it, see
 //! [`super::events`]), so a libvirtd that is alive but stuck (SIGSTOP)
 //! closes the connection after about [`KEEPALIVE_INTERVAL`] ×
 //! ([`KEEPALIVE_COUNT`] + 1) seconds instead of leaving calls blocked for
-//! ever. With events on, every (re)opened connection subscribes the
-//! [`EventHub`] again and, after a reconnect, publishes
-//! [`HvEvent::Resubscribed`] so that waiters re-read what they may have
-//! missed.
+//! ever. With events on, the event connection (slot [`EVENTS`]) subscribes
+//! the [`EventHub`] every time it is (re)opened and, after a reconnect,
+//! publishes [`HvEvent::Resubscribed`] so that waiters re-read what they may
+//! have missed. Only that one connection subscribes: libvirt delivers a
+//! domain event to every registration, so a subscription per connection
+//! would publish each event N times.
 //!
 //! Every libvirt API call is counted (see [`super::calls`]).
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use virt::connect::Connect;
@@ -33,65 +50,125 @@ pub const KEEPALIVE_INTERVAL: i32 = 5;
 /// Keep-alive messages without an answer before libvirt closes the
 /// connection.
 pub const KEEPALIVE_COUNT: u32 = 3;
+/// The most connections one agent opens (`[limits] libvirt_connections`).
+/// libvirtd's own default `max_clients` is 5000 and `max_workers` 20: more
+/// than 16 connections would not get more calls served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Connections when nothing is configured.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// The slot whose connection carries the event subscriptions.
+pub const EVENTS: usize = 0;
+
+/// How many connections to open, given what was asked and the driver
+/// behind the first one: `asked`, kept within 1..=[`MAX_CONNECTIONS`],
+/// except for the test driver.
+///
+/// The test driver (`test:///default`, `test:///path/node.xml`) is one
+/// connection, always: it keeps its domains inside the connection, and a
+/// second connection to a node file starts from the file again. An attach
+/// made on one connection would be missing on the next, so a pool would
+/// make every read-back after a change a coin toss. It is in-process, with
+/// no `max_client_requests` to spread over either.
+pub fn pool_size(driver: &str, asked: usize) -> usize {
+    if driver.eq_ignore_ascii_case("test") {
+        1
+    } else {
+        asked.clamp(1, MAX_CONNECTIONS)
+    }
+}
+
+/// Which connection the next call takes: the one with the fewest calls in
+/// flight, and among equals the first at or after `cursor` (which the
+/// caller advances on every call), so idle connections take turns.
+/// `busy` is never empty.
+pub fn pick(busy: &[usize], cursor: usize) -> usize {
+    let n = busy.len().max(1);
+    (0..n)
+        .map(|k| (cursor + k) % n)
+        .min_by_key(|&i| busy.get(i).copied().unwrap_or(usize::MAX))
+        .unwrap_or(0)
+}
 
 /// An open connection with its event registrations, undone when the last
 /// user drops it.
 struct Live {
     conn: Connect,
     subscription: Option<Subscription>,
-    /// Domain handles of this connection, by UUID, with the name each was
-    /// found by; and names to UUIDs. See [`Handles`].
-    handles: Mutex<Handles>,
+    /// Domain handles of this connection, by UUID. See [`Names`].
+    handles: Mutex<HashMap<String, Domain>>,
 }
 
-/// Why a cache of domain handles: every virDomain* call needs a handle, and
-/// looking the domain up again before each one (by UUID: one RPC) was a
-/// third of an attach's libvirt calls. A handle stays valid for the life of
-/// its connection, and it names the domain by UUID, so it can never point
-/// at another domain. A domain that is gone answers VIR_ERR_NO_DOMAIN on
-/// its handle, which evicts it; a new connection starts with an empty
-/// cache. The name-to-UUID map follows names: a name that a new domain
-/// took over (the old one undefined) is found stale the same way, through
-/// the old handle's NO_DOMAIN. libvirt renames only inactive domains, and
-/// CloudStack never renames; a renamed domain is seen under its new name
-/// after its next lookup by that name.
+/// Why domain handles and names are cached: every virDomain* call needs a
+/// handle, and looking the domain up again before each one (by UUID: one
+/// RPC), plus asking a handle its name and UUID, was two thirds of an
+/// attach's libvirt calls. A handle stays valid for the life of its
+/// connection (so each connection of the pool keeps its own, and a new
+/// connection starts with none), and it names the domain by UUID, so it
+/// can never point at another domain. Names and UUIDs are the same on every
+/// connection, so the pool keeps one map of them. A domain that is gone
+/// answers VIR_ERR_NO_DOMAIN on its handle, which evicts it from both; a
+/// name that a new domain took over (the old one undefined) is found stale
+/// the same way, through the old UUID. libvirt renames only inactive
+/// domains, and CloudStack never renames; a renamed domain is found under
+/// its new name at its next lookup by that name.
 #[derive(Default)]
-struct Handles {
-    by_uuid: HashMap<String, (String, Domain)>,
+struct Names {
+    by_uuid: HashMap<String, String>,
     by_name: HashMap<String, String>,
 }
 
-/// More domains than a host runs; past it the cache starts again.
-const MAX_HANDLES: usize = 4096;
+/// More domains than a host runs; past it a cache starts again.
+const MAX_CACHED: usize = 4096;
 
 impl Live {
-    fn cached(&self, uuid: &str) -> Option<(String, Domain)> {
+    fn cached(&self, uuid: &str) -> Option<Domain> {
         let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        h.by_uuid.get(uuid).cloned()
+        h.get(uuid).cloned()
     }
 
-    fn uuid_of(&self, name: &str) -> Option<String> {
-        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        h.by_name.get(name).cloned()
-    }
-
-    fn remember(&self, name: &str, uuid: &str, d: &Domain) {
+    fn remember(&self, uuid: &str, d: &Domain) {
         let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        if h.by_uuid.len() >= MAX_HANDLES {
-            h.by_uuid.clear();
-            h.by_name.clear();
+        if h.len() >= MAX_CACHED {
+            h.clear();
         }
-        h.by_uuid
-            .insert(uuid.to_string(), (name.to_string(), d.clone()));
-        h.by_name.insert(name.to_string(), uuid.to_string());
+        h.insert(uuid.to_string(), d.clone());
     }
 
     fn forget(&self, uuid: &str) {
         let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((name, _)) = h.by_uuid.remove(uuid) {
-            if h.by_name.get(&name).map(String::as_str) == Some(uuid) {
-                h.by_name.remove(&name);
+        h.remove(uuid);
+    }
+}
+
+impl Names {
+    fn learn(&mut self, name: &str, uuid: &str) {
+        if self.by_uuid.len() >= MAX_CACHED {
+            self.by_uuid.clear();
+            self.by_name.clear();
+        }
+        if let Some(old) = self.by_uuid.insert(uuid.to_string(), name.to_string()) {
+            if old != name && self.by_name.get(&old).map(String::as_str) == Some(uuid) {
+                self.by_name.remove(&old);
             }
+        }
+        self.by_name.insert(name.to_string(), uuid.to_string());
+    }
+
+    fn unlearn(&mut self, uuid: &str) {
+        if let Some(name) = self.by_uuid.remove(uuid) {
+            if self.by_name.get(&name).map(String::as_str) == Some(uuid) {
+                self.by_name.remove(&name);
+            }
+        }
+    }
+
+    /// (name, UUID) of `vm`, a name or a UUID, when both are known.
+    fn both(&self, vm: &str) -> Option<(String, String)> {
+        if looks_like_uuid(vm) {
+            let uuid = vm.to_ascii_lowercase();
+            self.by_uuid.get(&uuid).map(|n| (n.clone(), uuid))
+        } else {
+            self.by_name.get(vm).map(|u| (vm.to_string(), u.clone()))
         }
     }
 }
@@ -111,29 +188,69 @@ impl Drop for Live {
     }
 }
 
-/// A libvirt connection by URI (`qemu:///system`, `test:///default`, ...).
+/// One place in the pool: its connection (`None` once it died, until the
+/// next call on it reopens it) and the calls using it now.
+#[derive(Default)]
+struct Slot {
+    conn: RwLock<Option<Arc<Live>>>,
+    busy: AtomicUsize,
+}
+
+/// A connection lent to one call. The slot counts the call as busy until
+/// the lease is dropped, also when the call hangs past its deadline.
+struct Lease<'a> {
+    slot: &'a Slot,
+    index: usize,
+    live: Arc<Live>,
+}
+
+impl Deref for Lease<'_> {
+    type Target = Connect;
+    fn deref(&self) -> &Connect {
+        &self.live.conn
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.slot.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A pool of libvirt connections to one URI (`qemu:///system`,
+/// `test:///default`, ...).
 pub struct Libvirt {
     uri: String,
     driver: String,
-    conn: RwLock<Option<Arc<Live>>>,
+    /// Never empty; slot [`EVENTS`] carries the subscriptions.
+    slots: Vec<Slot>,
+    /// Advanced on every call, for [`pick`]'s round robin among equals.
+    cursor: AtomicUsize,
     /// Where events go; `None` when events are switched off.
     hub: Option<EventHub>,
-    /// Whether the current connection's subscription succeeded: a driver
+    /// Whether the event connection's subscription succeeded: a driver
     /// that refuses it has no events, and callers poll.
-    subscribed: std::sync::atomic::AtomicBool,
+    subscribed: AtomicBool,
+    /// Names and UUIDs of the domains seen, for every connection.
+    names: Mutex<Names>,
 }
 
-/// How the connection is set up.
+/// How the connections are set up.
 #[derive(Debug, Clone, Copy)]
 pub struct LibvirtOptions {
     /// Subscribe to domain events (device removed, removal failed,
     /// lifecycle). Off, detach confirms by polling the live XML.
     pub events: bool,
+    /// Connections in the pool; see [`pool_size`].
+    pub connections: usize,
 }
 
 impl Default for LibvirtOptions {
     fn default() -> Self {
-        LibvirtOptions { events: true }
+        LibvirtOptions {
+            events: true,
+            connections: DEFAULT_CONNECTIONS,
+        }
     }
 }
 
@@ -143,13 +260,13 @@ fn open(uri: &str) -> Result<Connect, VirtError> {
 }
 
 impl Libvirt {
-    /// Opens the connection now so that a bad URI fails at start-up, with
+    /// Opens the connections now so that a bad URI fails at start-up, with
     /// events on.
     pub fn connect(uri: &str) -> Result<Self, HvError> {
         Self::connect_with(uri, LibvirtOptions::default())
     }
 
-    /// Opens the connection now so that a bad URI fails at start-up.
+    /// Opens the connections now so that a bad URI fails at start-up.
     pub fn connect_with(uri: &str, opts: LibvirtOptions) -> Result<Self, HvError> {
         // The event loop must be registered before the first connection is
         // opened, or that connection gets neither keep-alive nor events.
@@ -158,32 +275,54 @@ impl Libvirt {
         if let Err(e) = events::ensure_event_loop() {
             tracing::warn!(error = %e, "no libvirt event loop: no keep-alive and no events");
         }
-        let conn = open(uri).map_err(|e| classify("connect", &e))?;
+        let first = open(uri).map_err(|e| classify("connect", &e))?;
         count("virConnectGetType");
-        let driver = conn.driver_type().unwrap_or_default();
+        let driver = first.driver_type().unwrap_or_default();
+        let size = pool_size(&driver, opts.connections);
         let lv = Libvirt {
             uri: uri.to_string(),
             driver,
-            conn: RwLock::new(None),
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            cursor: AtomicUsize::new(0),
             hub: opts.events.then(EventHub::default),
-            subscribed: std::sync::atomic::AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            names: Mutex::default(),
         };
-        let live = lv.set_up(conn);
-        if let Ok(mut g) = lv.conn.write() {
-            *g = Some(Arc::new(live));
+        lv.store(EVENTS, lv.set_up(EVENTS, first));
+        // The others are opened now too, so that the pool is whole from the
+        // first request; one that fails is opened by the first call on it.
+        for i in 1..size {
+            match open(uri) {
+                Ok(c) => lv.store(i, lv.set_up(i, c)),
+                Err(e) => {
+                    tracing::warn!(uri, slot = i, error = %e.message(), "libvirt connection not opened; the first call on it tries again")
+                }
+            }
         }
+        tracing::debug!(uri, connections = size, "libvirt connection pool");
         Ok(lv)
     }
 
-    /// The URI this connection was opened with.
+    /// The URI the connections were opened with.
     pub fn uri(&self) -> &str {
         &self.uri
     }
 
-    /// Keep-alive and event subscriptions on a freshly opened connection.
-    /// Neither is fatal: the test driver has no keep-alive, and without
-    /// events detach polls.
-    fn set_up(&self, conn: Connect) -> Live {
+    /// Connections in the pool.
+    pub fn connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn store(&self, i: usize, live: Live) {
+        if let Ok(mut g) = self.slots[i].conn.write() {
+            *g = Some(Arc::new(live));
+        }
+    }
+
+    /// Keep-alive, and on the event connection the event subscriptions, on
+    /// a freshly opened connection. Neither is fatal: the test driver has
+    /// no keep-alive, and without events detach polls.
+    fn set_up(&self, slot: usize, conn: Connect) -> Live {
         // The test driver lives in this process: nothing to keep alive, and
         // libvirt would print its "not supported" error on stderr.
         if !self.driver.eq_ignore_ascii_case("test") {
@@ -191,6 +330,13 @@ impl Libvirt {
             if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
                 tracing::debug!(uri = %self.uri, error = %e.message(), "no keep-alive on this connection");
             }
+        }
+        if slot != EVENTS {
+            return Live {
+                conn,
+                subscription: None,
+                handles: Mutex::default(),
+            };
         }
         let subscription = self
             .hub
@@ -203,7 +349,7 @@ impl Libvirt {
                 }
             });
         self.subscribed
-            .store(subscription.is_some(), std::sync::atomic::Ordering::SeqCst);
+            .store(subscription.is_some(), Ordering::SeqCst);
         Live {
             conn,
             subscription,
@@ -211,71 +357,120 @@ impl Libvirt {
         }
     }
 
-    /// The current connection, reopening it if it was dropped.
-    fn conn(&self) -> Result<Arc<Live>, HvError> {
-        if let Some(c) = self.conn.read().ok().and_then(|g| g.clone()) {
-            return Ok(c);
+    /// A connection for one call: the least busy one, reopened if it was
+    /// dropped.
+    fn conn(&self) -> Result<Lease<'_>, HvError> {
+        let busy: Vec<usize> = self
+            .slots
+            .iter()
+            .map(|s| s.busy.load(Ordering::SeqCst))
+            .collect();
+        let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
+        self.conn_at(pick(&busy, cursor))
+    }
+
+    /// The connection of slot `i`, reopening it if it was dropped.
+    fn conn_at(&self, i: usize) -> Result<Lease<'_>, HvError> {
+        let slot = &self.slots[i];
+        // Counted busy before the (re)open, so that concurrent callers
+        // spread over the other slots meanwhile.
+        slot.busy.fetch_add(1, Ordering::SeqCst);
+        let lease = |live| Lease {
+            slot,
+            index: i,
+            live,
+        };
+        let release = || {
+            slot.busy.fetch_sub(1, Ordering::SeqCst);
+        };
+        if let Some(c) = slot.conn.read().ok().and_then(|g| g.clone()) {
+            return Ok(lease(c));
         }
-        let mut guard = self
-            .conn
-            .write()
-            .map_err(|_| HvError::new(HvErrorKind::Internal, "connect", "lock poisoned"))?;
+        let Ok(mut guard) = slot.conn.write() else {
+            release();
+            return Err(HvError::new(
+                HvErrorKind::Internal,
+                "connect",
+                "lock poisoned",
+            ));
+        };
         if let Some(c) = guard.clone() {
-            return Ok(c);
+            return Ok(lease(c));
         }
-        let conn = open(&self.uri).map_err(|e| {
-            let mut err = classify("reconnect", &e);
-            err.kind = HvErrorKind::Unavailable;
-            err
-        })?;
-        let c = Arc::new(self.set_up(conn));
-        tracing::info!(uri = %self.uri, "libvirt connection (re)opened");
+        let conn = match open(&self.uri) {
+            Ok(c) => c,
+            Err(e) => {
+                release();
+                let mut err = classify("reconnect", &e);
+                err.kind = HvErrorKind::Unavailable;
+                return Err(err);
+            }
+        };
+        let c = Arc::new(self.set_up(i, conn));
+        tracing::info!(uri = %self.uri, slot = i, "libvirt connection (re)opened");
         *guard = Some(c.clone());
         drop(guard);
         // Events of the time without a connection are lost: tell waiters
         // to read the state again (and to poll from now on if this
         // connection could not subscribe).
-        if let Some(hub) = &self.hub {
-            hub.publish(HvEvent::Resubscribed);
+        if i == EVENTS {
+            if let Some(hub) = &self.hub {
+                hub.publish(HvEvent::Resubscribed);
+            }
         }
-        Ok(c)
+        Ok(lease(c))
+    }
+
+    /// Drops slot `i`'s connection if it is still `live` (not one a
+    /// concurrent call opened meanwhile), so the next call reopens it.
+    fn drop_conn(&self, i: usize, live: &Arc<Live>) {
+        if let Ok(mut g) = self.slots[i].conn.write() {
+            if g.as_ref().is_some_and(|c| Arc::ptr_eq(c, live)) {
+                *g = None;
+                tracing::warn!(uri = %self.uri, slot = i, "libvirt connection lost; will reconnect");
+            }
+        }
     }
 
     /// Turns a libvirt error into an [`HvError`], and drops the connection
     /// when it is dead so the next call reconnects. A dead connection is
     /// detected by asking libvirt, not by reading the message.
-    fn fail(&self, conn: &Connect, op: &str, e: &VirtError) -> HvError {
+    fn fail(&self, conn: &Lease<'_>, op: &str, e: &VirtError) -> HvError {
         let mut err = classify(op, e);
         count("virConnectIsAlive");
         if !conn.is_alive().unwrap_or(false) {
             err.kind = HvErrorKind::Unavailable;
-            if let Ok(mut g) = self.conn.write() {
-                *g = None;
-            }
-            tracing::warn!(uri = %self.uri, "libvirt connection lost; will reconnect");
+            self.drop_conn(conn.index, &conn.live);
         }
         err
     }
 
-    /// The domain's handle: from the cache, or looked up by UUID once.
-    fn domain(&self, conn: &Live, dom: &DomainRef) -> Result<Domain, HvError> {
-        if let Some((_, d)) = conn.cached(&dom.uuid) {
+    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The domain's handle on this connection: from its cache, or looked
+    /// up by UUID once.
+    fn domain(&self, conn: &Lease<'_>, dom: &DomainRef) -> Result<Domain, HvError> {
+        if let Some(d) = conn.live.cached(&dom.uuid) {
             return Ok(d);
         }
         count("virDomainLookupByUUIDString");
         let d = conn
             .lookup_domain_by_uuid_string(&dom.uuid)
             .map_err(|e| self.fail(conn, "lookup", &e))?;
-        conn.remember(&dom.name, &dom.uuid, &d);
+        conn.live.remember(&dom.uuid, &d);
+        self.names().learn(&dom.name, &dom.uuid);
         Ok(d)
     }
 
     /// A call on a handle failed: a domain that is gone leaves the cache,
     /// then the error is classified as any other.
-    fn fail_on(&self, conn: &Live, dom: &DomainRef, op: &str, e: &VirtError) -> HvError {
+    fn fail_on(&self, conn: &Lease<'_>, dom: &DomainRef, op: &str, e: &VirtError) -> HvError {
         let err = self.fail(conn, op, e);
         if err.kind == HvErrorKind::NotFound {
-            conn.forget(&dom.uuid);
+            conn.live.forget(&dom.uuid);
+            self.names().unlearn(&dom.uuid);
         }
         err
     }
@@ -283,7 +478,7 @@ impl Libvirt {
     /// State and persistence of a domain whose name and UUID are known.
     fn refresh(
         &self,
-        conn: &Connect,
+        conn: &Lease<'_>,
         d: &Domain,
         name: String,
         uuid: String,
@@ -312,7 +507,7 @@ impl Libvirt {
 impl Libvirt {
     /// The domain, for QMP commands through libvirt's QEMU monitor
     /// passthrough; Unsupported where the driver has no QEMU.
-    fn monitor(&self, dom: &DomainRef, op: &str) -> Result<(Arc<Live>, Domain), HvError> {
+    fn monitor(&self, dom: &DomainRef, op: &str) -> Result<(Lease<'_>, Domain), HvError> {
         if !self.driver.eq_ignore_ascii_case("qemu") {
             return Err(HvError::new(
                 HvErrorKind::Unsupported,
@@ -330,7 +525,7 @@ impl Libvirt {
     /// DeviceNotFound there is [`HvErrorKind::DeviceMissing`].
     fn qmp(
         &self,
-        (conn, d): &(Arc<Live>, Domain),
+        (conn, d): &(Lease<'_>, Domain),
         op: &str,
         cmd: serde_json::Value,
     ) -> Result<serde_json::Value, HvError> {
@@ -432,15 +627,28 @@ impl Hypervisor for Libvirt {
     }
 
     fn is_alive(&self) -> bool {
-        match self.conn() {
+        // Every slot, so that after a libvirtd restart the dead connections
+        // are dropped now (the next call on each opens a new one) rather
+        // than failing one call each. virConnectIsAlive looks at the local
+        // socket only.
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(live) = slot.conn.read().ok().and_then(|g| g.clone()) else {
+                continue;
+            };
+            count("virConnectIsAlive");
+            if !live.is_alive().unwrap_or(false) {
+                self.drop_conn(i, &live);
+            }
+        }
+        // The event connection is reopened at once, not at its next call:
+        // until it is, no event arrives.
+        match self.conn_at(EVENTS) {
             Ok(c) => {
                 count("virConnectIsAlive");
                 if c.is_alive().unwrap_or(false) {
                     true
                 } else {
-                    if let Ok(mut g) = self.conn.write() {
-                        *g = None;
-                    }
+                    self.drop_conn(c.index, &c.live);
                     false
                 }
             }
@@ -457,7 +665,9 @@ impl Hypervisor for Libvirt {
             ));
         }
         // virConnectIsAlive looks at the local socket only; this is a
-        // round trip that a stuck libvirtd does not answer.
+        // round trip that a stuck libvirtd does not answer. It takes the
+        // least busy connection like any call: the question is whether
+        // libvirtd serves a new call now.
         let conn = self.conn()?;
         count("virConnectGetLibVersion");
         conn.lib_version()
@@ -466,7 +676,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn events(&self) -> Option<EventHub> {
-        if self.subscribed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.subscribed.load(Ordering::SeqCst) {
             self.hub.clone()
         } else {
             None
@@ -475,21 +685,29 @@ impl Hypervisor for Libvirt {
 
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
         let conn = self.conn()?;
-        let by_uuid = looks_like_uuid(vm);
-        let uuid = if by_uuid {
-            Some(vm.to_ascii_lowercase())
-        } else {
-            conn.uuid_of(vm)
-        };
-        // A cached handle costs two calls (state, persistence); a domain it
-        // no longer finds is looked up afresh below.
-        if let Some((name, d)) = uuid.as_deref().and_then(|u| conn.cached(u)) {
-            let u = uuid.clone().unwrap_or_default();
-            match self.refresh(&conn, &d, name, u.clone()) {
-                Err(e) if e.kind == HvErrorKind::NotFound => conn.forget(&u),
+        // Known name and UUID: this connection's handle (looked up by UUID
+        // once), then state and persistence, two calls. A domain that is
+        // no longer there is looked up afresh below.
+        let known = self.names().both(vm);
+        if let Some((name, uuid)) = known {
+            let probe = DomainRef {
+                name,
+                uuid: uuid.clone(),
+                state: RunState::Other,
+                persistent: false,
+            };
+            match self
+                .domain(&conn, &probe)
+                .and_then(|d| self.refresh(&conn, &d, probe.name.clone(), uuid.clone()))
+            {
+                Err(e) if e.kind == HvErrorKind::NotFound => {
+                    conn.live.forget(&uuid);
+                    self.names().unlearn(&uuid);
+                }
                 other => return other,
             }
         }
+        let by_uuid = looks_like_uuid(vm);
         let found = if by_uuid {
             count("virDomainLookupByUUIDString");
             conn.lookup_domain_by_uuid_string(vm)
@@ -508,19 +726,13 @@ impl Hypervisor for Libvirt {
             let uuid = d.uuid_string().map_err(|e| self.fail(&conn, "uuid", &e))?;
             (vm.to_string(), uuid)
         };
-        conn.remember(&name, &uuid, &d);
+        conn.live.remember(&uuid, &d);
+        self.names().learn(&name, &uuid);
         self.refresh(&conn, &d, name, uuid)
     }
 
     fn resolve_cached(&self, vm: &str) -> Option<DomainRef> {
-        // The current connection only: reconnecting would block.
-        let conn = self.conn.read().ok().and_then(|g| g.clone())?;
-        let uuid = if looks_like_uuid(vm) {
-            vm.to_ascii_lowercase()
-        } else {
-            conn.uuid_of(vm)?
-        };
-        let (name, _) = conn.cached(&uuid)?;
+        let (name, uuid) = self.names().both(vm)?;
         Some(DomainRef {
             name,
             uuid,
@@ -530,24 +742,12 @@ impl Hypervisor for Libvirt {
     }
 
     fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
-        // Name and UUID only, for the VM lock: from the cache without a
-        // call; state and persistence are read under the lock.
-        let conn = self.conn()?;
-        let uuid = if looks_like_uuid(vm) {
-            Some(vm.to_ascii_lowercase())
-        } else {
-            conn.uuid_of(vm)
-        };
-        if let Some((name, _)) = uuid.as_deref().and_then(|u| conn.cached(u)) {
-            return Ok(DomainRef {
-                name,
-                uuid: uuid.unwrap_or_default(),
-                state: RunState::Other,
-                persistent: false,
-            });
+        // Name and UUID only, for the VM lock: from memory without a call;
+        // state and persistence are read under the lock.
+        match self.resolve_cached(vm) {
+            Some(d) => Ok(d),
+            None => self.lookup(vm),
         }
-        drop(conn);
-        self.lookup(vm)
     }
 
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
@@ -563,7 +763,8 @@ impl Hypervisor for Libvirt {
                 let name = d.name().map_err(|e| self.fail(&conn, "name", &e))?;
                 count("virDomainGetUUIDString");
                 let uuid = d.uuid_string().map_err(|e| self.fail(&conn, "uuid", &e))?;
-                conn.remember(&name, &uuid, d);
+                conn.live.remember(&uuid, d);
+                self.names().learn(&name, &uuid);
                 self.refresh(&conn, d, name, uuid)
             })();
             match described {
@@ -712,6 +913,109 @@ impl Hypervisor for Libvirt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_size_is_the_asked_size_within_range_and_one_for_the_test_driver() {
+        assert_eq!(pool_size("QEMU", 4), 4);
+        assert_eq!(pool_size("QEMU", 1), 1);
+        assert_eq!(pool_size("QEMU", 0), 1);
+        assert_eq!(pool_size("QEMU", 99), MAX_CONNECTIONS);
+        assert_eq!(pool_size("Test", 4), 1);
+        assert_eq!(pool_size("test", 16), 1);
+    }
+
+    #[test]
+    fn idle_connections_take_turns() {
+        let busy = [0, 0, 0, 0];
+        let picks: Vec<usize> = (0..8).map(|c| pick(&busy, c)).collect();
+        assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_least_busy_connection_wins_over_the_turn() {
+        // A connection with calls hung past their deadline stays busy: new
+        // calls go around it whatever the cursor says.
+        assert_eq!(pick(&[5, 0, 2, 1], 0), 1);
+        assert_eq!(pick(&[5, 0, 2, 1], 2), 1);
+        // Among equals, the first at or after the cursor.
+        assert_eq!(pick(&[3, 1, 3, 1], 2), 3);
+        assert_eq!(pick(&[3, 1, 3, 1], 0), 1);
+        // One connection: always it.
+        assert_eq!(pick(&[7], 12345), 0);
+    }
+
+    /// Why the test driver gets one connection: a second connection to a
+    /// node file does not see what the first one changed.
+    #[test]
+    fn test_driver_state_lives_in_the_connection() {
+        let node = format!(
+            "test://{}/fixtures/lab-node.xml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let a = Connect::open(Some(&node)).expect("first connection");
+        let b = Connect::open(Some(&node)).expect("second connection");
+        let on_a = a.lookup_domain_by_name("i-2-10-VM").expect("vm on a");
+        on_a.suspend().expect("suspend on a");
+        let state = |c: &Connect| {
+            c.lookup_domain_by_name("i-2-10-VM")
+                .and_then(|d| d.state())
+                .map(|(s, _)| s.unwrap_or(DomainState::NoState))
+                .expect("state")
+        };
+        assert_eq!(state(&a), DomainState::Paused);
+        assert_eq!(
+            state(&b),
+            DomainState::Running,
+            "the connections shared state"
+        );
+    }
+
+    #[test]
+    fn a_test_driver_pool_is_one_connection_whatever_is_asked() {
+        let node = format!(
+            "test://{}/fixtures/lab-node.xml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let lv = Libvirt::connect_with(
+            &node,
+            LibvirtOptions {
+                events: true,
+                connections: 8,
+            },
+        )
+        .expect("test driver");
+        assert_eq!(lv.connections(), 1);
+        // One change, then a read: they meet on the one connection.
+        let dom = lv.lookup("i-2-10-VM").expect("vm");
+        let nic = "<interface type='bridge'><mac address='02:00:0a:00:00:77'/><source bridge='cloudbr0'/><model type='virtio'/></interface>";
+        lv.attach(&dom, nic, Target::Live).expect("attach");
+        for _ in 0..4 {
+            assert!(lv
+                .xml(&dom, Target::Live)
+                .expect("xml")
+                .contains("02:00:0a:00:00:77"));
+        }
+        assert!(lv.is_alive());
+        assert!(lv.probe().is_ok());
+    }
+
+    #[test]
+    fn leases_count_busy_calls_and_give_them_back() {
+        let node = format!(
+            "test://{}/fixtures/lab-node.xml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let lv = Libvirt::connect_with(&node, LibvirtOptions::default()).expect("test driver");
+        let busy = || lv.slots[EVENTS].busy.load(Ordering::SeqCst);
+        {
+            let _a = lv.conn().expect("a");
+            let _b = lv.conn().expect("b");
+            assert_eq!(busy(), 2);
+        }
+        assert_eq!(busy(), 0);
+        let _ = lv.lookup("no-such-vm").expect_err("missing");
+        assert_eq!(busy(), 0, "a failed call gave its lease back");
+    }
 
     #[test]
     fn qmp_reply_returns_the_return_value() {

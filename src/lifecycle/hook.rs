@@ -245,6 +245,9 @@ mod tests {
             ("restore", "begin", Action::Ignore),
             ("reconnect", "begin", Action::Ignore),
             ("prepare", "end", Action::Ignore),
+            ("attach", "begin", Action::Ignore),
+            // An operation a later libvirt adds is ignored, never refused.
+            ("some-future-op", "begin", Action::Ignore),
         ] {
             let inv = HookInvocation::parse(&args(&["qemu", "i-2-10-VM", op, sub, "-"])).unwrap();
             assert_eq!(inv.domain, "i-2-10-VM");
@@ -270,6 +273,168 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    use crate::host::objects::SegmentRecord;
+    use crate::host::testing::RecordingHost;
+
+    const NOT_XML: &str = "this is not a domain";
+
+    fn inv(op: &str, sub: &str) -> HookInvocation {
+        HookInvocation::parse(&args(&["qemu", "v", op, sub, "-"])).unwrap()
+    }
+
+    fn domain(nics: &str) -> String {
+        format!(
+            "<domain type='kvm' id='7'><name>v</name><uuid>6a1e3a6c-1d3c-4b6e-9a0e-2f3c4d5e6f70</uuid>\
+             <devices>{nics}</devices></domain>"
+        )
+    }
+
+    const SENSOR: &str = "<interface type='bridge'><mac address='02:00:00:00:00:01'/>\
+        <source bridge='brids'/><target dev='vnet1'/><model type='virtio'/><alias name='ua-ids-1'/></interface>";
+    const PLAIN: &str = "<interface type='bridge'><mac address='02:00:00:00:00:02'/>\
+        <source bridge='cloudbr0'/><target dev='vnet2'/><model type='virtio'/><alias name='net0'/></interface>";
+
+    #[tokio::test]
+    async fn operations_that_do_not_act_never_read_stdin_and_change_nothing() {
+        let host = RecordingHost::default();
+        for (op, sub) in [
+            ("migrate", "begin"),
+            ("restore", "begin"),
+            ("reconnect", "begin"),
+            ("start", "begin"),
+            ("stopped", "end"),
+            ("attach", "begin"),
+        ] {
+            let out = run(&inv(op, sub), NOT_XML, &host, Duration::ZERO)
+                .await
+                .unwrap_or_else(|e| panic!("{op} {sub}: {e}"));
+            assert!(out.changes.is_empty(), "{op} {sub}: {out:?}");
+        }
+        assert!(host.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unreadable_domain_xml_fails_the_operations_that_need_it() {
+        let host = RecordingHost::default();
+        for (op, sub) in [
+            ("prepare", "begin"),
+            ("started", "begin"),
+            ("release", "end"),
+        ] {
+            let e = run(&inv(op, sub), NOT_XML, &host, Duration::ZERO)
+                .await
+                .expect_err(op);
+            assert!(matches!(e, HookError::Xml(_)), "{op}: {e:?}");
+            assert!(e.to_string().starts_with("domain XML on stdin: "), "{e}");
+        }
+        assert!(host.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_domain_without_agent_made_nics_is_left_alone() {
+        let host = RecordingHost::default().with_foreign_bridge("cloudbr0");
+        let xml = domain(PLAIN);
+        for (op, sub) in [
+            ("prepare", "begin"),
+            ("started", "begin"),
+            ("release", "end"),
+        ] {
+            let out = run(&inv(op, sub), &xml, &host, Duration::ZERO)
+                .await
+                .expect(op);
+            assert!(out.changes.is_empty(), "{op}: {out:?}");
+        }
+        assert!(host.changes().is_empty(), "{:?}", host.changes());
+        assert!(host.cleaned().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sensor_gets_ids_state_at_prepare_and_its_copies_once_started() {
+        let host = RecordingHost::default()
+            .with_foreign_bridge("brids")
+            .with_foreign_bridge("cloudbr0");
+        let xml = domain(&format!("{SENSOR}{PLAIN}"));
+        let out = run(&inv("prepare", "begin"), &xml, &host, Duration::ZERO)
+            .await
+            .expect("prepare");
+        assert_eq!(out.changes, vec!["brids in IDS state".to_string()]);
+        assert!(host.is_promisc("brids") && !host.is_promisc("cloudbr0"));
+        // The domain does not run yet: its intent holds the bridge.
+        assert_eq!(host.objects().live_intents("brids").await.len(), 1);
+
+        let out = run(&inv("started", "begin"), &xml, &host, Duration::ZERO)
+            .await
+            .expect("started");
+        assert_eq!(
+            out.changes,
+            vec!["1 IDS mirror filter change(s)".to_string()]
+        );
+        assert!(host.objects().live_intents("brids").await.is_empty());
+        assert_eq!(
+            host.changes(),
+            vec![
+                "promisc brids".to_string(),
+                "mirror-sync brids vnet1".to_string()
+            ]
+        );
+    }
+
+    async fn remember(host: &RecordingHost, bridge: &str, vni: u32) {
+        host.objects()
+            .remember(&SegmentRecord {
+                bridge: bridge.into(),
+                label: "cloudbr1".into(),
+                segment: format!("vxlan://{vni}"),
+            })
+            .await
+            .expect("record");
+    }
+
+    fn vxlan_nic(mac: &str, bridge: &str) -> String {
+        format!(
+            "<interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/>\
+             <model type='virtio'/><alias name='ua-{}'/></interface>",
+            mac.replace(':', "")
+        )
+    }
+
+    #[tokio::test]
+    async fn release_removes_an_agent_made_bridge_nothing_uses_and_keeps_one_with_a_port() {
+        let host = RecordingHost::default()
+            .with_agent_bridge("brvx-5001", &[])
+            .with_agent_bridge("brvx-5002", &["vnet9"])
+            .with_foreign_bridge("cloudbr0");
+        remember(&host, "brvx-5001", 5001).await;
+        remember(&host, "brvx-5002", 5002).await;
+        let xml = domain(&format!(
+            "{}{}{PLAIN}",
+            vxlan_nic("02:00:00:00:50:01", "brvx-5001"),
+            vxlan_nic("02:00:00:00:50:02", "brvx-5002")
+        ));
+        let out = run(&inv("release", "end"), &xml, &host, Duration::ZERO)
+            .await
+            .expect("release");
+        assert_eq!(out.changes, vec!["removed brvx-5001".to_string()]);
+        assert_eq!(host.cleaned(), vec!["brvx-5001".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn release_within_the_grace_period_leaves_the_bridge_to_the_reconcile() {
+        let host = RecordingHost::default().with_agent_bridge("brvx-5003", &[]);
+        remember(&host, "brvx-5003", 5003).await;
+        let xml = domain(&vxlan_nic("02:00:00:00:50:03", "brvx-5003"));
+        let out = run(&inv("release", "end"), &xml, &host, Duration::from_secs(60))
+            .await
+            .expect("release");
+        assert_eq!(
+            out.changes,
+            vec!["brvx-5003 unused; left to the reconcile".to_string()]
+        );
+        assert!(host.cleaned().is_empty());
+        // The clock starts now, so the reconcile can tell when it is due.
+        assert!(host.objects().since_change("brvx-5003").await.is_some());
     }
 
     #[test]

@@ -197,3 +197,320 @@ async fn next_lifecycle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reconcile's decisions, against the fake hypervisor and the
+    //! recording host: what it repairs, and what it must leave alone. The
+    //! same passes run on real links in the lab lifecycle suite.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::host::testing::RecordingHost;
+    use crate::host::{HostNet, PromiscState};
+    use crate::hotplug::HotplugConfig;
+    use crate::hypervisor::fake::FakeHypervisor;
+    use crate::hypervisor::{Hypervisor, RunState, Target};
+
+    const ORIGINAL: PromiscState = PromiscState {
+        promisc: false,
+        ageing_time: 30_000,
+    };
+
+    fn nic(mac: &str, bridge: &str, tap: &str, alias: &str) -> String {
+        format!(
+            "<interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/>\
+             <target dev='{tap}'/><model type='virtio'/><alias name='{alias}'/></interface>"
+        )
+    }
+
+    /// A VM of the fake: name, state, persistent, NICs as (target, XML).
+    type Vm<'a> = (&'a str, RunState, bool, Vec<(Target, String)>);
+
+    /// The fake with `vms`, and an engine over it and `host`.
+    fn engine(vms: &[Vm<'_>], host: RecordingHost) -> (Arc<RecordingHost>, Hotplug) {
+        let fake = Arc::new(FakeHypervisor::default());
+        for (name, state, persistent, nics) in vms {
+            fake.add(name, *state, *persistent, 2);
+            let dom = fake.lookup(name).expect("vm");
+            for (target, xml) in nics {
+                fake.attach(&dom, xml, *target).expect("nic");
+            }
+        }
+        let host = Arc::new(host);
+        let cfg = HotplugConfig {
+            vhost_net_present: false,
+            // The grace period has its own tests (host::objects); here a
+            // bridge nothing uses goes at once.
+            bridge_grace: Duration::ZERO,
+            ..HotplugConfig::default()
+        };
+        let hp = Hotplug::new(fake, Some(host.clone() as Arc<dyn HostNet>), cfg);
+        (host, hp)
+    }
+
+    #[tokio::test]
+    async fn a_bridge_whose_saved_ids_state_has_no_sensor_left_gets_it_back() {
+        // brids-a's sensor VM is gone; brids-b's sensor runs; brids-c's only
+        // sensor is in a shut-off VM's definition, which copies nothing.
+        let (host, hp) = engine(
+            &[
+                (
+                    "sensor",
+                    RunState::Running,
+                    false,
+                    vec![(
+                        Target::Live,
+                        nic("52:54:00:00:01:01", "brids-b", "vnet11", "ua-ids-0101"),
+                    )],
+                ),
+                (
+                    "stopped-sensor",
+                    RunState::ShutOff,
+                    true,
+                    vec![(
+                        Target::Config,
+                        nic("52:54:00:00:01:02", "brids-c", "vnet12", "ua-ids-0102"),
+                    )],
+                ),
+            ],
+            RecordingHost::default()
+                .with_foreign_bridge("brids-a")
+                .with_foreign_bridge("brids-b")
+                .with_foreign_bridge("brids-c")
+                .with_ids_state("brids-a", ORIGINAL, false)
+                .with_ids_state("brids-b", ORIGINAL, false)
+                .with_ids_state("brids-c", ORIGINAL, false),
+        );
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert!(
+            r.lines
+                .contains(&"restored brids-a's pre-IDS state: no sensor left".to_string()),
+            "{r:?}"
+        );
+        assert!(
+            r.lines
+                .contains(&"restored brids-c's pre-IDS state: no sensor left".to_string()),
+            "{r:?}"
+        );
+        assert!(!host.is_promisc("brids-a"));
+        assert!(!host.is_promisc("brids-c"));
+        assert!(
+            host.is_promisc("brids-b"),
+            "a live sensor's bridge was restored"
+        );
+        assert!(
+            !host.changes().contains(&"restore brids-b".to_string()),
+            "{:?}",
+            host.changes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_sensor_gets_its_ids_state_and_mirror_filters_back() {
+        // As after a host reboot: the sensor runs, but its bridge lost its
+        // promiscuous flag and its tc filters.
+        let (host, hp) = engine(
+            &[(
+                "sensor",
+                RunState::Running,
+                false,
+                vec![
+                    (
+                        Target::Live,
+                        nic("52:54:00:00:02:01", "brids", "vnet21", "ua-ids-0201"),
+                    ),
+                    (
+                        Target::Live,
+                        nic("52:54:00:00:02:02", "cloudbr0", "vnet22", "ua-0202"),
+                    ),
+                ],
+            )],
+            RecordingHost::default()
+                .with_foreign_bridge("brids")
+                .with_foreign_bridge("cloudbr0"),
+        );
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert!(
+            r.lines
+                .contains(&"put brids back into IDS state for vm sensor".to_string()),
+            "{r:?}"
+        );
+        assert!(
+            r.lines.contains(
+                &"brought 1 IDS mirror filter(s) on brids in step (1 sensor(s))".to_string()
+            ),
+            "{r:?}"
+        );
+        assert!(host.is_promisc("brids"));
+        assert!(
+            !host.is_promisc("cloudbr0"),
+            "a plain NIC's bridge was made promiscuous"
+        );
+        assert_eq!(
+            host.changes(),
+            vec![
+                "promisc brids".to_string(),
+                "mirror-sync brids vnet21".to_string()
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_sensors_mirror_filters_are_removed() {
+        let (host, hp) = engine(
+            &[],
+            RecordingHost::default()
+                .with_foreign_bridge("brids")
+                .with_sensors("brids", &["vnet31"]),
+        );
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert!(
+            r.lines.contains(
+                &"brought 1 IDS mirror filter(s) on brids in step (0 sensor(s))".to_string()
+            ),
+            "{r:?}"
+        );
+        assert_eq!(host.changes(), vec!["mirror-sync brids ".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn only_agent_made_bridges_that_nothing_uses_are_removed() {
+        let (host, hp) = engine(
+            &[
+                (
+                    "running",
+                    RunState::Running,
+                    false,
+                    vec![(
+                        Target::Live,
+                        nic("52:54:00:00:04:01", "brvx-5002", "vnet41", "ua-0401"),
+                    )],
+                ),
+                (
+                    "stopped",
+                    RunState::ShutOff,
+                    true,
+                    vec![(
+                        Target::Config,
+                        nic("52:54:00:00:04:02", "brvx-5004", "vnet42", "ua-0402"),
+                    )],
+                ),
+            ],
+            RecordingHost::default()
+                // Nothing uses it.
+                .with_agent_bridge("brvx-5001", &[])
+                // A running VM's live XML names it (its tap is not seen).
+                .with_agent_bridge("brvx-5002", &[])
+                // A port is on it (cloudstack-agent's own plug, say).
+                .with_agent_bridge("brvx-5003", &["vnet9"])
+                // A stopped VM's definition names it.
+                .with_agent_bridge("brvx-5004", &[]),
+        );
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert_eq!(
+            r.lines,
+            vec!["removed unused bridge brvx-5001".to_string()],
+            "{r:?}"
+        );
+        assert_eq!(host.cleaned(), vec!["brvx-5001".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn an_intent_keeps_an_unused_bridge() {
+        let host = RecordingHost::default().with_agent_bridge("brvx-5005", &[]);
+        {
+            let o = host.objects();
+            let g = o.lock(&["brvx-5005"]).await.expect("lock");
+            o.add_intent(
+                &g,
+                "brvx-5005",
+                &crate::host::objects::IntentRecord {
+                    vm: "u".into(),
+                    what: "attach 52:54:00:00:05:01".into(),
+                    pid: std::process::id(),
+                    created_ms: super::super::now_ms(),
+                },
+            )
+            .await
+            .expect("intent");
+        }
+        let (host, hp) = engine(&[], host);
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert!(r.lines.is_empty(), "{r:?}");
+        assert!(host.cleaned().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ageing_zero_left_by_the_old_ids_mode_is_repaired_even_under_a_live_sensor() {
+        let (host, hp) = engine(
+            &[(
+                "sensor",
+                RunState::Running,
+                false,
+                vec![(
+                    Target::Live,
+                    nic("52:54:00:00:06:01", "brids-old", "vnet61", "ua-ids-0601"),
+                )],
+            )],
+            RecordingHost::default()
+                .with_foreign_bridge("brids-old")
+                .with_foreign_bridge("brids-new")
+                .with_ids_state("brids-old", ORIGINAL, true)
+                // Put into IDS state by this version: its ageing was never 0.
+                .with_ids_state("brids-new", ORIGINAL, false)
+                .with_sensors("brids-old", &["vnet61"]),
+        );
+        let r = reconcile(&hp, false).await.expect("reconcile");
+        assert!(
+            r.lines.contains(
+                &"restored brids-old's ageing_time 30000 that the old IDS mode set to 0"
+                    .to_string()
+            ),
+            "{r:?}"
+        );
+        assert!(!host.is_ageing_zero("brids-old"));
+        // The sensor stays a sensor: promiscuous, copies by tc.
+        assert!(host.is_promisc("brids-old"));
+        assert!(!host
+            .changes()
+            .iter()
+            .any(|c| c == "restore brids-old" || c == "repair-ageing brids-new"));
+    }
+
+    #[tokio::test]
+    async fn a_second_pass_finds_nothing_to_repair() {
+        let (host, hp) = engine(
+            &[(
+                "sensor",
+                RunState::Running,
+                false,
+                vec![(
+                    Target::Live,
+                    nic("52:54:00:00:07:01", "brids", "vnet71", "ua-ids-0701"),
+                )],
+            )],
+            RecordingHost::default()
+                .with_foreign_bridge("brids")
+                .with_agent_bridge("brvx-5007", &[])
+                .with_ids_state("brids-gone", ORIGINAL, true),
+        );
+        let first = reconcile(&hp, false).await.expect("first");
+        assert_eq!(first.lines.len(), 5, "{first:?}");
+        let changes = host.changes();
+        let second = reconcile(&hp, false).await.expect("second");
+        assert!(second.lines.is_empty(), "{second:?}");
+        assert_eq!(host.changes(), changes, "the second pass changed the host");
+    }
+
+    #[tokio::test]
+    async fn without_host_networking_nothing_is_looked_at() {
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.add("vm", RunState::Running, false, 2);
+        let hp = Hotplug::new(fake.clone(), None, HotplugConfig::default());
+        let r = reconcile(&hp, true).await.expect("reconcile");
+        assert!(r.lines.is_empty());
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls().len());
+    }
+}
