@@ -7,7 +7,8 @@
 //! libvirt requires) and runs `virEventRunDefaultImpl` on a dedicated
 //! thread.
 //!
-//! Three domain events are subscribed on each connection with
+//! Three domain events are subscribed, on one connection of the pool (the
+//! event connection, see [`super::libvirt`]), with
 //! `virConnectDomainEventRegisterAny`: DEVICE_REMOVED (the guest really
 //! released a device: what a detach waits for), DEVICE_REMOVAL_FAILED (the
 //! guest refused) and LIFECYCLE (started, stopped, ...: for the host-side

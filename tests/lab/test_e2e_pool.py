@@ -25,6 +25,13 @@ for their detach jobs inside libvirt, whatever the connection.)
 Each agent's connections are counted with `virt-admin client-list` /
 `client-info` (clients whose unix_process_id is the agent's PID).
 
+Events ride on one of the pooled connections only. With four connections,
+defining and undefining a domain gives exactly two lifecycle events (not
+eight). Then every connection of the agent is cut (`virt-admin
+client-disconnect`, which leaves libvirtd and its other clients alone, as a
+libvirtd restart would not): the agent resubscribes, is back to four
+connections, and the same define/undefine gives exactly two events again.
+
 Everything made here is named lab-p* and removed at the end. libvirtd is
 only used, never restarted. Run (root, under
 `flock /tmp/nic-agent-lab.lock`): python3 tests/lab/test_e2e_pool.py
@@ -48,28 +55,38 @@ SUBNET = 71
 OUT = os.path.join(lk.WORK, "guest")
 GUESTS = [f"{PREFIX}-g{i}" for i in range(1, 8)]
 IDLE = f"{PREFIX}-idle"
+EV = f"{PREFIX}-ev"
 DETACH_TIMEOUT_MS = 6000
 WORKDIR = tempfile.mkdtemp(prefix="lab-p-")
 AGENT = {}
+# A definition only, never started: its define and undefine are the events.
+EV_XML = os.path.join(WORKDIR, f"{EV}.xml")
+with open(EV_XML, "w") as _f:
+    _f.write(f"<domain type='qemu'><name>{EV}</name><memory unit='MiB'>64</memory>"
+             "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
 
 
 def mac(round_, i):
     return f"52:54:00:7e:{round_:02x}:{i:02x}"
 
 
-def agent_connections(pid):
-    """The libvirtd clients opened by process `pid`, by virt-admin."""
+def agent_clients(pid):
+    """The ids of the libvirtd clients opened by process `pid`, by virt-admin."""
     ids = [line.split()[0] for line in
            lk.run(["virt-admin", "client-list", "libvirtd"]).stdout.splitlines()[2:]
            if line.strip()]
-    n = 0
+    mine = []
     for cid in ids:
         info = lk.run(["virt-admin", "client-info", "libvirtd", cid], check=False).stdout
         for line in info.splitlines():
             k, _, v = line.partition(":")
             if k.strip() == "unix_process_id" and v.strip() == str(pid):
-                n += 1
-    return n
+                mine.append(cid)
+    return mine
+
+
+def agent_connections(pid):
+    return len(agent_clients(pid))
 
 
 def cleanup():
@@ -102,14 +119,14 @@ class PoolE2E(unittest.TestCase):
     def tearDownClass(cls):
         cleanup()
 
-    def start_agent(self, connections):
+    def start_agent(self, connections, *extra):
         conf = os.path.join(WORKDIR, f"pool-{connections}.toml")
         with open(conf, "w") as f:
             f.write(f"[limits]\nlibvirt_connections = {connections}\n")
         state = os.path.join(WORKDIR, f"state-{connections}")
         a = lk.Agent(os.path.join(WORKDIR, f"agent-{connections}.stderr"),
                      "--config", conf, "--host-network", "off",
-                     "--state-dir", state, "--persist-dir", state + "-persist")
+                     "--state-dir", state, "--persist-dir", state + "-persist", *extra)
         AGENT["agent"] = a
         return a
 
@@ -165,6 +182,47 @@ class PoolE2E(unittest.TestCase):
             self.assertEqual(outcome, "DEADLINE_EXCEEDED", results)
             self.assertLess(d, 8.5, f"a detach waited for a request slot: {results}")
         self.assertLess(list_latency, 1.0, "the other VM waited behind the detaches")
+
+    def test_3_events_come_once_and_again_after_every_connection_was_cut(self):
+        a = self.start_agent(4, "--metrics-listen", "127.0.0.1:0")
+        pid = a.proc.pid
+        try:
+            lk.wait_until(lambda: agent_connections(pid) == 4, 10, what="4 connections")
+
+            def events(kind):
+                return lk.metrics(a).get(f'nic_agent_libvirt_events_total{{event="{kind}"}}', 0)
+
+            def define_and_undefine():
+                base = events("lifecycle")
+                lk.virsh("define", EV_XML)
+                lk.virsh("undefine", EV)
+                lk.wait_until(lambda: events("lifecycle") >= base + 2, 10,
+                              what="the defined and undefined events")
+                # A subscription per connection would deliver each event
+                # four times, within milliseconds of the first: look for
+                # duplicates for a bounded second.
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 1.0:
+                    self.assertEqual(events("lifecycle"), base + 2, "an event came more than once")
+                    time.sleep(0.1)
+
+            define_and_undefine()
+            resubscribed = events("resubscribed")
+            cut = 0
+            for cid in agent_clients(pid):
+                lk.run(["virt-admin", "client-disconnect", "libvirtd", cid])
+                cut += 1
+            self.assertEqual(cut, 4)
+            lk.wait_until(lambda: events("resubscribed") > resubscribed, 10,
+                          what="the event connection to be subscribed again")
+            lk.wait_until(lambda: agent_connections(pid) == 4, 10,
+                          what="all 4 connections to be reopened")
+            define_and_undefine()
+            # And calls work on the new connections.
+            a.stub.ListNics(pb.ListNicsRequest(vm=IDLE), timeout=10)
+        finally:
+            self.stop_agent()
+            lk.virsh("undefine", EV, check=False)
 
 
 if __name__ == "__main__":
