@@ -402,8 +402,12 @@ class VlanAgentE2E(unittest.TestCase):
         self.attach(VM_B, "02:00:0d:16:02:01", alias="ua-w-b")
         # (a) The bridge and device are there: VM_B's plan makes no link, and
         # its rollback must not take the shared ones.
+        mark = self.agent_log_len()
         self.refused(VM_B, "02:00:0d:16:02:02", VLAN,
                      self.grpc.StatusCode.INVALID_ARGUMENT, alias="ua-w-b")
+        text = self.assert_log_order(mark, ["non unique alias detected"])
+        for verb in ("created ", "removed "):
+            self.assertNotIn(verb, text, "the refused attach changed host links")
         self.assertEqual(self.links(), before)
         self.assertEqual(self.ports_of(br), ports)
         # (b) The VLAN device was lost (deleted behind the agent's back): the
