@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # define-guest.sh NAME pc|q35 OUTDIR [--transient] [--root-ports N] [--no-start]
-#                 [--type qemu|kvm] [--timeout SECS] [--cmd-sock PATH]
+#                 [--type qemu|kvm] [--timeout SECS] [--cmd-sock PATH] [--memory MIB]
 #
 # Why: end-to-end tests need a small, real libvirt guest with no NICs at boot,
 # so every NIC it ever sees is a hot-plugged one. This writes OUTDIR/NAME.xml
 # (direct kernel boot of OUTDIR/vmlinuz + initrd.img from build-guest.sh,
-# 256 MiB, 2 vCPUs -- 2 so virtio-net gets 2 queue pairs --, usb none, no
+# 256 MiB (--memory: a bigger initramfs, such as one with the agent and its
+# ~60 libraries, needs room to unpack), 2 vCPUs -- 2 so virtio-net gets 2
+# queue pairs --, usb none, no
 # balloon, no disks, no NICs; q35 gets N empty pcie-root-ports, default 4,
 # one per hot-pluggable NIC), defines and starts it (or creates it transient,
 # as CloudStack does), and waits (bounded) for "LAB: boot ok" on the console.
@@ -18,12 +20,12 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 NAME pc|q35 OUTDIR [--transient] [--root-ports N] [--no-start] [--type qemu|kvm] [--timeout SECS] [--cmd-sock PATH]" >&2
+  echo "usage: $0 NAME pc|q35 OUTDIR [--transient] [--root-ports N] [--no-start] [--type qemu|kvm] [--timeout SECS] [--cmd-sock PATH] [--memory MIB]" >&2
   exit 2
 }
 [ $# -ge 3 ] || usage
 NAME=$1 MACHINE=$2 OUT=$3; shift 3
-TRANSIENT=0 PORTS=4 START=1 TYPE=${LAB_DOMAIN_TYPE:-qemu} TIMEOUT=${LAB_BOOT_TIMEOUT:-60} SOCK=
+TRANSIENT=0 PORTS=4 START=1 TYPE=${LAB_DOMAIN_TYPE:-qemu} TIMEOUT=${LAB_BOOT_TIMEOUT:-60} SOCK= MEMORY=256
 while [ $# -gt 0 ]; do
   case $1 in
     --transient) TRANSIENT=1; shift ;;
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --type) TYPE=${2:?}; shift 2 ;;
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
     --cmd-sock) SOCK=${2:?}; shift 2 ;;
+    --memory) MEMORY=${2:?}; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -40,6 +43,7 @@ case $MACHINE in pc|q35) ;; *) lab_die "machine must be pc or q35, not '$MACHINE
 [[ $PORTS =~ ^[0-9]+$ ]] && [ "$PORTS" -le 30 ] || lab_die "bad --root-ports '$PORTS'"
 [[ $TYPE =~ ^[a-z]+$ ]] || lab_die "bad --type '$TYPE'"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || lab_die "bad --timeout '$TIMEOUT'"
+[[ $MEMORY =~ ^[0-9]+$ ]] && [ "$MEMORY" -ge 128 ] && [ "$MEMORY" -le 4096 ] || lab_die "bad --memory '$MEMORY' (128-4096 MiB)"
 [ "$TRANSIENT" = 1 ] && [ "$START" = 0 ] && lab_die "--transient and --no-start exclude each other"
 OUT=$(cd "$OUT" && pwd)
 [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] || lab_die "$OUT has no vmlinuz/initrd.img; run build-guest.sh $OUT"
@@ -65,7 +69,7 @@ fi
 cat >"$XML" <<XMLEOF
 <domain type='$TYPE'>
   <name>$NAME</name>
-  <memory unit='MiB'>256</memory>
+  <memory unit='MiB'>$MEMORY</memory>
   <vcpu>2</vcpu>
   <os>
     <type arch='x86_64' machine='$MACHINE'>hvm</type>
