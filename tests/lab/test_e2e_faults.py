@@ -295,6 +295,23 @@ class FaultsE2E(unittest.TestCase):
             # The agent works again on the reconnected libvirt.
             c, r = outcome(attach, agent.stub, G_STORM, mac(1, 0xff))
             self.assertEqual(c, "OK", r)
+            # Events came back with the connection: the unplug of that NIC
+            # is confirmed by a DEVICE_REMOVED received after the restarts,
+            # not by polling the live XML.
+            before = lk.metrics(agent)
+            d = agent.stub.DetachNic(pb.DetachNicRequest(vm=G_STORM, mac=mac(1, 0xff),
+                                                         timeout_ms=20000), timeout=RPC_TIMEOUT)
+            self.assertEqual(d.state, pb.DETACH_STATE_REMOVED, d)
+            after = lk.metrics(agent)
+            removed = 'nic_agent_libvirt_events_total{event="device-removed"}'
+            self.assertGreater(after.get(removed, 0), before.get(removed, 0),
+                               "no DEVICE_REMOVED after libvirtd restarted: events not re-registered")
+            polls = "nic_agent_detach_poll_reads_total"
+            self.assertEqual(after.get(polls, 0), before.get(polls, 0),
+                             "the detach after the restarts polled the live XML")
+            REPORT.append("after the libvirtd restarts: DetachNic ended on DEVICE_REMOVED "
+                          f"(+{after.get(removed, 0) - before.get(removed, 0):.0f}), "
+                          "no polling read")
         finally:
             agent.stop()
             with open(os.path.join(WORKDIR, "agent-storm.stderr"), errors="replace") as f:
