@@ -103,7 +103,10 @@ class Agent:
         calls = xml = polls = 0
         for line in text.decode().splitlines():
             m = re.match(r'nic_agent_libvirt_calls_total\{api="([^"]+)"\} (\d+)', line)
-            if m:
+            # The health probe's virConnectIsAlive (a look at the local
+            # socket, on a timer, on every pooled connection) is no
+            # request's call.
+            if m and m.group(1) != "virConnectIsAlive":
                 calls += int(m.group(2))
                 if m.group(1) == "virDomainGetXMLDesc":
                     xml += int(m.group(2))
@@ -537,7 +540,7 @@ def table(results, extra, mach):
                  f"{td1['libvirt_calls_per_op']:.1f} | - |")
     if extra.get("calls_per_attach_persistent"):
         c = extra["calls_per_attach_persistent"]
-        t.append(f"| libvirt calls per attach, running persistent VM | ≤ 8 | {c:.1f} | "
+        t.append(f"| libvirt calls per attach, running persistent VM (health probe's IsAlive not counted) | ≤ 8 | {c:.1f} | "
                  f"{'met' if c <= 8 else 'missed'} |")
     d_ag = next((r for r in results if r["mode"] == "agent-grpc" and r["label"].startswith("QEMU detach,")), None)
     d_raw = next((r for r in results if r["mode"] == "raw-event"), None)

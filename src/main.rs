@@ -185,6 +185,12 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         }
         tracing::info!("shutting down");
     };
+    // The rest of the libvirt connection pool opens beside start-up, not
+    // before it.
+    {
+        let hv = hotplug.hypervisor().clone();
+        tokio::task::spawn_blocking(move || hv.warm_up());
+    }
     // The reconcile runs beside the server, not before it: start-up (exec
     // to health SERVING) does not wait for a pass over every domain.
     if manage_host {

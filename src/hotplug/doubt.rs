@@ -297,6 +297,12 @@ impl Hypervisor for Scoped {
     fn resolve(&self, vm: &str) -> Result<crate::hypervisor::DomainRef, HvError> {
         self.inner.resolve(vm)
     }
+    fn resolve_cached(&self, vm: &str) -> Option<crate::hypervisor::DomainRef> {
+        self.inner.resolve_cached(vm)
+    }
+    fn warm_up(&self) {
+        self.inner.warm_up()
+    }
     fn list(&self) -> Result<Vec<DomainRef>, HvError> {
         self.inner.list()
     }

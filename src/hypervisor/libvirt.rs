@@ -289,18 +289,28 @@ impl Libvirt {
             names: Mutex::default(),
         };
         lv.store(EVENTS, lv.set_up(EVENTS, first));
-        // The others are opened now too, so that the pool is whole from the
-        // first request; one that fails is opened by the first call on it.
-        for i in 1..size {
-            match open(uri) {
-                Ok(c) => lv.store(i, lv.set_up(i, c)),
-                Err(e) => {
-                    tracing::warn!(uri, slot = i, error = %e.message(), "libvirt connection not opened; the first call on it tries again")
+        // The others are opened by `warm_up`, off the start-up path (each
+        // open is a round trip and an authentication with libvirtd), or by
+        // the first call that picks their slot.
+        tracing::debug!(uri, connections = size, "libvirt connection pool");
+        Ok(lv)
+    }
+
+    /// Opens every slot of the pool that has no connection yet. A slot
+    /// that fails is opened by the first call on it.
+    fn open_missing(&self) {
+        for i in 0..self.slots.len() {
+            let empty = self.slots[i]
+                .conn
+                .read()
+                .map(|g| g.is_none())
+                .unwrap_or(false);
+            if empty {
+                if let Err(e) = self.conn_at(i) {
+                    tracing::warn!(uri = %self.uri, slot = i, error = %e, "libvirt connection not opened; the first call on it tries again");
                 }
             }
         }
-        tracing::debug!(uri, connections = size, "libvirt connection pool");
-        Ok(lv)
     }
 
     /// The URI the connections were opened with.
@@ -729,6 +739,10 @@ impl Hypervisor for Libvirt {
         conn.live.remember(&uuid, &d);
         self.names().learn(&name, &uuid);
         self.refresh(&conn, &d, name, uuid)
+    }
+
+    fn warm_up(&self) {
+        self.open_missing();
     }
 
     fn resolve_cached(&self, vm: &str) -> Option<DomainRef> {

@@ -175,7 +175,9 @@ class PoolE2E(unittest.TestCase):
 
     def test_2_a_pool_of_four_serves_seven_slow_calls_and_another_vm_at_once(self):
         a = self.start_agent(4)
-        self.assertEqual(agent_connections(a.proc.pid), 4)
+        # The first connection opens before the agent serves, the other
+        # three right after, off the start-up path.
+        lk.wait_until(lambda: agent_connections(a.proc.pid) == 4, 10, what="4 connections")
         results, list_latency = self.burst(a, 2)
         self.stop_agent()
         for d, outcome in results:
