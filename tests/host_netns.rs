@@ -11,7 +11,7 @@ use nic_agent::host::{
     mtu_preflight, HostConfig, HostErrorKind, HostNet, HostUndo, NetlinkHost, PlannedChange,
     PromiscState, SegmentDevice, VxlanFlavour, VxlanSettings,
 };
-use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
+use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, TxQueueLen, VlanId, Vni};
 use serde_json::Value;
 
 /// A named network namespace, deleted on drop (also when the test panics).
@@ -1490,4 +1490,27 @@ fn a_reused_sensor_tap_name_makes_no_sensor() {
     });
     assert!(sensors.is_empty(), "{sensors:?}");
     assert!(agent_filters(&ns, "p1").is_empty());
+}
+
+#[test]
+fn tx_queue_len_is_set_on_a_real_tap_and_a_missing_tap_is_not_found() {
+    let ns = Netns::new();
+    // A tap like the one libvirt makes for a bridge NIC (vnetN), on a bridge.
+    ns.ip(&["link", "add", "cloudbr0", "type", "bridge"]);
+    ns.ip(&["tuntap", "add", "vnet3", "mode", "tap"]);
+    ns.ip(&["link", "set", "vnet3", "master", "cloudbr0"]);
+    assert_eq!(ns.link_json("vnet3")["txqlen"].as_u64(), Some(1000));
+    let dir = tempfile::tempdir().expect("tmp");
+    let len = TxQueueLen::try_from(5000).expect("len");
+    let missing = ns.run(config(&dir), move |host| async move {
+        host.set_tx_queue_len("vnet3", len).await.expect("set");
+        host.set_tx_queue_len("vnet9", len)
+            .await
+            .expect_err("no such tap")
+    });
+    assert_eq!(ns.link_json("vnet3")["txqlen"].as_u64(), Some(5000));
+    // Nothing else changed: the bridge keeps its own value.
+    assert_eq!(ns.link_json("cloudbr0")["txqlen"].as_u64(), Some(1000));
+    assert_eq!(missing.kind(), HostErrorKind::NotFound, "{missing}");
+    assert!(!ns.exists("vnet9"));
 }
