@@ -44,8 +44,8 @@ use crate::nic::{BridgeName, Mtu, Segment, SwitchType, TxQueueLen, VlanId};
 
 pub use error::{HostError, HostErrorKind};
 pub use inspect::{
-    parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts, VlanFacts,
-    VxlanExpected, VxlanFacts, LABEL_PLACEHOLDER,
+    parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts,
+    UplinkFacts, VlanFacts, VxlanExpected, VxlanFacts, LABEL_PLACEHOLDER, UPLINK_SAMPLE_GAP,
 };
 pub use mtu::{mtu_preflight, MtuError};
 pub use netlink::{
