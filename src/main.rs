@@ -152,6 +152,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         anti_spoofing: s.anti_spoofing,
         cloudstack_sg_script: s.cloudstack_security_group_script.clone(),
         tc,
+        real_taps: !s.connect.starts_with("test:"),
         ..HotplugConfig::default()
     };
     let ports_host = host.clone();

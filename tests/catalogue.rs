@@ -482,6 +482,24 @@ fn catalogue() -> Vec<Case> {
             with(next(), |s| s.acpi_index = Some(16_384)),
             InvalidArgument,
         ),
+        // ---- tx_queue_len ----
+        attach(
+            "tx_queue_len 0",
+            with(next(), |s| s.tx_queue_len = Some(0)),
+            InvalidArgument,
+        ),
+        attach(
+            "tx_queue_len 100001",
+            with(next(), |s| s.tx_queue_len = Some(100_001)),
+            InvalidArgument,
+        ),
+        // A valid value, but the test driver makes no host taps to set it
+        // on: refused before libvirt or the host is touched.
+        attach(
+            "tx_queue_len where libvirt makes no taps",
+            with(next(), |s| s.tx_queue_len = Some(5000)),
+            FailedPrecondition,
+        ),
         // ---- IDS ----
         attach(
             "promiscuous on a forbidden bridge",

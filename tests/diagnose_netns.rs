@@ -215,6 +215,45 @@ async fn healthy_path_reads_real_links_counters_and_fdb() {
         hop(&r, "mtu").evidence.contains("bridge cloudbr0 1500"),
         "{r:#?}"
     );
+    // The uplink is the bridge's veth stand-in, not the tap stand-in (also
+    // a veth): CloudStack's name patterns break the tie. ethtool reads a
+    // veth's speed as 10000 Mb/s.
+    let up = hop(&r, "uplink");
+    for want in [
+        "eth0 (port of cloudbr0): 10000 Mb/s",
+        "carrier up",
+        "rx_crc_errors 0",
+        "no new errors within 1 s",
+    ] {
+        assert!(up.evidence.contains(want), "{want}: {up:#?}");
+    }
+}
+
+#[tokio::test]
+async fn an_uplink_without_carrier_is_an_uplink_fault() {
+    let lab = Lab::new("up");
+    let a = lab.agent();
+    let mut c = client(&a).await;
+    healthy(&lab, &mut c).await;
+    // The far end of the uplink goes away: eth0 stays up but loses carrier,
+    // as when a switch port or cable fails.
+    lab.ip(&["link", "set", "wire0", "down"]);
+    let r = diagnose(&mut c, MAC).await;
+    only_fault(&r, "uplink");
+    assert!(
+        hop(&r, "uplink").evidence.contains("eth0 has no carrier"),
+        "{r:#?}"
+    );
+    lab.ip(&["link", "set", "wire0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = diagnose(&mut c, MAC).await;
+        if is(hop(&r, "uplink"), pb::HopStatus::Ok) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "uplink never OK again: {r:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

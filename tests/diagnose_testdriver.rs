@@ -34,8 +34,8 @@ fn status(r: &pb::DiagnoseResponse, hop: &str) -> pb::HopStatus {
     pb::HopStatus::try_from(h.status).expect("known status")
 }
 
-const HOST_HOPS: [&str; 7] = [
-    "tap", "bridge", "segment", "mtu", "promisc", "counters", "fdb",
+const HOST_HOPS: [&str; 8] = [
+    "tap", "bridge", "segment", "uplink", "mtu", "promisc", "counters", "fdb",
 ];
 
 #[tokio::test]
@@ -45,7 +45,7 @@ async fn nic_in_live_and_persistent_xml_is_ok_and_host_hops_say_not_inspected() 
     let r = diagnose(&mut c, "i-2-10-VM", "02:00:0A:00:00:01")
         .await
         .expect("diagnose");
-    assert_eq!(r.hops.len(), 8, "{r:#?}");
+    assert_eq!(r.hops.len(), 9, "{r:#?}");
     assert_eq!(status(&r, "xml"), pb::HopStatus::Ok, "{r:#?}");
     for name in HOST_HOPS {
         assert_eq!(status(&r, name), pb::HopStatus::Warning, "{name}");
@@ -150,7 +150,7 @@ async fn doctor_cli_prints_a_table_and_exits_by_verdict() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.starts_with("doctor i-2-10-VM 02:00:0a:00:00:01: 0 FAULT, 7 WARNING, 1 OK"),
+        out.starts_with("doctor i-2-10-VM 02:00:0a:00:00:01: 0 FAULT, 8 WARNING, 1 OK"),
         "{out}"
     );
     assert!(out.contains("HOP       STATUS   EVIDENCE / FIX"), "{out}");

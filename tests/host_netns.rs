@@ -11,7 +11,7 @@ use nic_agent::host::{
     mtu_preflight, HostConfig, HostErrorKind, HostNet, HostUndo, NetlinkHost, PlannedChange,
     PromiscState, SegmentDevice, VxlanFlavour, VxlanSettings,
 };
-use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId, Vni};
+use nic_agent::nic::{BridgeName, Mtu, Segment, SwitchType, TxQueueLen, VlanId, Vni};
 use serde_json::Value;
 
 /// A named network namespace, deleted on drop (also when the test panics).
@@ -1490,4 +1490,98 @@ fn a_reused_sensor_tap_name_makes_no_sensor() {
     });
     assert!(sensors.is_empty(), "{sensors:?}");
     assert!(agent_filters(&ns, "p1").is_empty());
+}
+
+#[test]
+fn tx_queue_len_is_set_on_a_real_tap_and_a_missing_tap_is_not_found() {
+    let ns = Netns::new();
+    // A tap like the one libvirt makes for a bridge NIC (vnetN), on a bridge.
+    ns.ip(&["link", "add", "cloudbr0", "type", "bridge"]);
+    ns.ip(&["tuntap", "add", "vnet3", "mode", "tap"]);
+    ns.ip(&["link", "set", "vnet3", "master", "cloudbr0"]);
+    assert_eq!(ns.link_json("vnet3")["txqlen"].as_u64(), Some(1000));
+    let dir = tempfile::tempdir().expect("tmp");
+    let len = TxQueueLen::try_from(5000).expect("len");
+    let missing = ns.run(config(&dir), move |host| async move {
+        host.set_tx_queue_len("vnet3", len).await.expect("set");
+        host.set_tx_queue_len("vnet9", len)
+            .await
+            .expect_err("no such tap")
+    });
+    assert_eq!(ns.link_json("vnet3")["txqlen"].as_u64(), Some(5000));
+    // Nothing else changed: the bridge keeps its own value.
+    assert_eq!(ns.link_json("cloudbr0")["txqlen"].as_u64(), Some(1000));
+    assert_eq!(missing.kind(), HostErrorKind::NotFound, "{missing}");
+    assert!(!ns.exists("vnet9"));
+}
+
+#[test]
+fn inspect_recomputes_a_shortened_vlan_bridge_and_samples_the_uplink() {
+    use nic_agent::host::{naming, InspectQuery};
+    let ns = Netns::new();
+    // A physical port whose CloudStack VLAN bridge name is 18 bytes.
+    let pif = "enp0s31f6np0";
+    let bridge = naming::vlan_bridge(pif, 100);
+    assert_eq!(bridge.len(), 15, "{bridge}");
+    ns.ip(&["link", "add", pif, "type", "veth", "peer", "name", "wire9"]);
+    ns.ip(&["link", "add", &bridge, "type", "bridge"]);
+    // And a plain bridge whose uplink is a veth stand-in, beside a tap.
+    ns.ip(&["link", "add", "cloudbr0", "type", "bridge"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+    ]);
+    ns.ip(&["tuntap", "add", "vnet3", "mode", "tap"]);
+    for l in ["eth0", "vnet3"] {
+        ns.ip(&["link", "set", l, "master", "cloudbr0"]);
+    }
+    for l in [pif, "wire9", bridge.as_str(), "cloudbr0", "eth0", "wire0"] {
+        ns.ip(&["link", "set", l, "up"]);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let query = |bridge: &str, tap: Option<&str>, intended_vlan| InspectQuery {
+        tap: tap.map(str::to_string),
+        bridge: bridge.to_string(),
+        segment: None,
+        vxlan: None,
+        ovs: false,
+        mac: "02:00:0a:00:00:01".into(),
+        intended_vlan,
+    };
+    let (hashed, intended, plain) = {
+        let (a, b, c) = (
+            query(&bridge, None, None),
+            query(&bridge, None, Some(100)),
+            query("cloudbr0", Some("vnet3"), None),
+        );
+        ns.run(config(&dir), move |host| async move {
+            (
+                host.inspect(&a).await.expect("inspect"),
+                host.inspect(&b).await.expect("inspect"),
+                host.inspect(&c).await.expect("inspect"),
+            )
+        })
+    };
+    for f in [&hashed, &intended] {
+        assert_eq!(
+            f.decoded_vlan_bridge,
+            Some((pif.to_string(), 100)),
+            "{f:#?}"
+        );
+        // No 802.1Q device in it (this kernel has no 8021q either): the
+        // segment is missing, and so is its uplink.
+        assert!(f.segment.is_none(), "{f:#?}");
+        let why = f.uplink_missing.as_deref().unwrap_or_default();
+        assert!(
+            why.contains(&format!("{} does not exist", naming::vlan_device(pif, 100))),
+            "{f:#?}"
+        );
+    }
+    assert_eq!(plain.decoded_vlan_bridge, None);
+    let up = plain.uplink.as_ref().expect("uplink");
+    // eth0, never the tap; carrier from the veth peer; two samples.
+    assert_eq!(up.link.name, "eth0", "{up:#?}");
+    assert!(up.link.up && up.link.lower_up, "{up:#?}");
+    assert_eq!(up.via, "port of cloudbr0");
+    assert_eq!(up.later.map(|c| c.rx_crc_errors), Some(0), "{up:#?}");
+    assert_eq!(up.speed_mbps, Some(10_000), "{up:#?}");
 }

@@ -20,6 +20,7 @@ pub fn raw_nic(n: &pb::NicSpec) -> RawNic {
         broadcast_uri: n.broadcast_uri.clone(),
         mtu: n.mtu,
         queues: n.queues,
+        tx_queue_len: n.tx_queue_len,
         model: n.model.clone(),
         link_down: n.link_down,
         promiscuous: n.promiscuous,

@@ -206,6 +206,7 @@ pub async fn attach(a: &AttachArgs) -> Result<String, ClientError> {
         broadcast_uri: raw.broadcast_uri.clone(),
         mtu: raw.mtu,
         queues: raw.queues,
+        tx_queue_len: raw.tx_queue_len,
         model: raw.model.clone(),
         link_down: raw.link_down,
         promiscuous: raw.promiscuous,

@@ -191,6 +191,9 @@ pub struct NicArgs {
     /// virtio queue pairs 1-256.
     #[arg(long)]
     pub queues: Option<u32>,
+    /// Host tap txqueuelen 1-100000 (packets); running VMs only.
+    #[arg(long)]
+    pub tx_queue_len: Option<u32>,
     /// vhost-net: auto, on or off.
     #[arg(long, default_value = "auto")]
     pub vhost: String,
@@ -382,6 +385,7 @@ impl NicArgs {
             broadcast_uri: self.broadcast_uri.clone(),
             mtu: self.mtu,
             queues: self.queues,
+            tx_queue_len: self.tx_queue_len,
             model: self.model.clone(),
             link_down,
             promiscuous: self.promiscuous,

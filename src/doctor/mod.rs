@@ -34,6 +34,9 @@ pub mod hop {
     pub const BRIDGE: &str = "bridge";
     /// The bridge's VXLAN/VLAN device (brvx-N / br<pif>-N bridges).
     pub const SEGMENT: &str = "segment";
+    /// The physical uplink the traffic leaves by: carrier, speed, errors,
+    /// and CRC errors over two samples a second apart.
+    pub const UPLINK: &str = "uplink";
     /// guest <mtu> ≤ tap ≤ bridge, underlay ≥ bridge + 50 for VXLAN (70
     /// on an IPv6 underlay).
     pub const MTU: &str = "mtu";
@@ -157,6 +160,24 @@ pub fn expected_segment(bridge: &str) -> Option<ExpectedSegment> {
     })
 }
 
+/// The segment device expected in `bridge`: from its name, or, for a
+/// VLAN bridge whose name was shortened to fit 15 bytes, from the
+/// `(pif, vlan)` the inspection recomputed it from
+/// ([`naming::decode_vlan_bridge`]).
+fn expected_in(bridge: &str, ovs: bool, f: &HostFacts) -> Option<ExpectedSegment> {
+    if ovs {
+        return None;
+    }
+    expected_segment(bridge).or_else(|| {
+        let (pif, id) = f.decoded_vlan_bridge.as_ref()?;
+        Some(ExpectedSegment::Vlan {
+            dev: naming::vlan_device(pif, *id),
+            parent: pif.clone(),
+            id: *id,
+        })
+    })
+}
+
 /// What the host side looked like to the diagnosis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostInput<'a> {
@@ -245,10 +266,11 @@ fn warn_all(names: &[&'static str], why: &str, fix: &str) -> Vec<Hop> {
         .collect()
 }
 
-const HOST_HOPS: [&str; 7] = [
+const HOST_HOPS: [&str; 8] = [
     hop::TAP,
     hop::BRIDGE,
     hop::SEGMENT,
+    hop::UPLINK,
     hop::MTU,
     hop::PROMISC,
     hop::COUNTERS,
@@ -539,7 +561,14 @@ fn missing_vxlan_fix(vni: u32, bridge: &str, f: &HostFacts) -> String {
 
 fn segment_hop(bridge: &str, ovs: bool, f: &HostFacts) -> Hop {
     let mut h = Acc::new(hop::SEGMENT);
-    let expected = if ovs { None } else { expected_segment(bridge) };
+    let expected = expected_in(bridge, ovs, f);
+    if let (Some(_), None, Some((pif, id))) =
+        (&expected, expected_segment(bridge), &f.decoded_vlan_bridge)
+    {
+        h.ok(format!(
+            "{bridge} is the 15-byte name of br{pif}-{id} (recomputed from the segment)"
+        ));
+    }
     let Some(exp) = expected else {
         h.ok(format!(
             "{bridge} is not a brvx-N or br<pif>-N bridge: no segment device to check"
@@ -895,6 +924,88 @@ fn promisc_hop(
     h.done()
 }
 
+fn uplink_hop(f: &HostFacts) -> Hop {
+    let mut h = Acc::new(hop::UPLINK);
+    let Some(u) = &f.uplink else {
+        h.bad(
+            HopStatus::Warning,
+            format!(
+                "no uplink: {}; traffic cannot leave this host",
+                f.uplink_missing.as_deref().unwrap_or("none found")
+            ),
+            "",
+        );
+        return h.done();
+    };
+    let l = &u.link;
+    let name = &l.name;
+    let speed = match (u.speed_mbps, &u.speed_unknown) {
+        (Some(s), _) => format!("{s} Mb/s"),
+        (None, Some(why)) => format!("speed unknown ({why})"),
+        (None, None) => "speed unknown".to_string(),
+    };
+    h.ok(format!("{name} ({}): {speed}", u.via));
+    if !l.up {
+        h.bad(
+            HopStatus::Fault,
+            format!("{name} is down"),
+            format!("ip link set {name} up"),
+        );
+    } else if !l.lower_up {
+        h.bad(
+            HopStatus::Fault,
+            format!("{name} has no carrier"),
+            format!("check the cable and the switch port of {name}"),
+        );
+    } else {
+        h.ok("carrier up");
+    }
+    let Some(c0) = l.counters else {
+        h.bad(HopStatus::Warning, format!("no counters on {name}"), "");
+        return h.done();
+    };
+    h.ok(format!(
+        "errors {}/{} (rx/tx), rx_crc_errors {}",
+        c0.rx_errors, c0.tx_errors, c0.rx_crc_errors
+    ));
+    let gap = crate::host::UPLINK_SAMPLE_GAP.as_secs_f32();
+    let Some(c1) = u.later else {
+        h.bad(
+            HopStatus::Warning,
+            format!("{name} could not be read a second time {gap} s later"),
+            "",
+        );
+        return h.done();
+    };
+    let rose = |a: u64, b: u64| b.saturating_sub(a);
+    let crc = rose(c0.rx_crc_errors, c1.rx_crc_errors);
+    if crc > 0 {
+        h.bad(
+            HopStatus::Fault,
+            format!(
+                "rx_crc_errors rose {} -> {} (+{crc}) within {gap} s: frames are corrupted on the wire now",
+                c0.rx_crc_errors, c1.rx_crc_errors
+            ),
+            format!("replace the cable or optic of {name}, or check its switch port"),
+        );
+    }
+    let (rx, tx) = (
+        rose(c0.rx_errors, c1.rx_errors),
+        rose(c0.tx_errors, c1.tx_errors),
+    );
+    if rx + tx > crc {
+        h.bad(
+            HopStatus::Warning,
+            format!("errors rose +{rx}/+{tx} (rx/tx) within {gap} s"),
+            format!("ip -s -s link show {name}"),
+        );
+    }
+    if crc == 0 && rx + tx == 0 {
+        h.ok(format!("no new errors within {gap} s"));
+    }
+    h.done()
+}
+
 fn counters_hop(tap: Option<&str>, f: &HostFacts) -> Hop {
     let mut h = Acc::new(hop::COUNTERS);
     let Some(c) = f.tap.as_ref().and_then(|t| t.counters) else {
@@ -1063,6 +1174,7 @@ pub fn hops(d: &DiagnoseInput<'_>) -> Vec<Hop> {
     out.push(tap_hop(i, tap, bridge, ovs, facts));
     out.push(bridge_hop(bridge, ovs, facts));
     out.push(segment_hop(bridge, ovs, facts));
+    out.push(uplink_hop(facts));
     out.push(mtu_hop(i, bridge, ovs, facts));
     out.push(promisc_hop(i, tap, bridge, ovs, d, facts));
     out.push(counters_hop(tap, facts));
@@ -1085,7 +1197,7 @@ fn carried_segment(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts) ->
             None => Segment::Untagged,
         });
     }
-    match expected_segment(bridge)? {
+    match expected_in(bridge, ovs, f)? {
         ExpectedSegment::Vxlan { vni, .. } => Vni::try_from(vni).ok().map(Segment::Vxlan),
         ExpectedSegment::Vlan { id, .. } => VlanId::try_from(u32::from(id)).ok().map(Segment::Vlan),
     }
@@ -1119,6 +1231,29 @@ fn intent_hop(i: &InterfaceView, bridge: &str, ovs: bool, f: &HostFacts, want: S
     } else {
         format!("bridge {bridge}")
     };
+    // The name says what the bridge should carry; the device in it says
+    // what it does carry. Both must be the intended segment.
+    let device = f.segment.as_ref().filter(|_| !ovs).and_then(|s| {
+        let seg = match (&s.vxlan, &s.vlan) {
+            (Some(v), _) => v
+                .vni
+                .and_then(|n| Vni::try_from(n).ok())
+                .map(Segment::Vxlan),
+            (None, Some(v)) => {
+                v.id.and_then(|n| VlanId::try_from(u32::from(n)).ok())
+                    .map(Segment::Vlan)
+            }
+            _ => None,
+        }?;
+        Some((s.name.clone(), seg))
+    });
+    if let Some((dev, seg)) = device.filter(|(_, seg)| norm(*seg) != norm(want)) {
+        h.bad(
+            HopStatus::Fault,
+            format!("CloudStack intended {want}, but {dev} in {bridge} carries {seg}"),
+            format!("detach the NIC and attach it again with --broadcast-uri {want}"),
+        );
+    }
     if norm(have) == norm(want) {
         h.ok(format!(
             "CloudStack intended {want}; {where_} carries {have}"
@@ -1162,6 +1297,10 @@ impl Hotplug {
                 let ovs = i.virtualport.as_deref() == Some("openvswitch");
                 let expected = (!ovs).then(|| expected_segment(&bridge)).flatten();
                 let q = InspectQuery {
+                    intended_vlan: match intended {
+                        Some(Segment::Vlan(v)) => Some(v.get()),
+                        _ => None,
+                    },
                     tap: i.target.clone(),
                     segment: expected.as_ref().map(|s| s.dev().to_string()),
                     vxlan: match &expected {

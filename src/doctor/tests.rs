@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use crate::host::vxlan::{LinkAddr, VxlanSettings};
 use crate::host::{
-    FdbFacts, LinkCounters, OvsFacts, VlanFacts, VxlanExpected, VxlanFacts, VxlanFamily,
-    VxlanFlavour,
+    FdbFacts, LinkCounters, OvsFacts, UplinkFacts, VlanFacts, VxlanExpected, VxlanFacts,
+    VxlanFamily, VxlanFlavour,
 };
 
 const MAC: &str = "02:00:0d:00:00:01";
@@ -45,6 +45,24 @@ fn busy() -> Option<LinkCounters> {
     })
 }
 
+/// eth1, carrier up at 10 Gb/s, with old errors that did not move.
+fn uplink_ok(via: &str) -> UplinkFacts {
+    let mut l = link("eth1", "", 1500, None);
+    let c = LinkCounters {
+        rx_errors: 3,
+        rx_crc_errors: 2,
+        ..LinkCounters::default()
+    };
+    l.counters = Some(c);
+    UplinkFacts {
+        link: l,
+        via: via.into(),
+        later: Some(c),
+        speed_mbps: Some(10_000),
+        speed_unknown: None,
+    }
+}
+
 /// vnet3 in cloudbr1, both up at 1500, MAC learned on vnet3.
 fn healthy() -> HostFacts {
     let mut tap = link("vnet3", "tun", 1500, Some("cloudbr1"));
@@ -59,6 +77,7 @@ fn healthy() -> HostFacts {
             learned_on: vec!["vnet3".into()],
             error: None,
         },
+        uplink: Some(uplink_ok("port of cloudbr1")),
         ..HostFacts::default()
     }
 }
@@ -215,7 +234,7 @@ fn healthy_linux_bridge_nic_is_ok_on_every_hop_in_order() {
     let names: Vec<_> = h.iter().map(|h| h.name).collect();
     assert_eq!(
         names,
-        vec!["xml", "tap", "bridge", "segment", "mtu", "promisc", "counters", "fdb"]
+        vec!["xml", "tap", "bridge", "segment", "uplink", "mtu", "promisc", "counters", "fdb"]
     );
     for hop in &h {
         assert_eq!(hop.status, HopStatus::Ok, "{hop:#?}");
@@ -255,7 +274,7 @@ fn host_networking_off_checks_the_xml_and_warns_on_host_hops() {
         host: HostInput::Off,
         intended: None,
     });
-    assert_eq!(h.len(), 8);
+    assert_eq!(h.len(), 9);
     assert_eq!(get(&h, "xml").status, HopStatus::Ok);
     for hop in &h[1..] {
         assert_eq!(hop.status, HopStatus::Warning);
@@ -874,6 +893,7 @@ fn ovs_nic() -> (InterfaceView, HostFacts) {
             learned_on: vec!["vnet6 (vlan 100)".into()],
             error: None,
         },
+        uplink: Some(uplink_ok("port of OVS bridge br-ovs0")),
         ..HostFacts::default()
     };
     (i, f)
@@ -1014,4 +1034,176 @@ fn intent_hop_compares_the_vni_a_linux_bridge_name_encodes() {
     // a guess.
     let h = with_intent(&nic("cloudbr1", "vnet3"), &healthy(), "vlan://300");
     assert_eq!(get(&h, "intent").status, HopStatus::Warning, "{h:#?}");
+}
+
+#[test]
+fn healthy_uplink_shows_carrier_speed_and_errors_that_did_not_move() {
+    let h = run(&nic("cloudbr1", "vnet3"), &healthy(), 0);
+    let u = get(&h, "uplink");
+    assert_eq!(u.status, HopStatus::Ok, "{u:#?}");
+    for want in [
+        "eth1 (port of cloudbr1): 10000 Mb/s",
+        "carrier up",
+        "errors 3/0 (rx/tx), rx_crc_errors 2",
+        "no new errors within 1 s",
+    ] {
+        assert!(u.evidence.contains(want), "{want}: {u:#?}");
+    }
+}
+
+#[test]
+fn crc_errors_rising_between_the_two_samples_are_an_uplink_fault() {
+    let mut f = healthy();
+    if let Some(u) = f.uplink.as_mut() {
+        let mut later = u.link.counters.expect("counters");
+        later.rx_crc_errors += 40;
+        later.rx_errors += 40;
+        u.later = Some(later);
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "uplink");
+    let u = get(&h, "uplink");
+    assert!(
+        u.evidence
+            .contains("rx_crc_errors rose 2 -> 42 (+40) within 1 s"),
+        "{u:#?}"
+    );
+    assert!(u.fix.contains("cable or optic of eth1"), "{u:#?}");
+    // The CRC errors are the rx errors: no second, weaker verdict for them.
+    assert!(!u.evidence.contains("errors rose +"), "{u:#?}");
+}
+
+#[test]
+fn other_errors_rising_are_a_warning_and_old_ones_are_not() {
+    let mut f = healthy();
+    if let Some(u) = f.uplink.as_mut() {
+        let mut later = u.link.counters.expect("counters");
+        later.tx_errors += 5;
+        u.later = Some(later);
+    }
+    let u = get(&run(&nic("cloudbr1", "vnet3"), &f, 0), "uplink").clone();
+    assert_eq!(u.status, HopStatus::Warning, "{u:#?}");
+    assert!(u.evidence.contains("errors rose +0/+5 (rx/tx)"), "{u:#?}");
+}
+
+#[test]
+fn an_uplink_down_or_without_carrier_is_a_fault() {
+    let mut f = healthy();
+    if let Some(u) = f.uplink.as_mut() {
+        u.link.lower_up = false;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "uplink");
+    assert!(get(&h, "uplink").evidence.contains("eth1 has no carrier"));
+    if let Some(u) = f.uplink.as_mut() {
+        u.link.up = false;
+    }
+    let h = run(&nic("cloudbr1", "vnet3"), &f, 0);
+    assert_only_fault(&h, "uplink");
+    assert_eq!(get(&h, "uplink").fix, "ip link set eth1 up");
+}
+
+#[test]
+fn no_uplink_is_a_warning_with_the_reason_and_unknown_speed_says_why() {
+    let mut f = healthy();
+    f.uplink = None;
+    f.uplink_missing = Some("bridge cloudbr1 has no physical port".into());
+    let u = get(&run(&nic("cloudbr1", "vnet3"), &f, 0), "uplink").clone();
+    assert_eq!(u.status, HopStatus::Warning, "{u:#?}");
+    assert!(
+        u.evidence
+            .contains("no uplink: bridge cloudbr1 has no physical port"),
+        "{u:#?}"
+    );
+    let mut f = healthy();
+    if let Some(u) = f.uplink.as_mut() {
+        u.speed_mbps = None;
+        u.speed_unknown = Some("ethtool is not installed".into());
+    }
+    let u = get(&run(&nic("cloudbr1", "vnet3"), &f, 0), "uplink").clone();
+    assert_eq!(u.status, HopStatus::Ok, "{u:#?}");
+    assert!(u
+        .evidence
+        .contains("speed unknown (ethtool is not installed)"));
+}
+
+/// A VLAN bridge whose CloudStack name was too long: `brenp0s31f6np0-100`
+/// is 18 bytes, so the agent made it under its 15-byte hash name.
+fn hashed_vlan(id: u16) -> (String, InterfaceView, HostFacts) {
+    let pif = "enp0s31f6np0";
+    let bridge = naming::vlan_bridge(pif, id);
+    let dev = naming::vlan_device(pif, id);
+    let i = nic(&bridge, "vnet3");
+    let mut f = healthy();
+    if let Some(t) = f.tap.as_mut() {
+        t.master = Some(bridge.clone());
+    }
+    if let Some(b) = f.bridge.as_mut() {
+        b.name = bridge.clone();
+    }
+    let mut v = link(&dev, "vlan", 1500, Some(&bridge));
+    v.vlan = Some(VlanFacts {
+        id: Some(id),
+        parent: Some(pif.into()),
+    });
+    f.segment = Some(v);
+    f.underlay = Some(link(pif, "", 1500, None));
+    f.decoded_vlan_bridge = Some((pif.to_string(), id));
+    (bridge, i, f)
+}
+
+#[test]
+fn a_shortened_vlan_bridge_name_is_still_checked() {
+    let (bridge, i, f) = hashed_vlan(100);
+    assert_eq!(bridge.len(), 15);
+    assert_eq!(
+        expected_segment(&bridge),
+        None,
+        "the name alone says nothing"
+    );
+    let h = run(&i, &f, 0);
+    let s = get(&h, "segment");
+    assert_eq!(s.status, HopStatus::Ok, "{s:#?}");
+    assert!(
+        s.evidence.contains(&format!(
+            "{bridge} is the 15-byte name of brenp0s31f6np0-100"
+        )),
+        "{s:#?}"
+    );
+    assert!(s.evidence.contains("vlan id 100"), "{s:#?}");
+    // The device in it is then judged as on any VLAN bridge.
+    let (_, i, mut f) = hashed_vlan(100);
+    if let Some(v) = f.segment.as_mut().and_then(|s| s.vlan.as_mut()) {
+        v.id = Some(101);
+    }
+    let h = run(&i, &f, 0);
+    assert_only_fault(&h, "segment");
+    assert!(get(&h, "segment")
+        .evidence
+        .contains("vlan id 101, expected 100"));
+}
+
+#[test]
+fn intent_on_a_shortened_vlan_bridge_compares_the_recomputed_segment() {
+    let (_, i, f) = hashed_vlan(100);
+    let intent = |want: &str| {
+        let h = hops(&DiagnoseInput {
+            vm: "vm",
+            mac: MAC,
+            running: true,
+            persistent: false,
+            live: vec![&i],
+            config: vec![],
+            ids_on_bridge: 0,
+            ids_taps: Vec::new(),
+            host: HostInput::Facts(&f),
+            intended: crate::nic::parse_broadcast_uri(want).expect("uri"),
+        });
+        get(&h, "intent").clone()
+    };
+    let ok = intent("vlan://100");
+    assert_eq!(ok.status, HopStatus::Ok, "{ok:#?}");
+    let bad = intent("vlan://200");
+    assert_eq!(bad.status, HopStatus::Fault, "{bad:#?}");
+    assert!(bad.evidence.contains("carries vlan://100"), "{bad:#?}");
 }

@@ -24,6 +24,7 @@ use netlink_packet_route::AddressFamily;
 use serde::Serialize;
 use tokio::process::Command;
 
+use super::naming::{self, PortClass};
 use super::vxlan::{self, VxlanAttrs, VxlanDevice, VxlanFamily, VxlanFlavour};
 use super::{ovs, HostConfig, HostError};
 use crate::nic::Vni;
@@ -45,6 +46,9 @@ pub struct InspectQuery {
     pub ovs: bool,
     /// The guest MAC, lower-case `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The VLAN the caller intended, when it said: tried first when a
+    /// shortened bridge name has to be recomputed.
+    pub intended_vlan: Option<u16>,
 }
 
 /// Packet counters of a link (netlink stats64), as the host sees them.
@@ -63,6 +67,8 @@ pub struct LinkCounters {
     pub rx_dropped: u64,
     /// Transmit drops.
     pub tx_dropped: u64,
+    /// Frames received with a bad CRC (a cable, optic or switch port).
+    pub rx_crc_errors: u64,
 }
 
 /// VXLAN parameters of a link (`underlay` resolved to a name).
@@ -156,7 +162,39 @@ pub struct HostFacts {
     /// VNI, decided by the same code as an attach.
     #[serde(skip)]
     pub vxlan_expected: Option<VxlanExpected>,
+    /// The physical uplink the NIC's traffic leaves the host by.
+    pub uplink: Option<UplinkFacts>,
+    /// Why no uplink was found, when none was.
+    pub uplink_missing: Option<String>,
+    /// `(pif, vlan)` of a Linux bridge whose name is the shortened
+    /// `br<pif>-<vlan>` (recomputed, [`naming::decode_vlan_bridge`]); the
+    /// query's segment device is then `<pif>.<vlan>`'s kernel name.
+    pub decoded_vlan_bridge: Option<(String, u16)>,
+    /// Every link name on the host: the candidate parents when a shortened
+    /// bridge name has to be recomputed.
+    #[serde(skip)]
+    pub links: Vec<String>,
 }
+
+/// The physical uplink, read twice a second apart.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct UplinkFacts {
+    /// The link at the first sample (name, kind, carrier, counters).
+    pub link: LinkFacts,
+    /// How it was found: "VLAN parent", "port of cloudbr1", ...
+    pub via: String,
+    /// Its counters [`UPLINK_SAMPLE_GAP`] later; `None` when the second
+    /// read failed (the link went away).
+    pub later: Option<LinkCounters>,
+    /// Link speed in Mb/s (`ethtool`), when the driver reports one.
+    pub speed_mbps: Option<u32>,
+    /// Why the speed is not known, when it is not.
+    pub speed_unknown: Option<String>,
+}
+
+/// Time between the uplink's two counter samples: CRC errors that rise
+/// within it are happening now, not a count left from last month.
+pub const UPLINK_SAMPLE_GAP: Duration = Duration::from_secs(1);
 
 /// What this host's VXLAN configuration makes for one VNI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +240,7 @@ fn link_facts(msg: LinkMessage, names: &HashMap<u32, String>) -> (u32, LinkFacts
                     tx_errors: s.tx_errors,
                     rx_dropped: s.rx_dropped,
                     tx_dropped: s.tx_dropped,
+                    rx_crc_errors: s.rx_crc_errors,
                 })
             }
             LinkAttribute::LinkInfo(infos) => {
@@ -470,6 +509,134 @@ async fn vxlan_expected(
     }
 }
 
+/// The uplink among `ports` (link names): a real NIC before a stand-in,
+/// never a tap or a bridge ([`naming::pick_uplink`], the rule the attach
+/// uses to pick a VLAN parent).
+fn uplink_among<'a>(
+    ports: impl Iterator<Item = &'a str>,
+    by_name: &HashMap<String, (u32, LinkFacts)>,
+) -> Option<String> {
+    let classed: Vec<(String, PortClass, u32)> = ports
+        .filter_map(|p| {
+            let (idx, f) = by_name.get(p)?;
+            let kind = (!f.kind.is_empty()).then_some(f.kind.as_str());
+            Some((p.to_string(), PortClass::of_kind(kind), *idx))
+        })
+        .collect();
+    naming::pick_uplink(&classed).map(str::to_string)
+}
+
+/// Which link is the NIC's physical uplink, and how it was found; or why
+/// there is none.
+fn find_uplink(
+    q: &InspectQuery,
+    facts: &HostFacts,
+    by_name: &HashMap<String, (u32, LinkFacts)>,
+    ovs_ports: Option<&[String]>,
+) -> Result<(String, String), String> {
+    let ports_of = |bridge: &str| {
+        uplink_among(
+            by_name
+                .values()
+                .filter(|(_, f)| f.master.as_deref() == Some(bridge))
+                .map(|(_, f)| f.name.as_str())
+                .filter(|p| Some(*p) != q.tap.as_deref()),
+            by_name,
+        )
+    };
+    if q.ovs {
+        let Some(ports) = ovs_ports else {
+            return Err(format!(
+                "the ports of OVS bridge {} could not be listed",
+                q.bridge
+            ));
+        };
+        let others = ports
+            .iter()
+            .map(String::as_str)
+            .filter(|p| Some(*p) != q.tap.as_deref());
+        return uplink_among(others, by_name)
+            .map(|u| (u, format!("port of OVS bridge {}", q.bridge)))
+            .ok_or_else(|| format!("OVS bridge {} has no physical port", q.bridge));
+    }
+    if let Some(u) = &facts.underlay {
+        if u.kind == "bridge" {
+            return ports_of(&u.name)
+                .map(|p| (p, format!("port of {}, the segment's underlay", u.name)))
+                .ok_or_else(|| format!("underlay bridge {} has no physical port", u.name));
+        }
+        let via = if facts.segment.as_ref().is_some_and(|s| s.vxlan.is_some()) {
+            "the VXLAN underlay"
+        } else {
+            "the VLAN parent"
+        };
+        return Ok((u.name.clone(), via.to_string()));
+    }
+    if let Some(seg) = &q.segment {
+        return Err(match &facts.segment {
+            None => format!("segment device {seg} does not exist, so neither does its uplink"),
+            Some(_) => format!("segment device {seg} has no underlay"),
+        });
+    }
+    ports_of(&q.bridge)
+        .map(|p| (p, format!("port of {}", q.bridge)))
+        .ok_or_else(|| format!("bridge {} has no physical port", q.bridge))
+}
+
+/// `ethtool DEV`'s speed, Mb/s. `ethtool` rather than sysfs: it runs in
+/// the caller's network namespace (sysfs shows the one it was mounted in).
+async fn ethtool_speed(dev: &str) -> Result<u32, String> {
+    let dev = ovs::link_name("uplink", dev).map_err(|e| e.to_string())?;
+    let run = Command::new("ethtool").arg(dev).kill_on_drop(true).output();
+    let out = match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Err(_) => return Err("ethtool timed out".into()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("ethtool is not installed".into())
+        }
+        Ok(Err(e)) => return Err(format!("ethtool: {e}")),
+        Ok(Ok(o)) => o,
+    };
+    parse_ethtool_speed(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| format!("{dev} reports no speed"))
+}
+
+/// The `Speed: 10000Mb/s` line of `ethtool` output.
+pub fn parse_ethtool_speed(text: &str) -> Option<u32> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Speed:"))
+        .and_then(|v| v.trim().strip_suffix("Mb/s"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// The uplink's facts: the first sample from the dump already taken, the
+/// second [`UPLINK_SAMPLE_GAP`] later, and its speed read in between.
+async fn sample_uplink(
+    handle: &rtnetlink::Handle,
+    names: &HashMap<u32, String>,
+    link: LinkFacts,
+    via: String,
+) -> UplinkFacts {
+    let name = link.name.clone();
+    let (speed, ()) = tokio::join!(ethtool_speed(&name), tokio::time::sleep(UPLINK_SAMPLE_GAP));
+    let later = handle
+        .link()
+        .get()
+        .match_name(name)
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|m| link_facts(m, names).1.counters);
+    UplinkFacts {
+        link,
+        via,
+        later,
+        speed_mbps: speed.as_ref().ok().copied(),
+        speed_unknown: speed.err(),
+    }
+}
+
 /// Reads the host path of one NIC. Never changes anything.
 pub(crate) async fn inspect(
     handle: &rtnetlink::Handle,
@@ -491,10 +658,26 @@ pub(crate) async fn inspect(
         by_name.insert(f.name.clone(), (idx, f));
     }
     let get = |n: &str| by_name.get(n).map(|(_, f)| f.clone());
+    // A Linux bridge whose name says nothing may be a VLAN bridge whose
+    // name was shortened to 15 bytes: recompute it from the host's links.
+    let decoded = match (&q.segment, q.ovs) {
+        (None, false) => naming::decode_vlan_bridge(
+            &q.bridge,
+            q.intended_vlan,
+            by_name.keys().map(String::as_str),
+        ),
+        _ => None,
+    };
+    let mut q = q.clone();
+    if let Some((pif, id)) = &decoded {
+        q.segment = Some(naming::vlan_device(pif, *id));
+    }
+    let q = &q;
     let mut facts = HostFacts {
         tap: q.tap.as_deref().and_then(get),
         bridge: get(&q.bridge),
         segment: q.segment.as_deref().and_then(get),
+        decoded_vlan_bridge: decoded,
         ..HostFacts::default()
     };
     let underlay_name = facts.segment.as_ref().and_then(|s| {
@@ -518,6 +701,25 @@ pub(crate) async fn inspect(
         );
     }
 
+    facts.links = by_name.keys().cloned().collect();
+    facts.links.sort();
+    let ovs_ports = if q.ovs {
+        ovs::vsctl_ok(&cfg.ovs_vsctl, &["list-ports", &q.bridge])
+            .await
+            .ok()
+            .map(|out| out.lines().map(str::to_string).collect::<Vec<_>>())
+    } else {
+        None
+    };
+    match find_uplink(q, &facts, &by_name, ovs_ports.as_deref()) {
+        Ok((name, via)) => match by_name.get(&name) {
+            Some((_, link)) => {
+                facts.uplink = Some(sample_uplink(handle, &names, link.clone(), via).await);
+            }
+            None => facts.uplink_missing = Some(format!("uplink {name} vanished")),
+        },
+        Err(why) => facts.uplink_missing = Some(why),
+    }
     if q.ovs {
         let mut fdb = FdbFacts::default();
         facts.ovs = Some(ovs_facts(cfg, q, &mut fdb).await);
@@ -580,6 +782,17 @@ mod tests {
         assert_eq!(mac_bytes("02:00:0a:00:00"), None);
         assert_eq!(mac_bytes("02:00:0a:00:00:ff:01"), None);
         assert_eq!(mac_bytes("zz:00:0a:00:00:ff"), None);
+    }
+
+    #[test]
+    fn ethtool_speed_is_read_from_its_speed_line() {
+        let veth = "Settings for p1:\n\tSupported ports: [ ]\n\tSpeed: 10000Mb/s\n\tDuplex: Full\n";
+        assert_eq!(parse_ethtool_speed(veth), Some(10000));
+        assert_eq!(
+            parse_ethtool_speed("Settings for br0:\n\tSpeed: Unknown!\n"),
+            None
+        );
+        assert_eq!(parse_ethtool_speed(""), None);
     }
 
     #[test]

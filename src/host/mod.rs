@@ -40,15 +40,17 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
-use crate::nic::{BridgeName, Mtu, Segment, SwitchType, VlanId};
+use crate::nic::{BridgeName, Mtu, Segment, SwitchType, TxQueueLen, VlanId};
 
 pub use error::{HostError, HostErrorKind};
 pub use inspect::{
-    parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts, VlanFacts,
-    VxlanExpected, VxlanFacts, LABEL_PLACEHOLDER,
+    parse_ovs_fdb, FdbFacts, HostFacts, InspectQuery, LinkCounters, LinkFacts, OvsFacts,
+    UplinkFacts, VlanFacts, VxlanExpected, VxlanFacts, LABEL_PLACEHOLDER, UPLINK_SAMPLE_GAP,
 };
 pub use mtu::{mtu_preflight, MtuError};
-pub use netlink::{NetlinkHost, RepairAction, RepairOutcome, RepairReport};
+pub use netlink::{
+    set_tap_tx_queue_len, tap_tx_queue_len, NetlinkHost, RepairAction, RepairOutcome, RepairReport,
+};
 pub use ovs::mirror_name;
 pub use promisc::PromiscState;
 pub use vxlan::{VxlanDevice, VxlanFamily, VxlanFlavour, VxlanSettings};
@@ -382,6 +384,15 @@ pub trait HostNet: Send + Sync {
         bridge: &BridgeName,
         keep: &[String],
     ) -> Result<bool, HostError>;
+
+    /// Set the transmit queue length (`txqueuelen`) of a NIC's host tap.
+    /// There is no undo: the tap is the NIC's own and goes with it.
+    async fn set_tx_queue_len(&self, tap: &str, len: TxQueueLen) -> Result<(), HostError> {
+        let _ = (tap, len);
+        Err(HostError::Unsupported(
+            "this host backend cannot set a tap's txqueuelen".into(),
+        ))
+    }
 
     /// Read-only facts about one NIC's host path (tap, bridge, segment
     /// device, underlay, FDB, OVS port), for `Diagnose`. Never changes

@@ -21,6 +21,15 @@ const KEEP: usize = 10;
 /// `std`'s hasher) because its output must never change between builds:
 /// a restarted agent has to compute the same name to find its own bridge.
 pub fn kernel_name(full: &str) -> String {
+    let short = short_name(full);
+    if short != full {
+        tracing::info!(full, short = %short, "link name longer than 15 bytes shortened");
+    }
+    short
+}
+
+/// [`kernel_name`] without its log line, for callers that try many names.
+fn short_name(full: &str) -> String {
     if full.len() <= MAX_IFNAME {
         return full.to_string();
     }
@@ -29,9 +38,53 @@ pub fn kernel_name(full: &str) -> String {
         cut -= 1;
     }
     let hash = fnv1a32(full.as_bytes()) & 0xF_FFFF;
-    let short = format!("{}{:05x}", &full[..cut], hash);
-    tracing::info!(full, short = %short, "link name longer than 15 bytes shortened");
-    short
+    format!("{}{:05x}", &full[..cut], hash)
+}
+
+/// The `(pif, vlan)` whose VLAN bridge got the shortened name `bridge`.
+///
+/// A shortened name keeps only 10 bytes and a hash, so it cannot be read
+/// back; it can only be recomputed. `pifs` are the candidate parents (the
+/// host's link names). The intended VLAN, when the caller knows it, is
+/// tried first and wins; otherwise every VLAN 1-4094 is tried and the
+/// answer counts only when exactly one `(pif, vlan)` gives `bridge` (the
+/// hash has 20 bits, so two could). `None` for a name that was not
+/// shortened: [`vlan_bridge`] names of at most 15 bytes read back as they
+/// are.
+pub fn decode_vlan_bridge<'a>(
+    bridge: &str,
+    intended: Option<u16>,
+    pifs: impl IntoIterator<Item = &'a str>,
+) -> Option<(String, u16)> {
+    if bridge.len() != MAX_IFNAME || !bridge.starts_with("br") {
+        return None;
+    }
+    // The first 8 bytes of the pif survive in the name: a cheap filter.
+    let kept = &bridge[2..KEEP.min(bridge.len())];
+    let pifs: Vec<&str> = pifs
+        .into_iter()
+        .filter(|p| p.starts_with(kept) && p.len() + "br-4094".len() > MAX_IFNAME)
+        .collect();
+    if let Some(id) = intended {
+        if let Some(p) = pifs
+            .iter()
+            .find(|p| short_name(&format!("br{p}-{id}")) == bridge)
+        {
+            return Some(((*p).to_string(), id));
+        }
+    }
+    let mut found = None;
+    for p in &pifs {
+        for id in 1..=4094u16 {
+            if short_name(&format!("br{p}-{id}")) == bridge {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(((*p).to_string(), id));
+            }
+        }
+    }
+    found
 }
 
 /// Name of the 802.1Q sub-interface of `pif` for `vlan` (`eth1.100`).
@@ -137,6 +190,39 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shortened_vlan_bridge_name_is_recomputed_from_its_segment() {
+        let pif = "enp0s31f6np0";
+        let links = ["lo", "eth0", pif, "enp0s31f6np1"];
+        for id in [1u16, 100, 4000, 4094] {
+            let short = vlan_bridge(pif, id);
+            assert_eq!(short.len(), MAX_IFNAME, "{short}");
+            // Known intent, and no intent (every VLAN tried).
+            assert_eq!(
+                decode_vlan_bridge(&short, Some(id), links),
+                Some((pif.to_string(), id))
+            );
+            assert_eq!(
+                decode_vlan_bridge(&short, None, links),
+                Some((pif.to_string(), id))
+            );
+            // A wrong intent does not make the name say what it does not.
+            let other = if id == 1 { 2 } else { id - 1 };
+            assert_eq!(
+                decode_vlan_bridge(&short, Some(other), links),
+                Some((pif.to_string(), id))
+            );
+        }
+        // Without the parent among the links, nothing can be recomputed.
+        assert_eq!(
+            decode_vlan_bridge(&vlan_bridge(pif, 100), None, ["eth0"]),
+            None
+        );
+        // Names that were never shortened are not decoded here.
+        assert_eq!(decode_vlan_bridge("breth1-100", Some(100), ["eth1"]), None);
+        assert_eq!(decode_vlan_bridge("cloudbr0", None, links), None);
+    }
 
     #[test]
     fn short_names_pass_unchanged() {

@@ -27,7 +27,7 @@ use super::{
     naming, ovs, promisc, tcmirror, BridgePorts, HostConfig, HostError, HostNet, HostPlan,
     HostUndo, PlannedChange, PromiscState, SegmentDevice, AGENT_ALIAS,
 };
-use crate::nic::{BridgeName, Segment, SwitchType, Vni};
+use crate::nic::{BridgeName, Segment, SwitchType, TxQueueLen, Vni};
 
 mod repair;
 pub use repair::{RepairAction, RepairOutcome, RepairReport};
@@ -191,6 +191,77 @@ pub(crate) async fn link_addrs(
 fn bridge_name(name: &str) -> Result<BridgeName, HostError> {
     BridgeName::try_from(name)
         .map_err(|_| HostError::Internal(format!("generated bridge name {name:?} is not valid")))
+}
+
+/// Sets the txqueuelen (IFLA_TXQLEN) of `tap` through `handle`.
+async fn tx_queue_len_via(
+    handle: &rtnetlink::Handle,
+    tap: &str,
+    len: TxQueueLen,
+) -> Result<(), HostError> {
+    let found = handle
+        .link()
+        .get()
+        .match_name(tap.to_string())
+        .execute()
+        .try_next()
+        .await;
+    let index = match found {
+        Ok(Some(m)) => m.header.index,
+        Ok(None) => return Err(tap_not_found(tap)),
+        Err(e) if has_errno(&e, Errno::ENODEV) => return Err(tap_not_found(tap)),
+        Err(e) => return Err(nl(format!("get link {tap}"))(e)),
+    };
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .txqueuelen(len.get())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl(format!("set txqueuelen {len} on {tap}")))?;
+    info!(link = %tap, txqueuelen = len.get(), "set tap txqueuelen");
+    Ok(())
+}
+
+fn tap_not_found(tap: &str) -> HostError {
+    HostError::NotFound {
+        what: "tap",
+        name: tap.to_string(),
+        hint: "; the NIC's tap went away right after the attach".into(),
+    }
+}
+
+/// Sets a tap's txqueuelen through a netlink socket of its own. For an
+/// agent that leaves host networking to CloudStack (`host_network off`):
+/// libvirt's taps are just as real there, only no [`NetlinkHost`] exists.
+pub async fn set_tap_tx_queue_len(tap: &str, len: TxQueueLen) -> Result<(), HostError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| HostError::Io {
+        op: "open rtnetlink socket".into(),
+        source,
+    })?;
+    let task = tokio::spawn(conn);
+    let r = tx_queue_len_via(&handle, tap, len).await;
+    task.abort();
+    r
+}
+
+/// A tap's txqueuelen as sysfs shows it, or `None` when the name is not a
+/// plain link name or the tap is gone. Read from sysfs rather than netlink
+/// because the caller (a replug by unplug) only needs one number before the
+/// tap disappears, with or without a [`NetlinkHost`].
+pub fn tap_tx_queue_len(tap: &str) -> Option<u32> {
+    // ".." and "." pass `link_name`, and would leave /sys/class/net.
+    let tap = ovs::link_name("tap", tap)
+        .ok()
+        .filter(|t| !t.starts_with('.'))?;
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/tx_queue_len"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Host networking through rtnetlink, in the network namespace of the thread
@@ -1276,6 +1347,10 @@ impl HostNet for NetlinkHost {
 
     async fn ovs_mirror_remove(&self, bridge: &BridgeName, mirror: &str) -> Result<(), HostError> {
         ovs::mirror_remove(&self.config.ovs_vsctl, bridge.as_str(), mirror).await
+    }
+
+    async fn set_tx_queue_len(&self, tap: &str, len: TxQueueLen) -> Result<(), HostError> {
+        tx_queue_len_via(&self.handle, tap, len).await
     }
 
     async fn inspect(&self, query: &super::InspectQuery) -> Result<super::HostFacts, HostError> {

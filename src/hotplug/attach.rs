@@ -11,6 +11,7 @@ use crate::host::{HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Target};
 use crate::nic::{
     Alias, BridgeName, BridgePattern, LinkState, NicSpec, QueueCount, Segment, SwitchType,
+    TxQueueLen,
 };
 use crate::pci::{self, Capacity, PciAddress};
 use crate::xml::domain::{DomainView, InterfaceView, MachineFamily};
@@ -25,6 +26,8 @@ struct Step<'a> {
     plan: Option<&'a HostPlan>,
     config: Option<&'a DomainView>,
     promiscuous: bool,
+    /// Set on the live tap right after the live attach.
+    tx_queue_len: Option<TxQueueLen>,
 }
 
 impl Hotplug {
@@ -91,6 +94,7 @@ impl Hotplug {
             _ => spec.mtu,
         };
         let queues = self.queues(spec, primary)?;
+        self.tx_queue_len_possible(spec, &dom, &targets)?;
 
         // Idempotency by MAC, against the fresh read.
         let mac = spec.mac.to_string();
@@ -119,7 +123,7 @@ impl Hotplug {
                 });
             }
             return self
-                .complete_existing(&dom, live.as_ref(), config.as_ref(), &mac)
+                .complete_existing(&dom, live.as_ref(), config.as_ref(), &mac, spec)
                 .await;
         }
 
@@ -236,6 +240,7 @@ impl Hotplug {
                     plan: plan.as_ref(),
                     config: config.as_ref(),
                     promiscuous: spec.promiscuous && dom.state.is_live(),
+                    tx_queue_len: spec.tx_queue_len,
                 },
                 &mut undo,
                 &mut live_after,
@@ -312,6 +317,7 @@ impl Hotplug {
             plan,
             config,
             promiscuous,
+            tx_queue_len,
         } = *step;
         if let Some(plan) = plan {
             self.prepare_host(dom, &def.mac.to_string(), plan, undo)
@@ -340,6 +346,14 @@ impl Hotplug {
             tracing::debug!(vm = %dom.name, %target, xml = %xml, "attach device");
             self.attach_step(dom, &def, &xml, target).await?;
             undo.push(Undo::Device { target, xml });
+            if let (Target::Live, Some(len)) = (target, tx_queue_len) {
+                // No undo of its own: the tap is this NIC's and goes with
+                // the device, whose undo is already pushed. A failure here
+                // rolls the whole attach back, so no NIC is left running
+                // with a txqueuelen the caller did not ask for.
+                self.apply_tx_queue_len(dom, &def.mac.to_string(), len)
+                    .await?;
+            }
         }
         if let (Some(_), Some(plan), true) = (&self.host, plan, promiscuous) {
             let mac = def.mac.to_string();
@@ -470,6 +484,67 @@ impl Hotplug {
         Ok(step)
     }
 
+    /// Refuses `tx_queue_len` where it cannot be applied, before anything
+    /// changes. It is a property of the host tap, not of the domain XML
+    /// (libvirt has no element for it), so a stopped VM, whose attach only
+    /// edits the persistent definition, has no tap to set it on. Carrying
+    /// it until the VM starts would need a record outside libvirt and a
+    /// hook that might not run; an operator is better served by a clear
+    /// refusal than by a value that silently never arrives.
+    fn tx_queue_len_possible(
+        &self,
+        spec: &NicSpec,
+        dom: &DomainRef,
+        targets: &[Target],
+    ) -> Result<(), HotplugError> {
+        if spec.tx_queue_len.is_none() {
+            return Ok(());
+        }
+        if !targets.contains(&Target::Live) {
+            return Err(HotplugError::Precondition(format!(
+                "tx_queue_len sets the host tap's txqueuelen, and stopped vm {} has no tap; \
+                 attach without tx_queue_len, or start the VM first",
+                dom.name
+            )));
+        }
+        if !self.cfg.real_taps {
+            return Err(HotplugError::Precondition(format!(
+                "tx_queue_len sets the host tap's txqueuelen, and libvirt's {} driver makes no taps; \
+                 attach without tx_queue_len",
+                self.hv.driver()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets the txqueuelen of the live tap of NIC `mac`, read back from the
+    /// live XML (`<target dev>`): libvirt names the tap, not the agent.
+    async fn apply_tx_queue_len(
+        &self,
+        dom: &DomainRef,
+        mac: &str,
+        len: TxQueueLen,
+    ) -> Result<(), HotplugError> {
+        let tap = self
+            .view(dom, Target::Live)
+            .await?
+            .interface_by_mac(mac)
+            .first()
+            .and_then(|i| i.target.clone())
+            .ok_or_else(|| {
+                HotplugError::Precondition(format!(
+                    "libvirt reported no host tap (<target dev>) for NIC {mac} of vm {}, so tx_queue_len {len} cannot be set; \
+                     attach without tx_queue_len",
+                    dom.name
+                ))
+            })?;
+        match &self.host {
+            Some(host) => host.set_tx_queue_len(&tap, len).await?,
+            None => crate::host::set_tap_tx_queue_len(&tap, len).await?,
+        }
+        Ok(())
+    }
+
     /// One virDomainAttachDeviceFlags of the attach; Ok when the device is
     /// in `target`'s definition afterwards.
     async fn attach_step(
@@ -544,8 +619,15 @@ impl Hotplug {
         live: Option<&DomainView>,
         config: Option<&DomainView>,
         mac: &str,
+        spec: &NicSpec,
     ) -> Result<AttachOutcome, HotplugError> {
         let mut applied = Vec::new();
+        // txqueuelen is not in the XML, so the comparison above cannot see
+        // it: a retry sets it again (setting it is idempotent), and a tap
+        // someone changed since gets the requested value back.
+        if let (Some(_), Some(len)) = (live, spec.tx_queue_len) {
+            self.apply_tx_queue_len(dom, mac, len).await?;
+        }
         if let (Some(_), Some(cv), true) = (live, config, self.hv.edits_config()) {
             if cv.interface_by_mac(mac).is_empty() {
                 tracing::info!(vm = %dom.name, mac, "NIC is live but not in config; completing");

@@ -100,6 +100,10 @@ pub struct HotplugConfig {
     /// What the kernel lets libvirt do to a running guest's `<bandwidth>`,
     /// probed once at start-up; the default (not probed) refuses nothing.
     pub tc: crate::host::tc::TcAbilities,
+    /// libvirt makes real host taps for bridge NICs (every driver but the
+    /// test driver, also with host networking off): `tx_queue_len` needs
+    /// one. Off by default, so an engine nobody configured refuses it.
+    pub real_taps: bool,
 }
 
 fn any_bridge() -> BridgePattern {
@@ -128,6 +132,7 @@ impl Default for HotplugConfig {
             anti_spoofing: AntiSpoofing::Auto,
             cloudstack_sg_script: crate::config::CLOUDSTACK_SG_SCRIPT.into(),
             tc: crate::host::tc::TcAbilities::default(),
+            real_taps: false,
         }
     }
 }

@@ -40,6 +40,9 @@ use crate::xml::domain::InterfaceView;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, Writer};
 
+/// The kernel's txqueuelen for a new tap.
+const DEFAULT_TAP_QLEN: u32 = 1000;
+
 /// How the NIC moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplugWay {
@@ -402,6 +405,16 @@ impl Hotplug {
         } else {
             None
         };
+        // The tap's txqueuelen is not in the XML: a tap that was given one
+        // (tx_queue_len at attach) would come back with the kernel's 1000.
+        // Read it before the unplug takes the tap away, and give it to the
+        // new tap, and to the old one when the NIC is plugged back.
+        let qlen = have
+            .target
+            .as_deref()
+            .and_then(crate::host::tap_tx_queue_len)
+            .filter(|q| *q != DEFAULT_TAP_QLEN)
+            .and_then(|q| crate::nic::TxQueueLen::try_from(q).ok());
         match self
             .detach_locked(&dom.uuid, &mac, alias, timeout, false, false)
             .await
@@ -423,6 +436,7 @@ impl Hotplug {
         let want_down = spec.link == LinkState::Down;
         let mut new = spec.clone();
         new.link = LinkState::Down;
+        new.tx_queue_len = new.tx_queue_len.or(qlen);
         let cause = match self.attach_locked_at(&dom.uuid, &new, slot).await {
             Ok(_) if want_down => return Ok(()),
             Ok(_) => match self.link_up(dom, &mac_s).await {
@@ -445,6 +459,7 @@ impl Hotplug {
             o.acpi_index = spec.acpi_index;
             o.pxe_disable = spec.pxe_disable;
             o.packed = spec.packed;
+            o.tx_queue_len = qlen;
             o
         });
         match old {

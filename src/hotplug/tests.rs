@@ -511,3 +511,89 @@ async fn shaped_attach_to_a_running_vm_without_kernel_support_is_refused_before_
         .await
         .expect("plain attach");
 }
+
+fn with_tx_queue_len(mac: &str, len: u32) -> NicSpec {
+    NicSpec::try_from(RawNic {
+        mac: mac.into(),
+        bridge: "cloudbr0".into(),
+        tx_queue_len: Some(len),
+        ..Default::default()
+    })
+    .expect("valid spec")
+}
+
+#[tokio::test]
+async fn tx_queue_len_on_a_stopped_vm_is_refused_before_libvirt() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::ShutOff, true, 1);
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &with_tx_queue_len("52:54:00:00:00:31", 5000))
+        .await
+        .expect_err("a stopped VM has no tap");
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tx_queue_len") && msg.contains("no tap"),
+        "{msg}"
+    );
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+    // The same NIC without it attaches to the persistent definition.
+    hp.attach("vm1", &spec("52:54:00:00:00:31"))
+        .await
+        .expect("config-only attach");
+}
+
+#[tokio::test]
+async fn tx_queue_len_where_libvirt_makes_no_taps_is_refused_before_libvirt() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    let hp = engine(fake.clone());
+    let err = hp
+        .attach("vm1", &with_tx_queue_len("52:54:00:00:00:32", 5000))
+        .await
+        .expect_err("nothing to set it on");
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(err.to_string().contains("makes no taps"), "{err}");
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+}
+
+#[tokio::test]
+async fn tx_queue_len_without_a_reported_tap_rolls_the_live_attach_back() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, true, 2);
+    // Taps are real, but this NIC's live XML names none (the fake writes
+    // no <target dev>): the value cannot be set, so the NIC must not stay.
+    let hp = Hotplug::new(
+        fake.clone(),
+        None,
+        HotplugConfig {
+            real_taps: true,
+            vhost_net_present: false,
+            ..HotplugConfig::default()
+        },
+    );
+    let err = hp
+        .attach("vm1", &with_tx_queue_len("52:54:00:00:00:33", 5000))
+        .await
+        .expect_err("no tap to set");
+    assert_eq!(
+        crate::api::status::code(&err),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(err.to_string().contains("<target dev>"), "{err}");
+    let ops: Vec<(&str, Target)> = fake.calls().iter().map(|c| (c.op, c.target)).collect();
+    assert_eq!(
+        ops,
+        vec![("attach", Target::Live), ("detach", Target::Live)],
+        "the config half must never be written"
+    );
+    assert!(hp.list_nics("vm1").await.expect("list").is_empty());
+}

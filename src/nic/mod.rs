@@ -31,7 +31,7 @@ pub use ids::{Alias, InterfaceId};
 pub use kinds::{LinkState, NicModel, Segment, SwitchType, VhostMode};
 pub use mac::MacAddr;
 pub use plug::{MacPolicy, PlugDetails, RawAddresses};
-pub use ranged::{AcpiIndex, Mtu, PciSlot, QueueCount, VlanId, Vni};
+pub use ranged::{AcpiIndex, Mtu, PciSlot, QueueCount, TxQueueLen, VlanId, Vni};
 pub use spec::{parse_broadcast_uri, parse_segment_uri, NicSpec, RawBandwidth, RawNic};
 
 #[cfg(test)]
@@ -65,6 +65,7 @@ mod never_panics {
             let _ = QueueCount::try_from(v);
             let _ = PciSlot::try_from(v);
             let _ = AcpiIndex::try_from(v);
+            let _ = TxQueueLen::try_from(v);
             let _ = Bandwidth::new("inbound", w, Some(x), Some(y));
             let _ = Bandwidth::from_mbps("outbound", v);
         }

@@ -87,6 +87,14 @@ ranged! {
     AcpiIndex(u32), field = "acpi_index", min = 1, max = 16383
 }
 
+ranged! {
+    /// The host tap's transmit queue length (`txqueuelen`, IFLA_TXQLEN), in
+    /// packets. The kernel takes any u32 and the tap default is 1000; 0
+    /// would leave a qdisc without a queue and nothing sane needs more than
+    /// 100000, so a typo (a byte count, an extra zero) is refused here.
+    TxQueueLen(u32), field = "tx_queue_len", min = 1, max = 100000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +155,12 @@ mod tests {
         assert_eq!(PciSlot::try_from(5).unwrap().get(), 5u8);
         // A value that would wrap when narrowed to u8 must not sneak in.
         assert!(PciSlot::try_from(256 + 5).is_err());
+    }
+
+    #[test]
+    fn tx_queue_len_is_1_to_100000() {
+        bounds::<TxQueueLen>(1, 100_000, "tx_queue_len", "1-100000");
+        assert_eq!(TxQueueLen::try_from(5000).unwrap().get(), 5000);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::plug::{self, MacPolicy, PlugDetails, RawAddresses};
 use super::{
     AcpiIndex, Alias, Bandwidth, BridgeName, InterfaceId, LinkState, MacAddr, Mtu, NicError,
-    NicModel, PciSlot, QueueCount, Segment, SwitchType, VhostMode, VlanId, Vni,
+    NicModel, PciSlot, QueueCount, Segment, SwitchType, TxQueueLen, VhostMode, VlanId, Vni,
 };
 
 /// Shaping for one direction as the proto and CLI carry it. 0 means unset.
@@ -44,6 +44,8 @@ pub struct RawNic {
     pub mtu: Option<u32>,
     /// virtio-net queue pairs.
     pub queues: Option<u32>,
+    /// Host tap transmit queue length (packets).
+    pub tx_queue_len: Option<u32>,
     /// NIC model name; empty means virtio.
     pub model: String,
     /// Start with the link down.
@@ -104,6 +106,8 @@ pub struct NicSpec {
     pub mtu: Option<Mtu>,
     /// virtio-net queue pairs.
     pub queues: Option<QueueCount>,
+    /// The host tap's `txqueuelen`, set after the live attach.
+    pub tx_queue_len: Option<TxQueueLen>,
     /// NIC model.
     pub model: NicModel,
     /// Initial link state.
@@ -404,6 +408,7 @@ impl TryFrom<RawNic> for NicSpec {
         let outbound = bandwidth("outbound", raw.outbound.as_ref())?;
         let pci_slot = raw.pci_slot.map(PciSlot::try_from).transpose()?;
         let acpi_index = raw.acpi_index.map(AcpiIndex::try_from).transpose()?;
+        let tx_queue_len = raw.tx_queue_len.map(TxQueueLen::try_from).transpose()?;
         let device_id = raw.device_id.map(plug::device_id).transpose()?;
         // libvirt keeps a NIC's order only through the ACPI index (the PCI
         // slot is the PCI module's choice), so deviceId N becomes index N+1.
@@ -457,6 +462,7 @@ impl TryFrom<RawNic> for NicSpec {
             segment,
             mtu,
             queues,
+            tx_queue_len,
             model,
             link: if raw.link_down {
                 LinkState::Down
@@ -508,6 +514,7 @@ impl NicSpec {
             ("segment", self.segment == other.segment),
             ("mtu", self.mtu == other.mtu),
             ("queues", self.queues == other.queues),
+            ("tx_queue_len", self.tx_queue_len == other.tx_queue_len),
             ("model", self.model == other.model),
             ("link", self.link == other.link),
             ("promiscuous", self.promiscuous == other.promiscuous),

@@ -20,7 +20,7 @@ stamp=/var/lib/nic-agent-deps.stamp
 # ebtables-nft, which the driver runs. libvirtd loads both only when it
 # starts: start-libvirtd.sh restarts a lab-started libvirtd that lacks them.
 pkgs_bpo="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 libvirt-daemon-driver-nwfilter libvirt-daemon-config-nwfilter"
-pkgs="pkg-config protobuf-compiler libxml2-utils iproute2 openvswitch-switch dnsmasq-base python3-libvirt cpio busybox-static iptables"
+pkgs="pkg-config protobuf-compiler libxml2-utils iproute2 openvswitch-switch dnsmasq-base python3-libvirt cpio busybox-static iptables ethtool"
 
 missing=0
 for p in $pkgs_bpo $pkgs; do

@@ -42,7 +42,10 @@ MAC_VX = "02:d0:00:41:00:02"
 MAC_OVS = "02:d0:00:41:00:03"
 OVS_BR, OVS_VLAN = "lab-dovs", 141
 GUEST_DIR = os.path.join(labkit.WORK, "guest")
-HOPS = ["xml", "tap", "bridge", "segment", "mtu", "promisc", "counters", "fdb"]
+HOPS = ["xml", "tap", "bridge", "segment", "uplink", "mtu", "promisc", "counters", "fdb"]
+# A veth stands in for the bridge's physical uplink (no dummy links here);
+# its peer's state is the far end's carrier.
+UPLINK, UPLINK_PEER = "lab-dup0", "lab-dup1"
 
 
 def ip(*args):
@@ -76,6 +79,11 @@ class DoctorE2E(unittest.TestCase):
             script("build-guest.sh", GUEST_DIR, timeout=600)
             cls.cleanup()
             script("net.sh", "up", BR, "--subnet", str(SUBNET), "--mtu", "1500")
+            ip("link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK_PEER)
+            ip("link", "set", UPLINK, "master", BR)
+            for name in (UPLINK, UPLINK_PEER):
+                run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"])
+                ip("link", "set", name, "up")
             cls.guest = labkit.Guest(GUEST, "pc", GUEST_DIR)
             took = cls.guest.define()
             log(f"{GUEST} booted in {took:.1f}s")
@@ -94,6 +102,8 @@ class DoctorE2E(unittest.TestCase):
     @classmethod
     def cleanup(cls):
         script("teardown.sh", PREFIX, check=False)
+        if link_exists(UPLINK):
+            run(["ip", "link", "del", "dev", UPLINK], check=False)
         script("net.sh", "down", BR, check=False)
         if shutil.which("ovs-vsctl"):
             run(["ovs-vsctl", "--if-exists", "del-br", OVS_BR], check=False)
@@ -163,7 +173,10 @@ class DoctorE2E(unittest.TestCase):
         log("healthy: " + " | ".join(f"{h.name}: {h.evidence}" for h in r.hops))
         out = self.doctor_cli("--mac", MAC)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        self.assertIn("0 FAULT, 0 WARNING, 8 OK", out.stdout)
+        self.assertIn("0 FAULT, 0 WARNING, 9 OK", out.stdout)
+        _, up = self.status(r, "uplink")
+        self.assertIn(f"{UPLINK} (port of {BR}): 10000 Mb/s", up.evidence)
+        self.assertIn("no new errors within 1 s", up.evidence)
 
     def test_2_tap_detached_from_the_bridge_is_a_tap_fault(self):
         self.assertTrue(self.tap, "test_1 must attach the NIC first")
@@ -289,6 +302,70 @@ class DoctorE2E(unittest.TestCase):
         finally:
             self.agent.stub.DetachNic(self.pb.DetachNicRequest(
                 vm=GUEST, mac=MAC_OVS, timeout_ms=20000), timeout=60)
+
+    def test_7_uplink_without_carrier_is_an_uplink_fault(self):
+        self.assertTrue(self.tap, "test_1 must attach the NIC first")
+        # The far end goes: the uplink stays up without carrier, as with a
+        # pulled cable or a dead switch port.
+        ip("link", "set", "dev", UPLINK_PEER, "down")
+        try:
+            r = self.diagnose(MAC)
+            self.assert_only_fault(r, "uplink")
+            _, h = self.status(r, "uplink")
+            self.assertIn(f"{UPLINK} has no carrier", h.evidence)
+            out = self.doctor_cli("--mac", MAC)
+            self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+            self.assertRegex(out.stdout, r"\nuplink\s+FAULT\s+")
+        finally:
+            ip("link", "set", "dev", UPLINK_PEER, "up")
+        labkit.wait_until(lambda: self.status(self.diagnose(MAC), "uplink")[0] == "OK", 10,
+                          what="uplink OK again")
+
+    def test_8_a_segment_other_than_the_intended_one_is_the_intent_fault(self):
+        """CloudStack's intent against what the host carries: an OVS port
+        tagged 141 diagnosed as vlan://142, and a VXLAN NIC on VNI 5141
+        diagnosed as vxlan://5142, are each named as the broken hop; the
+        intent they were attached with is OK."""
+        run(["ovs-vsctl", "--may-exist", "add-br", OVS_BR, "--", "set", "bridge", OVS_BR,
+             "datapath_type=netdev"])
+        run(["ip", "link", "set", "dev", OVS_BR, "up"])
+        self.agent.stub.AttachNic(self.pb.AttachNicRequest(
+            vm=GUEST, nic=self.pb.NicSpec(mac=MAC_OVS, bridge=OVS_BR,
+                                          switch_type=self.pb.SWITCH_TYPE_OPEN_VSWITCH,
+                                          broadcast_uri=f"vlan://{OVS_VLAN}")), timeout=60)
+        self.agent.stub.AttachNic(self.pb.AttachNicRequest(
+            vm=GUEST, nic=self.pb.NicSpec(mac=MAC_VX, bridge=BR,
+                                          broadcast_uri=f"vxlan://{VNI}")), timeout=60)
+        try:
+            # Through the CLI, as the operator runs it.
+            wrong = self.doctor_cli("--mac", MAC_OVS, "--broadcast-uri", f"vlan://{OVS_VLAN + 1}")
+            self.assertEqual(wrong.returncode, 1, wrong.stdout + wrong.stderr)
+            self.assertRegex(wrong.stdout, r"\nintent\s+FAULT\s+")
+            self.assertIn(f"CloudStack intended vlan://{OVS_VLAN + 1}, but the OVS port tag on "
+                          f"{OVS_BR} carries vlan://{OVS_VLAN}", wrong.stdout)
+            right = self.doctor_cli("--mac", MAC_OVS, "--broadcast-uri", f"vlan://{OVS_VLAN}")
+            self.assertRegex(right.stdout, r"\nintent\s+OK\s+")
+            self.assertNotRegex(right.stdout, r"\nintent\s+FAULT")
+
+            def intent(uri):
+                r = self.agent.stub.Diagnose(self.pb.DiagnoseRequest(
+                    vm=GUEST, mac=MAC_VX, broadcast_uri=uri), timeout=30)
+                self.assertEqual([h.name for h in r.hops], HOPS + ["intent"], str(r))
+                return self.status(r, "intent")
+
+            st, h = intent(f"vxlan://{VNI + 1}")
+            self.assertEqual(st, "FAULT", str(h))
+            # Both what the bridge's name says and what its device carries.
+            self.assertIn(f"bridge {VX_BR} carries vxlan://{VNI}", h.evidence)
+            self.assertIn(f"{VX_DEV} in {VX_BR} carries vxlan://{VNI}", h.evidence)
+            self.assertIn(f"--broadcast-uri vxlan://{VNI + 1}", h.fix)
+            st, h = intent(f"vxlan://{VNI}")
+            self.assertEqual(st, "OK", str(h))
+        finally:
+            for m in (MAC_OVS, MAC_VX):
+                self.agent.stub.DetachNic(self.pb.DetachNicRequest(
+                    vm=GUEST, mac=m, timeout_ms=20000), timeout=60)
+        labkit.wait_until(lambda: not link_exists(VX_BR), 10, what=f"{VX_BR} removed")
 
 
 if __name__ == "__main__":

@@ -419,6 +419,12 @@ class HotplugE2E(unittest.TestCase):
             v = self.vm(g.name)
             self.assertTrue(v.persistent)
             self.assertEqual(v.nic_count, 0)
+            # txqueuelen lives on the host tap, and a stopped VM has none:
+            # refused before libvirt is asked, nothing written.
+            err = self.rpc_fails(grpc.StatusCode.FAILED_PRECONDITION, self.attach, g.name,
+                                 mac(5, 2), tx_queue_len=5000)
+            self.assertIn("tx_queue_len", err.details())
+            self.assertEqual(self.vm(g.name).nic_count, 0)
             m = mac(5, 1)
             r = self.attach(g.name, m, mtu=1400, queues=2)
             self.assertEqual(r.applied, "config")
@@ -498,6 +504,29 @@ class HotplugE2E(unittest.TestCase):
         mine = [n for n in self.nics(g.name) if n.mac.lower() == m]
         self.assertEqual([n.mtu for n in mine], [1400])
         self.assert_no_new_nic_add(g, m, mark)
+
+
+    def test_8_tx_queue_len_lands_on_the_host_tap_and_a_retry_puts_it_back(self):
+        g = self.pc
+        self.track(g)
+        m = mac(8, 1)
+        mark = g.console.mark()
+        r = self.attach(g.name, m, tx_queue_len=5000)
+        self.assertFalse(r.already_present)
+        tap = r.nic.target_dev
+        self.assertRegex(tap, r"^vnet\d+$")
+        qlen = f"/sys/class/net/{tap}/tx_queue_len"
+        with open(qlen) as f:
+            self.assertEqual(int(f.read()), 5000, f"host tap {tap} txqueuelen")
+        self.wait_nic_add(g, m, mark)
+        # Someone puts the kernel default back; the idempotent retry sets
+        # the requested value again (txqueuelen is not in the XML).
+        lk.run(["ip", "link", "set", "dev", tap, "txqueuelen", "1000"])
+        again = self.attach(g.name, m, tx_queue_len=5000)
+        self.assertTrue(again.already_present)
+        with open(qlen) as f:
+            self.assertEqual(int(f.read()), 5000, f"host tap {tap} txqueuelen after retry")
+        self.assertEqual(self.detach(g.name, m).state, pb.DETACH_STATE_REMOVED)
 
 
 def main():

@@ -174,6 +174,11 @@ class ReplugE2E(unittest.TestCase):
             pb.AttachNicRequest(vm=self.g.name, nic=pb.NicSpec(mac=m, bridge=bridge, **spec)),
             timeout=RPC_TIMEOUT)
 
+    @staticmethod
+    def qlen(tap):
+        with open(f"/sys/class/net/{tap}/tx_queue_len") as f:
+            return int(f.read())
+
     def replug(self, m, bridge, **kw):
         t0 = time.monotonic()
         r = self.stub.ReplugNic(pb.ReplugNicRequest(vm=self.g.name, mac=m, bridge=bridge, **kw),
@@ -322,10 +327,13 @@ class ReplugE2E(unittest.TestCase):
     def test_3_linux_bridge_to_ovs_unplugs_once_and_ends_on_the_same_pci_slot(self):
         m = mac(3, 1)
         mark = self.g.console.mark()
-        r = self.attach(m, BR1)
+        # A txqueuelen is not in the XML: the unplug must carry it to the
+        # new tap itself.
+        r = self.attach(m, BR1, tx_queue_len=4000)
         ifname = self.wait_add(m, mark)
         self.lease(ifname, m, mark, NET1)
         before = r.nic
+        self.assertEqual(self.qlen(before.target_dev), 4000)
 
         mark = self.g.console.mark()
         out = self.replug(m, OVS_BR, switch_type=pb.SWITCH_TYPE_OPEN_VSWITCH, vlan=OVS_VLAN)
@@ -337,6 +345,7 @@ class ReplugE2E(unittest.TestCase):
         self.assertEqual(self.pci(n), self.pci(before), "re-plugged at the same PCI address")
         self.assertTrue(n.in_live and n.in_config, n)
         self.assertEqual(sh("ovs-vsctl", "port-to-br", n.target_dev).strip(), OVS_BR)
+        self.assertEqual(self.qlen(n.target_dev), 4000, "txqueuelen carried to the new tap")
         self.assertEqual(sh("ovs-vsctl", "get", "port", n.target_dev, "tag").strip(),
                          str(OVS_VLAN))
         self.g.console.wait(rf"LAB: nic-remove name=\S+ mac={m}", timeout=WAIT, after=mark)
