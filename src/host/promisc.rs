@@ -64,18 +64,29 @@ pub(crate) async fn save_original(
 /// Writes `value` as JSON to `path` through a temporary file and a rename,
 /// so a reader (another agent run, the libvirt hook) never sees half a
 /// file. Every state file under the agent's dirs is written this way.
+///
+/// The temporary name is the writer's own (process id and a counter): with
+/// one shared name, two writers of the same file (the agent and the hook,
+/// two agents sharing a persist dir) rename each other's temporary away and
+/// the second rename fails with ENOENT. With its own name each rename is
+/// atomic, and the last one wins.
 pub(crate) async fn write_json<T: Serialize + ?Sized>(
     path: &Path,
     value: &T,
 ) -> Result<(), HostError> {
-    let tmp = path.with_extension("json.tmp");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{}.{n}.tmp", std::process::id()));
     let body = serde_json::to_vec(value).map_err(|e| HostError::Internal(e.to_string()))?;
-    tokio::fs::write(&tmp, body)
-        .await
-        .map_err(io(format!("write {}", tmp.display())))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(io(format!("rename {}", path.display())))
+    if let Err(e) = tokio::fs::write(&tmp, body).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(io(format!("write {}", tmp.display()))(e));
+    }
+    if let Err(e) = tokio::fs::rename(&tmp, path).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(io(format!("rename {}", path.display()))(e));
+    }
+    Ok(())
 }
 
 /// The saved original of `bridge`, if any. A corrupt file is an error, not
@@ -130,6 +141,40 @@ pub(crate) async fn saved_bridges(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two writers of one state file (the agent and the hook, or two
+    /// agents sharing a persist dir) must both succeed, and the file must
+    /// always be whole. With one shared temporary name, one writer's rename
+    /// took the other's temporary away: ENOENT, seen in the interop test
+    /// when two agents shared /var/lib/nic-agent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_of_one_file_all_succeed_and_leave_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("brvx-1001.json");
+        let mut tasks = Vec::new();
+        for w in 0..4u32 {
+            let path = path.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u32 {
+                    write_json(&path, &vec![w; (i % 7 + 1) as usize])
+                        .await
+                        .map_err(|e| format!("writer {w}, write {i}: {e}"))?;
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("every write succeeds");
+        }
+        let body = std::fs::read(&path).expect("the file is there");
+        let v: Vec<u32> = serde_json::from_slice(&body).expect("whole JSON");
+        assert!(!v.is_empty() && v.iter().all(|x| *x == v[0]), "{v:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("brvx-1001.json")]);
+    }
 
     #[tokio::test]
     async fn first_saved_original_wins_and_forget_removes_it() {
