@@ -235,12 +235,18 @@ fn udp_echo(from: &Ns, src: &str, to: &Ns, dst: &str, wait: Duration) -> bool {
 fn agent_in(ns: &Ns, dir: &tempfile::TempDir, extra: &[&str]) -> Agent {
     let sock = dir.path().join("agent.sock");
     let state = dir.path().join("state");
+    // Each agent stands for its own host: its segment records must not be
+    // the host's /var/lib/nic-agent, which the IPv4 and IPv6 tests, run in
+    // parallel, would share.
+    let persist = dir.path().join("persist");
     let lock = dir.path().join("cloud/vxlan.lock");
     let mut args = vec![
         "--host-network",
         "on",
         "--state-dir",
         state.to_str().expect("utf8"),
+        "--persist-dir",
+        persist.to_str().expect("utf8"),
         "--vxlan-lock-file",
         lock.to_str().expect("utf8"),
     ];
