@@ -592,16 +592,23 @@ def main():
     t_start = time.monotonic()
     mach = machine(args.skip_qemu)
     results, extra = [], {}
+    ok = False
     try:
         phase_testdriver(workdir, args.test_per_vm, args.test_vms, results)
         if not args.skip_qemu:
             phase_qemu(workdir, args.guests, args.per_guest, results, extra,
                        args.persistent_guests)
+        ok = all(r["ok"] == r["requests"] for r in results)
     finally:
         if not args.skip_qemu:
             lk.script("teardown.sh", PREFIX, check=False)
             lk.script("net.sh", "down", BRIDGE, check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
+        # A run with a failed request or an abort keeps the agents' logs:
+        # they say why (a call timeout, a lost connection, a guest).
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"kept {workdir} (agent-*.stderr: the agents' logs)")
     extra["total_s"] = time.monotonic() - t_start
     md = table(results, extra, mach)
     with open(args.json, "w") as f:
