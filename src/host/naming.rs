@@ -68,7 +68,7 @@ pub fn decode_vlan_bridge<'a>(
     if let Some(id) = intended {
         if let Some(p) = pifs
             .iter()
-            .find(|p| short_name(&format!("br{p}-{id}")) == bridge)
+            .find(|p| short_name(&vlan_bridge_full(p, id)) == bridge)
         {
             return Some(((*p).to_string(), id));
         }
@@ -76,7 +76,7 @@ pub fn decode_vlan_bridge<'a>(
     let mut found = None;
     for p in &pifs {
         for id in 1..=4094u16 {
-            if short_name(&format!("br{p}-{id}")) == bridge {
+            if short_name(&vlan_bridge_full(p, id)) == bridge {
                 if found.is_some() {
                     return None;
                 }
@@ -94,7 +94,13 @@ pub fn vlan_device(pif: &str, vlan: u16) -> String {
 
 /// Name of the bridge that carries VLAN `vlan` of `pif` (`breth1-100`).
 pub fn vlan_bridge(pif: &str, vlan: u16) -> String {
-    kernel_name(&format!("br{pif}-{vlan}"))
+    kernel_name(&vlan_bridge_full(pif, vlan))
+}
+
+/// CloudStack's name for the VLAN bridge, before it is fitted to 15 bytes:
+/// the one rule [`vlan_bridge`] and [`decode_vlan_bridge`] both follow.
+fn vlan_bridge_full(pif: &str, vlan: u16) -> String {
+    format!("br{pif}-{vlan}")
 }
 
 /// Name of the VXLAN device for `vni` (`vxlan5000`).
