@@ -170,10 +170,6 @@ pub struct HostFacts {
     /// `br<pif>-<vlan>` (recomputed, [`naming::decode_vlan_bridge`]); the
     /// query's segment device is then `<pif>.<vlan>`'s kernel name.
     pub decoded_vlan_bridge: Option<(String, u16)>,
-    /// Every link name on the host: the candidate parents when a shortened
-    /// bridge name has to be recomputed.
-    #[serde(skip)]
-    pub links: Vec<String>,
 }
 
 /// The physical uplink, read twice a second apart.
@@ -701,8 +697,6 @@ pub(crate) async fn inspect(
         );
     }
 
-    facts.links = by_name.keys().cloned().collect();
-    facts.links.sort();
     let ovs_ports = if q.ovs {
         ovs::vsctl_ok(&cfg.ovs_vsctl, &["list-ports", &q.bridge])
             .await
