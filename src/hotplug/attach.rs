@@ -303,7 +303,8 @@ impl Hotplug {
 
     /// The steps of an attach; each success pushes its undo.
     /// `live_after` gets the live domain as read after the live attach,
-    /// when one was needed (for the persistent copy's PCI address).
+    /// when one was needed (for the persistent copy's PCI address, or the
+    /// tap that tx_queue_len is set on): one read serves both.
     async fn apply(
         &self,
         step: &Step<'_>,
@@ -329,8 +330,12 @@ impl Hotplug {
                 // Give the persistent definition the address the live device
                 // really got, so the NIC keeps its slot (and guest name)
                 // across a reboot. If that slot is taken in the config, let
-                // libvirt pick.
-                let live = self.view(dom, Target::Live).await?;
+                // libvirt pick. The live read made for tx_queue_len, right
+                // after the live attach, serves here too.
+                let live = match live_after.take() {
+                    Some(v) => v,
+                    None => self.view(dom, Target::Live).await?,
+                };
                 let got = live
                     .interface_by_mac(&def.mac.to_string())
                     .first()
@@ -351,8 +356,10 @@ impl Hotplug {
                 // the device, whose undo is already pushed. A failure here
                 // rolls the whole attach back, so no NIC is left running
                 // with a txqueuelen the caller did not ask for.
-                self.apply_tx_queue_len(dom, &def.mac.to_string(), len)
+                let live = self.view(dom, Target::Live).await?;
+                self.apply_tx_queue_len(dom, &live, &def.mac.to_string(), len)
                     .await?;
+                *live_after = Some(live);
             }
         }
         if let (Some(_), Some(plan), true) = (&self.host, plan, promiscuous) {
@@ -517,17 +524,17 @@ impl Hotplug {
         Ok(())
     }
 
-    /// Sets the txqueuelen of the live tap of NIC `mac`, read back from the
-    /// live XML (`<target dev>`): libvirt names the tap, not the agent.
+    /// Sets the txqueuelen of the live tap of NIC `mac`, as `live` (the
+    /// live XML read after the NIC's live attach) names it in `<target
+    /// dev>`: libvirt names the tap, not the agent.
     async fn apply_tx_queue_len(
         &self,
         dom: &DomainRef,
+        live: &DomainView,
         mac: &str,
         len: TxQueueLen,
     ) -> Result<(), HotplugError> {
-        let tap = self
-            .view(dom, Target::Live)
-            .await?
+        let tap = live
             .interface_by_mac(mac)
             .first()
             .and_then(|i| i.target.clone())
@@ -625,8 +632,8 @@ impl Hotplug {
         // txqueuelen is not in the XML, so the comparison above cannot see
         // it: a retry sets it again (setting it is idempotent), and a tap
         // someone changed since gets the requested value back.
-        if let (Some(_), Some(len)) = (live, spec.tx_queue_len) {
-            self.apply_tx_queue_len(dom, mac, len).await?;
+        if let (Some(lv), Some(len)) = (live, spec.tx_queue_len) {
+            self.apply_tx_queue_len(dom, lv, mac, len).await?;
         }
         if let (Some(_), Some(cv), true) = (live, config, self.hv.edits_config()) {
             if cv.interface_by_mac(mac).is_empty() {
