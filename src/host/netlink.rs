@@ -193,25 +193,33 @@ fn bridge_name(name: &str) -> Result<BridgeName, HostError> {
         .map_err(|_| HostError::Internal(format!("generated bridge name {name:?} is not valid")))
 }
 
+/// The link named `name`, or `None` when there is none (ENODEV), through
+/// `handle`: a [`NetlinkHost`]'s, or a socket of its own.
+async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<Link>, HostError> {
+    let res = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await;
+    match res {
+        Ok(m) => Ok(m.map(Link::from_msg)),
+        Err(e) if has_errno(&e, Errno::ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("get link {name}"))(e)),
+    }
+}
+
 /// Sets the txqueuelen (IFLA_TXQLEN) of `tap` through `handle`.
 async fn tx_queue_len_via(
     handle: &rtnetlink::Handle,
     tap: &str,
     len: TxQueueLen,
 ) -> Result<(), HostError> {
-    let found = handle
-        .link()
-        .get()
-        .match_name(tap.to_string())
-        .execute()
-        .try_next()
-        .await;
-    let index = match found {
-        Ok(Some(m)) => m.header.index,
-        Ok(None) => return Err(tap_not_found(tap)),
-        Err(e) if has_errno(&e, Errno::ENODEV) => return Err(tap_not_found(tap)),
-        Err(e) => return Err(nl(format!("get link {tap}"))(e)),
-    };
+    let index = link_by_name(handle, tap)
+        .await?
+        .ok_or_else(|| tap_not_found(tap))?
+        .index;
     handle
         .link()
         .set(
@@ -305,19 +313,7 @@ impl NetlinkHost {
     }
 
     async fn link(&self, name: &str) -> Result<Option<Link>, HostError> {
-        let res = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute()
-            .try_next()
-            .await;
-        match res {
-            Ok(m) => Ok(m.map(Link::from_msg)),
-            Err(e) if has_errno(&e, Errno::ENODEV) => Ok(None),
-            Err(e) => Err(nl(format!("get link {name}"))(e)),
-        }
+        link_by_name(&self.handle, name).await
     }
 
     async fn links(&self) -> Result<Vec<Link>, HostError> {
