@@ -5,7 +5,9 @@ Compares, on this machine and in one run:
   raw          examples/bench.rs raw: lookup + virDomainAttachDeviceFlags(LIVE),
                in-process, one connection (the limit);
   agent-grpc   examples/bench.rs grpc: AttachNic over gRPC to the release agent;
-  python-peer  bench/peer.py run: lookup + dumpxml + attach per request, python3-libvirt.
+  python-peer  bench/peer.py run: lookup + dumpxml + attach per request, python3-libvirt;
+  grpc-floor   examples/bench.rs ping: grpc.health.v1 Check to the same agent on
+               the test driver, the transport's own cost per call.
 
 Phases:
   1. libvirt's test driver, a generated node of pc VMs with ACPI (capacity is
@@ -323,6 +325,11 @@ def phase_testdriver(workdir, per_vm, n_vms, results):
         agent = Agent(uri, workdir)
         try:
             idle = agent.memory("idle")
+            # The floor under every agent row: a gRPC call that does no
+            # agent work (grpc.health.v1 Check), on the same channel kind.
+            log(f"{label}: gRPC floor")
+            results.append(bench_json([BENCH, "ping", "--server", agent.addr, "--jobs", jobs,
+                                       "--concurrency", str(c), "--label", label]))
             r = run_grpc(agent, jobs, "cloudbr0", c, label)
             r["agent_startup_ms"] = agent.startup_ms
             r.update(idle)
@@ -535,6 +542,10 @@ def table(results, extra, mach):
         t.append(f"| test driver, 16 clients: attaches per second | ≥ 5,000/s | "
                  f"{td['throughput_per_s']:,.0f}/s | "
                  f"{'met' if td['throughput_per_s'] >= 5000 else 'missed'} |")
+    fl1 = find(results, "grpc-floor", "test driver", 1)
+    if td1 and fl1:
+        t.append(f"| test driver, 1 client: gRPC floor (health Check, no agent work) p50 | - | "
+                 f"{fl1['p50_ms']:.2f} ms (agent work above it: {td1['p50_ms'] - fl1['p50_ms']:.2f} ms) | - |")
     if td1 and td1.get("libvirt_calls_per_op"):
         t.append(f"| libvirt calls per attach, test driver (LIVE only) | - | "
                  f"{td1['libvirt_calls_per_op']:.1f} | - |")

@@ -69,6 +69,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         queues: u32,
     },
+    /// The gRPC floor: grpc.health.v1 Check over the same kind of channel,
+    /// as many calls as the jobs file has lines. Health touches no libvirt
+    /// and no XML, so its p50 is what transport, HTTP/2 and the two
+    /// runtimes cost per call on this machine, before any agent work.
+    Ping {
+        #[command(flatten)]
+        common: Common,
+        /// Agent address, HOST:PORT.
+        #[arg(long)]
+        server: String,
+    },
 }
 
 /// One attach: which VM, which MAC.
@@ -260,6 +271,45 @@ async fn run_grpc(
     Ok(report("agent-grpc", common, jobs.len(), wall, t))
 }
 
+async fn run_ping(common: &Common, server: &str) -> anyhow::Result<serde_json::Value> {
+    let total = read_jobs(&common.jobs)?.len();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..common.concurrency.max(1) {
+        let (next, tally) = (next.clone(), tally.clone());
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                let t0 = Instant::now();
+                let r = client
+                    .check(req)
+                    .await
+                    .map(|_| t0.elapsed())
+                    .map_err(|s| (format!("{:?}", s.code()), s.message().to_string()));
+                if let Ok(mut t) = tally.lock() {
+                    t.record(r);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = start.elapsed();
+    let t = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(report("grpc-floor", common, total, wall, t))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let out = match cli.cmd {
@@ -281,6 +331,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(run_grpc(&common, &server, &bridge, queues))?,
+        Cmd::Ping { common, server } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run_ping(&common, &server))?,
     };
     println!("{out}");
     Ok(())
