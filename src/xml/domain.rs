@@ -160,7 +160,7 @@ impl DomainView {
     pub fn parse(xml: &str) -> Result<Self, DomainXmlError> {
         let root = parse_tree(xml)?;
         if root.name != "domain" {
-            return Err(DomainXmlError::NotADomain(root.name));
+            return Err(DomainXmlError::NotADomain(root.name.into_owned()));
         }
         let mut view = DomainView {
             name: root.child_text("name").unwrap_or_default(),
@@ -183,10 +183,10 @@ impl DomainView {
                 if let Some(address) = dev.child("address").and_then(pci_address) {
                     view.pci_in_use.push(PciUse {
                         address,
-                        device: dev.name.clone(),
+                        device: dev.name.to_string(),
                     });
                 }
-                match dev.name.as_str() {
+                match dev.name.as_ref() {
                     "interface" => view.interfaces.push(interface(dev)),
                     "controller" if dev.attr("type") == Some("pci") => {
                         if let Some(c) = pci_controller(dev) {
@@ -353,28 +353,33 @@ fn parse_u32(s: &str) -> Option<u32> {
     parse_u64(s).and_then(|v| u32::try_from(v).ok())
 }
 
-/// A minimal element tree: enough to query a domain, nothing more.
+/// A minimal element tree: enough to query a domain, nothing more. Names
+/// and attribute values borrow from the document wherever quick-xml hands
+/// out slices of it (values without entities), so reading a domain
+/// allocates little beyond the tree's own vectors.
 #[derive(Debug, Default)]
-struct Element {
-    name: String,
-    attrs: Vec<(String, String)>,
+struct Element<'a> {
+    name: Cow<'a, str>,
+    attrs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The element's own text, kept only where it is read: the children of
+    /// the root (`<name>`, `<uuid>`, `<vcpu>`).
     text: String,
-    children: Vec<Element>,
+    children: Vec<Element<'a>>,
 }
 
-impl Element {
+impl<'a> Element<'a> {
     fn attr(&self, key: &str) -> Option<&str> {
         self.attrs
             .iter()
             .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
-    fn child(&self, name: &str) -> Option<&Element> {
+    fn child(&self, name: &str) -> Option<&Element<'a>> {
         self.children.iter().find(|c| c.name == name)
     }
 
-    fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+    fn children_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Element<'a>> + 's {
         self.children.iter().filter(move |c| c.name == name)
     }
 
@@ -382,7 +387,7 @@ impl Element {
         self.child(name).map(|c| c.text.trim().to_owned())
     }
 
-    fn from_start(start: &BytesStart<'_>) -> Self {
+    fn from_start(doc: &'a str, start: &BytesStart<'_>) -> Self {
         let attrs = start
             .attributes()
             .filter_map(Result::ok)
@@ -390,13 +395,56 @@ impl Element {
                 let value = a
                     .normalized_value(XmlVersion::Implicit1_0)
                     .unwrap_or_else(|_| a.value.clone());
-                (a.key.as_ref().to_owned(), value.into_owned())
+                (in_doc(doc, a.key.as_ref()), in_doc(doc, &value))
             })
             .collect();
         Element {
-            name: start.name().as_ref().to_owned(),
+            name: in_doc(doc, start.name().as_ref()),
             attrs,
             ..Element::default()
+        }
+    }
+}
+
+/// `part` as a slice of `doc` when it is one, else a copy. quick-xml's
+/// `from_str` reader hands out slices of its input for names and for
+/// values that needed no unescaping; only those borrow.
+fn in_doc<'a>(doc: &'a str, part: &str) -> Cow<'a, str> {
+    let start = (part.as_ptr() as usize).wrapping_sub(doc.as_ptr() as usize);
+    match start
+        .checked_add(part.len())
+        .and_then(|end| doc.get(start..end))
+    {
+        Some(s) if std::ptr::eq(s.as_ptr(), part.as_ptr()) => Cow::Borrowed(s),
+        _ => Cow::Owned(part.to_owned()),
+    }
+}
+
+/// Whether an element named `name`, whose open ancestors are `path` (root
+/// first), goes into the tree. What [`DomainView::parse`] never queries is
+/// skipped: every part of `<devices>` except a device's `<address>` unless
+/// the device is an `<interface>` or a `<controller>`, everything under the
+/// root except `name`, `uuid`, `vcpu`, `os/type`, `features/acpi` and
+/// `devices`. Skipped parts are still read by the tokenizer, so a
+/// malformed document fails exactly as before; they only cost no
+/// allocations (a QEMU domain's disks, CPU model, seclabels, consoles…).
+fn wanted(path: &[Element<'_>], name: &str) -> bool {
+    match path {
+        [] => true,
+        [_] => matches!(
+            name,
+            "name" | "uuid" | "vcpu" | "os" | "features" | "devices"
+        ),
+        [_, parent] => match parent.name.as_ref() {
+            "os" => name == "type",
+            "features" => name == "acpi",
+            "devices" => true,
+            _ => false,
+        },
+        [_, top, device, rest @ ..] => {
+            top.name == "devices"
+                && (matches!(device.name.as_ref(), "interface" | "controller")
+                    || (rest.is_empty() && name == "address"))
         }
     }
 }
@@ -406,12 +454,14 @@ fn malformed(e: impl std::fmt::Display) -> DomainXmlError {
 }
 
 /// Reads the document into a tree and returns its root element.
-fn parse_tree(xml: &str) -> Result<Element, DomainXmlError> {
+fn parse_tree(xml: &str) -> Result<Element<'_>, DomainXmlError> {
     let mut reader = Reader::from_str(xml);
     reader.config_mut().check_end_names = true;
-    // Open elements; the root is stack[0] once seen.
-    let mut stack: Vec<Element> = Vec::new();
-    let mut root: Option<Element> = None;
+    // Open elements in the tree; the root is stack[0] once seen.
+    let mut stack: Vec<Element<'_>> = Vec::new();
+    // Open elements below the top of `stack` that the tree skips.
+    let mut skipped: usize = 0;
+    let mut root: Option<Element<'_>> = None;
     loop {
         let event = reader.read_event().map_err(malformed)?;
         match event {
@@ -419,21 +469,29 @@ fn parse_tree(xml: &str) -> Result<Element, DomainXmlError> {
                 if root.is_some() {
                     return Err(malformed("content after the root element"));
                 }
-                if stack.len() >= MAX_DEPTH {
+                if stack.len() + skipped >= MAX_DEPTH {
                     return Err(DomainXmlError::TooDeep);
                 }
-                stack.push(Element::from_start(&start));
+                if skipped > 0 || !wanted(&stack, start.name().as_ref()) {
+                    skipped += 1;
+                } else {
+                    stack.push(Element::from_start(xml, &start));
+                }
             }
             Event::Empty(start) => {
                 if root.is_some() {
                     return Err(malformed("content after the root element"));
                 }
-                let el = Element::from_start(&start);
+                if skipped > 0 || !wanted(&stack, start.name().as_ref()) {
+                    continue;
+                }
+                let el = Element::from_start(xml, &start);
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(el),
                     None => root = Some(el),
                 }
             }
+            Event::End(_) if skipped > 0 => skipped -= 1,
             Event::End(_) => {
                 let el = stack
                     .pop()
@@ -443,31 +501,37 @@ fn parse_tree(xml: &str) -> Result<Element, DomainXmlError> {
                     None => root = Some(el),
                 }
             }
-            Event::Text(t) => push_text(&mut stack, t.xml10_content()),
-            Event::CData(t) => push_text(&mut stack, t.xml10_content()),
+            Event::Text(t) => push_text(&mut stack, skipped, || t.xml10_content()),
+            Event::CData(t) => push_text(&mut stack, skipped, || t.xml10_content()),
             Event::GeneralRef(r) => {
+                // Resolved even where the text is not kept, so that an
+                // unknown entity fails every document alike.
                 let resolved = match r.resolve_char_ref() {
                     Ok(Some(c)) => Some(c.to_string()),
                     Ok(None) => predefined_entity(&r).map(str::to_owned),
                     Err(e) => return Err(malformed(e)),
                 };
                 let text = resolved.ok_or_else(|| malformed("unknown entity reference"))?;
-                push_text(&mut stack, Cow::Owned(text));
+                push_text(&mut stack, skipped, || Cow::Owned(text));
             }
             Event::Eof => break,
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
         }
     }
-    if !stack.is_empty() {
+    if !stack.is_empty() || skipped > 0 {
         return Err(malformed("unclosed element at end of document"));
     }
     root.ok_or(DomainXmlError::Empty)
 }
 
-fn push_text(stack: &mut [Element], text: Cow<'_, str>) {
-    // Text outside the root element (whitespace) has nowhere to go.
-    if let Some(el) = stack.last_mut() {
-        el.text.push_str(&text);
+/// Appends text to the innermost open element, when that element's text is
+/// read (see [`Element::text`]). Text outside the root element (whitespace)
+/// has nowhere to go.
+fn push_text<'t>(stack: &mut [Element<'_>], skipped: usize, text: impl FnOnce() -> Cow<'t, str>) {
+    if skipped == 0 && stack.len() == 2 {
+        if let Some(el) = stack.last_mut() {
+            el.text.push_str(&text());
+        }
     }
 }
 
@@ -807,5 +871,61 @@ mod tests {
             "</a>".repeat(MAX_DEPTH - 1)
         );
         assert!(DomainView::parse(&ok).is_ok());
+    }
+
+    /// The parts the tree skips are tokenized all the same: a document
+    /// malformed only there fails as it did when the tree held everything.
+    #[test]
+    fn skipped_parts_are_checked_like_the_rest() {
+        for bad in [
+            "<domain><devices><disk><driver></disk></devices></domain>",
+            "<domain><cpu><model>&bogus;</model></cpu></domain>",
+            "<domain><devices><disk>&#xFFFFFFFF;</disk></devices></domain>",
+            "<domain><clock>",
+        ] {
+            assert!(DomainView::parse(bad).is_err(), "accepted {bad:?}");
+        }
+        let deep = format!(
+            "<domain><devices><disk>{}{}</disk></devices></domain>",
+            "<a>".repeat(MAX_DEPTH),
+            "</a>".repeat(MAX_DEPTH)
+        );
+        assert!(matches!(
+            DomainView::parse(&deep),
+            Err(DomainXmlError::TooDeep)
+        ));
+    }
+
+    /// What the tree skips cannot leak into the view: a disk's own
+    /// `<source>` and `<target>` are not an interface's, and a device's
+    /// address is still counted as in use.
+    #[test]
+    fn skipped_devices_still_hold_their_pci_slots() {
+        let view = DomainView::parse(&domain_with_devices(
+            "<disk type='file'><source file='/x'/><target dev='vda'/>\
+             <address type='pci' bus='0x00' slot='0x04'/></disk>\
+             <interface type='bridge'><source bridge='br0'/>\
+             <address type='pci' bus='0x00' slot='0x03'/></interface>",
+        ))
+        .expect("parses");
+        assert_eq!(view.interfaces.len(), 1);
+        assert_eq!(view.interfaces[0].source.as_deref(), Some("br0"));
+        let slots: Vec<(String, u8)> = view
+            .pci_in_use
+            .iter()
+            .map(|u| (u.device.clone(), u.address.slot))
+            .collect();
+        assert_eq!(slots, vec![("disk".into(), 4), ("interface".into(), 3)]);
+        assert_eq!(view.name, "vm");
+        assert_eq!(view.vcpus, 2);
+    }
+
+    #[test]
+    fn names_and_plain_values_borrow_from_the_document() {
+        let doc = "<domain type='kvm'/>";
+        assert!(matches!(in_doc(doc, &doc[1..7]), Cow::Borrowed("domain")));
+        // A value quick-xml had to unescape lives elsewhere: copied.
+        let owned = String::from("kvm");
+        assert!(matches!(in_doc(doc, &owned), Cow::Owned(o) if o == "kvm"));
     }
 }
