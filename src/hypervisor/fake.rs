@@ -27,7 +27,7 @@
 //!   `act_police` (`hotplug::update`): the lab's kernel has neither.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use super::{
@@ -89,6 +89,9 @@ pub struct FakeHypervisor {
     released: (Mutex<u64>, Condvar),
     events: Option<EventHub>,
     live_reads: AtomicU64,
+    /// Answers [`Hypervisor::in_process`]: the fake plays libvirt's
+    /// in-process test driver when set.
+    pub in_process: AtomicBool,
     /// Defined network filters by name; `None` when the "host" has no
     /// nwfilter driver. Starts with libvirt's standard set.
     pub nwfilters: Mutex<Option<Vec<String>>>,
@@ -117,6 +120,7 @@ impl Default for FakeHypervisor {
             released: (Mutex::new(0), Condvar::new()),
             events: None,
             live_reads: AtomicU64::new(0),
+            in_process: AtomicBool::new(false),
             nwfilters: Mutex::new(Some(
                 crate::xml::nwfilter::STANDARD_PIECES
                     .iter()
@@ -406,6 +410,9 @@ impl Hypervisor for FakeHypervisor {
     }
     fn events(&self) -> Option<EventHub> {
         self.events.clone()
+    }
+    fn in_process(&self) -> bool {
+        self.in_process.load(Ordering::SeqCst)
     }
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
         self.maybe_hang("lookup", Target::Live);

@@ -629,6 +629,13 @@ impl Hypervisor for Libvirt {
         self.driver.clone()
     }
 
+    fn in_process(&self) -> bool {
+        // `test:///…` is served inside libvirt.so; a test URI with a
+        // transport or a host (`test+unix://`, `test://host/`) goes through
+        // a daemon like any other, and keeps the deadlines.
+        self.driver.eq_ignore_ascii_case("test") && self.uri.starts_with("test:///")
+    }
+
     fn edits_config(&self) -> bool {
         // The test driver answers AFFECT_CONFIG with "unsupported flags"
         // (VIR_ERR_INVALID_ARG), which would otherwise look like a bad

@@ -177,6 +177,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn events(&self) -> Option<EventHub> {
         None
     }
+    /// Whether the driver runs inside this process, without I/O: libvirt's
+    /// test driver is a data structure in libvirt.so under one mutex, with
+    /// no daemon that could be stuck. Its calls run inline on the caller's
+    /// thread (see `hotplug::doubt`); every other driver's take the
+    /// blocking pool under a deadline.
+    fn in_process(&self) -> bool {
+        false
+    }
     /// Whether device changes can target a persistent definition
     /// (AFFECT_CONFIG). True for real hypervisors; libvirt's test driver
     /// rejects the flag outright.
