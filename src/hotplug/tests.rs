@@ -52,6 +52,36 @@ async fn running_persistent_vm_gets_live_then_config() {
     );
 }
 
+/// The read after an attach rides in the attach's trip; when only that
+/// read fails, the attach stands and the read-back reads again.
+#[tokio::test]
+async fn a_failed_read_after_the_attach_is_read_again_not_undone() {
+    let fake = Arc::new(FakeHypervisor::default());
+    fake.add("vm1", RunState::Running, false, 2);
+    let hp = engine(fake.clone());
+    // Live read 1 is the fresh read before the change, 2 the one after it.
+    *fake.fail_live_read.lock().expect("lock") = Some((2, HvErrorKind::Internal));
+    let before = fake.live_reads();
+    let out = hp
+        .attach("vm1", &spec("52:54:00:00:00:0a"))
+        .await
+        .expect("attach stands");
+    assert!(out.nic.in_live, "{:?}", out.nic);
+    assert_eq!(
+        fake.live_reads() - before,
+        3,
+        "the failed read is made again"
+    );
+    let ops: Vec<&str> = fake.calls().iter().map(|c| c.op).collect();
+    assert_eq!(ops, vec!["attach"], "nothing undone");
+    // Without the failure the read after the attach serves the read-back.
+    let before = fake.live_reads();
+    hp.attach("vm1", &spec("52:54:00:00:00:0b"))
+        .await
+        .expect("attach");
+    assert_eq!(fake.live_reads() - before, 2);
+}
+
 #[tokio::test]
 async fn config_failure_undoes_the_live_half() {
     let fake = Arc::new(FakeHypervisor::default());

@@ -78,6 +78,10 @@ pub struct FakeHypervisor {
     pub fail_next: Mutex<Option<(&'static str, Target, HvErrorKind)>>,
     /// More scripted failures, consumed in order as matching calls come.
     pub fail_queue: Mutex<Vec<(&'static str, Target, HvErrorKind)>>,
+    /// Fail the n-th (from 1) live domain-XML read from now with this
+    /// kind: the read right after an attach, say, which shares its trip
+    /// with the attach.
+    pub fail_live_read: Mutex<Option<(u64, HvErrorKind)>>,
     /// Calls of this (op, target) that take effect and then answer
     /// Unavailable, like libvirtd dying after recording a change and before
     /// replying. Consumed in order.
@@ -115,6 +119,7 @@ impl Default for FakeHypervisor {
             unplug: Mutex::new(Unplug::Immediate),
             fail_next: Mutex::new(None),
             fail_queue: Mutex::new(Vec::new()),
+            fail_live_read: Mutex::new(None),
             lose_reply: Mutex::new(Vec::new()),
             hang: Mutex::new(Vec::new()),
             released: (Mutex::new(0), Condvar::new()),
@@ -429,6 +434,16 @@ impl Hypervisor for FakeHypervisor {
         self.maybe_hang("xml", target);
         if target == Target::Live {
             self.live_reads.fetch_add(1, Ordering::SeqCst);
+            let mut f = self
+                .fail_live_read
+                .lock()
+                .map_err(|_| HvError::new(HvErrorKind::Internal, "fake", "poisoned"))?;
+            if let Some((n, kind)) = *f {
+                *f = (n > 1).then_some((n - 1, kind));
+                if n <= 1 {
+                    return Err(HvError::new(kind, "dumpxml", "scripted failure"));
+                }
+            }
         }
         self.with(&dom.uuid, |d| {
             if target == Target::Live {
