@@ -78,15 +78,32 @@ pub fn pool_size(driver: &str, asked: usize) -> usize {
 }
 
 /// Which connection the next call takes: the one with the fewest calls in
-/// flight, and among equals the first at or after `cursor` (which the
-/// caller advances on every call), so idle connections take turns.
-/// `busy` is never empty.
-pub fn pick(busy: &[usize], cursor: usize) -> usize {
+/// flight; among equals the call's `home` (see [`home_slot`]) if it is one,
+/// else the first at or after `cursor` (which the caller advances on every
+/// call), so idle connections take turns. `busy` is never empty.
+pub fn pick(busy: &[usize], cursor: usize, home: Option<usize>) -> usize {
     let n = busy.len().max(1);
+    let least = busy.iter().min().copied().unwrap_or(0);
+    if let Some(h) = home.filter(|&h| busy.get(h) == Some(&least)) {
+        return h;
+    }
     (0..n)
         .map(|k| (cursor + k) % n)
         .min_by_key(|&i| busy.get(i).copied().unwrap_or(usize::MAX))
         .unwrap_or(0)
+}
+
+/// The connection a domain's calls prefer, by its UUID: a handle belongs
+/// to its connection, so a domain whose calls take turns over every
+/// connection is looked up once on each (measured: 8.2 calls per attach on
+/// a persistent guest instead of 8). A VM's calls come one at a time under
+/// its lock, so its home is idle unless another VM's call shares it, and
+/// then [`pick`] goes around it as before.
+pub fn home_slot(uuid: &str, slots: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    uuid.hash(&mut h);
+    (h.finish() % slots.max(1) as u64) as usize
 }
 
 /// An open connection with its event registrations, undone when the last
@@ -370,13 +387,23 @@ impl Libvirt {
     /// A connection for one call: the least busy one, reopened if it was
     /// dropped.
     fn conn(&self) -> Result<Lease<'_>, HvError> {
+        self.conn_near(None)
+    }
+
+    /// A connection for a call on `dom`: its home connection when that is
+    /// among the least busy (see [`home_slot`]).
+    fn conn_for(&self, dom: &DomainRef) -> Result<Lease<'_>, HvError> {
+        self.conn_near(Some(home_slot(&dom.uuid, self.slots.len())))
+    }
+
+    fn conn_near(&self, home: Option<usize>) -> Result<Lease<'_>, HvError> {
         let busy: Vec<usize> = self
             .slots
             .iter()
             .map(|s| s.busy.load(Ordering::SeqCst))
             .collect();
         let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-        self.conn_at(pick(&busy, cursor))
+        self.conn_at(pick(&busy, cursor, home))
     }
 
     /// The connection of slot `i`, reopening it if it was dropped.
@@ -525,7 +552,7 @@ impl Libvirt {
                 format!("the {} driver has no QEMU monitor", self.driver),
             ));
         }
-        let conn = self.conn()?;
+        let conn = self.conn_for(dom)?;
         let d = self.domain(&conn, dom)?;
         Ok((conn, d))
     }
@@ -701,11 +728,14 @@ impl Hypervisor for Libvirt {
     }
 
     fn lookup(&self, vm: &str) -> Result<DomainRef, HvError> {
-        let conn = self.conn()?;
-        // Known name and UUID: this connection's handle (looked up by UUID
-        // once), then state and persistence, two calls. A domain that is
-        // no longer there is looked up afresh below.
+        // Known name and UUID: the home connection's handle (looked up by
+        // UUID once), then state and persistence, two calls. A domain that
+        // is no longer there is looked up afresh below.
         let known = self.names().both(vm);
+        let home = known
+            .as_ref()
+            .map(|(_, uuid)| home_slot(uuid, self.slots.len()));
+        let conn = self.conn_near(home)?;
         if let Some((name, uuid)) = known {
             let probe = DomainRef {
                 name,
@@ -800,7 +830,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn xml(&self, dom: &DomainRef, target: Target) -> Result<String, HvError> {
-        let conn = self.conn()?;
+        let conn = self.conn_for(dom)?;
         let d = self.domain(&conn, dom)?;
         let f = match target {
             Target::Live => 0,
@@ -812,7 +842,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn attach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
-        let conn = self.conn()?;
+        let conn = self.conn_for(dom)?;
         let d = self.domain(&conn, dom)?;
         count("virDomainAttachDeviceFlags");
         d.attach_device_flags(xml, flags(target))
@@ -821,7 +851,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn detach(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
-        let conn = self.conn()?;
+        let conn = self.conn_for(dom)?;
         let d = self.domain(&conn, dom)?;
         count("virDomainDetachDeviceFlags");
         d.detach_device_flags(xml, flags(target))
@@ -830,7 +860,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn update(&self, dom: &DomainRef, xml: &str, target: Target) -> Result<(), HvError> {
-        let conn = self.conn()?;
+        let conn = self.conn_for(dom)?;
         let d = self.domain(&conn, dom)?;
         count("virDomainUpdateDeviceFlags");
         d.update_device_flags(xml, flags(target))
@@ -948,21 +978,42 @@ mod tests {
     #[test]
     fn idle_connections_take_turns() {
         let busy = [0, 0, 0, 0];
-        let picks: Vec<usize> = (0..8).map(|c| pick(&busy, c)).collect();
+        let picks: Vec<usize> = (0..8).map(|c| pick(&busy, c, None)).collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_domain_keeps_to_its_home_connection_while_it_is_least_busy() {
+        // Idle pool: the home, whatever the cursor says.
+        for c in 0..8 {
+            assert_eq!(pick(&[0, 0, 0, 0], c, Some(2)), 2);
+        }
+        // Home busier than another: the least busy wins, by turn.
+        assert_eq!(pick(&[1, 0, 1, 0], 0, Some(2)), 1);
+        assert_eq!(pick(&[1, 0, 1, 0], 2, Some(2)), 3);
+        // Home tied with the least busy: still the home.
+        assert_eq!(pick(&[2, 1, 1, 3], 0, Some(2)), 2);
+        // A home past the end (a pool that shrank) is no home.
+        assert_eq!(pick(&[0, 0], 1, Some(5)), 1);
+        // A UUID always maps to one slot of the pool.
+        let u = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+        assert_eq!(home_slot(u, 4), home_slot(u, 4));
+        assert!(home_slot(u, 4) < 4);
+        assert_eq!(home_slot(u, 1), 0);
+        assert_eq!(home_slot(u, 0), 0);
     }
 
     #[test]
     fn the_least_busy_connection_wins_over_the_turn() {
         // A connection with calls hung past their deadline stays busy: new
         // calls go around it whatever the cursor says.
-        assert_eq!(pick(&[5, 0, 2, 1], 0), 1);
-        assert_eq!(pick(&[5, 0, 2, 1], 2), 1);
+        assert_eq!(pick(&[5, 0, 2, 1], 0, None), 1);
+        assert_eq!(pick(&[5, 0, 2, 1], 2, None), 1);
         // Among equals, the first at or after the cursor.
-        assert_eq!(pick(&[3, 1, 3, 1], 2), 3);
-        assert_eq!(pick(&[3, 1, 3, 1], 0), 1);
+        assert_eq!(pick(&[3, 1, 3, 1], 2, None), 3);
+        assert_eq!(pick(&[3, 1, 3, 1], 0, None), 1);
         // One connection: always it.
-        assert_eq!(pick(&[7], 12345), 0);
+        assert_eq!(pick(&[7], 12345, None), 0);
     }
 
     /// Why the test driver gets one connection: a second connection to a
