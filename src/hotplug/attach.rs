@@ -5,7 +5,7 @@
 
 use super::antispoof::Protection;
 use super::report;
-use super::{intent_record, named, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
+use super::{intent_record, AttachOutcome, Hotplug, HotplugError, Undo, IDS_ALIAS_PREFIX};
 use crate::host::objects::SegmentRecord;
 use crate::host::{HostPlan, HostUndo};
 use crate::hypervisor::{DomainRef, HvErrorKind, Target};
@@ -40,11 +40,11 @@ struct Step<'a> {
 impl Hotplug {
     /// Attaches a NIC, or confirms it is already there with the same spec.
     pub async fn attach(&self, vm: &str, spec: &NicSpec) -> Result<AttachOutcome, HotplugError> {
-        let first = self.resolve(vm).await?;
-        let _guard = self.locks.lock(&first).await?;
-        self.attach_locked(&first.uuid, spec)
-            .await
-            .map_err(|e| named(e, &first))
+        self.under_lock(
+            vm,
+            |uuid| async move { self.attach_locked(&uuid, spec).await },
+        )
+        .await
     }
 
     /// The body of [`Hotplug::attach`]; the caller holds the VM's lock.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::pending::{self, Wait};
 use super::report;
-use super::{named, pick, DetachState, Hotplug, HotplugError, IDS_ALIAS_PREFIX};
+use super::{pick, DetachState, Hotplug, HotplugError, IDS_ALIAS_PREFIX};
 use crate::hypervisor::{DomainRef, Target};
 use crate::nic::{Alias, MacAddr};
 use crate::xml::domain::InterfaceView;
@@ -41,11 +41,11 @@ impl Hotplug {
         timeout: Option<Duration>,
         keep_bridge: bool,
     ) -> Result<DetachState, HotplugError> {
-        let first = self.resolve(vm).await?;
-        let _guard = self.locks.lock(&first).await?;
-        self.detach_locked(&first.uuid, mac, alias, timeout, true, keep_bridge)
-            .await
-            .map_err(|e| named(e, &first))
+        self.under_lock(vm, |uuid| async move {
+            self.detach_locked(&uuid, mac, alias, timeout, true, keep_bridge)
+                .await
+        })
+        .await
     }
 
     /// The body of [`Hotplug::detach`]; the caller holds the VM's lock.

@@ -269,6 +269,45 @@ impl Hotplug {
         }
     }
 
+    /// Runs `op` on a VM under its lock; `op` gets the VM's UUID and reads
+    /// the domain again by it.
+    ///
+    /// A name answered from the hypervisor's cache can be stale: the domain
+    /// was undefined and another defined under the same name with a new
+    /// UUID (`virsh undefine` and `define`, or a VM re-created by its
+    /// orchestrator), and `op` then finds no domain by the old UUID. That
+    /// failed lookup drops the stale entry, so the name is resolved afresh,
+    /// once, and `op` runs again under the new domain's lock. A VM named by
+    /// its UUID, or one that really is gone, answers NOT_FOUND as before.
+    pub(crate) async fn under_lock<T, F, Fut>(&self, vm: &str, op: F) -> Result<T, HotplugError>
+    where
+        // The UUID is passed owned: a future borrowing its argument would
+        // not be Send for every lifetime, which the gRPC handlers need.
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, HotplugError>>,
+    {
+        let from_cache = self.hv.resolve_cached(vm).is_some();
+        let first = self.resolve(vm).await?;
+        let r = {
+            let _guard = self.locks.lock(&first).await?;
+            op(first.uuid.clone()).await
+        };
+        match r {
+            Err(HotplugError::VmNotFound(_))
+                if from_cache && !first.uuid.eq_ignore_ascii_case(vm.trim()) =>
+            {
+                let again = self.resolve(vm).await?;
+                if again.uuid == first.uuid {
+                    return Err(HotplugError::VmNotFound(first.name.clone()));
+                }
+                tracing::info!(vm, old_uuid = %first.uuid, uuid = %again.uuid, "vm was defined again under its name; using the new domain");
+                let _guard = self.locks.lock(&again).await?;
+                op(again.uuid.clone()).await.map_err(|e| named(e, &again))
+            }
+            other => other.map_err(|e| named(e, &first)),
+        }
+    }
+
     /// Name and UUID of a VM, for its lock (see [`Hypervisor::resolve`]):
     /// its state is read again under the lock with [`Hotplug::lookup`], so
     /// the caller must not use `state` or `persistent` of this one. A VM in

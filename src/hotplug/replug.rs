@@ -176,11 +176,11 @@ impl Hotplug {
         timeout: Option<Duration>,
         keep_old_bridge: bool,
     ) -> Result<ReplugOutcome, HotplugError> {
-        let first = self.resolve(vm).await?;
-        let _guard = self.locks.lock(&first).await?;
-        self.replug_locked(&first.uuid, mac, alias, to, timeout, keep_old_bridge)
-            .await
-            .map_err(|e| super::named(e, &first))
+        self.under_lock(vm, |uuid| async move {
+            self.replug_locked(&uuid, mac, alias, to, timeout, keep_old_bridge)
+                .await
+        })
+        .await
     }
 
     async fn replug_locked(

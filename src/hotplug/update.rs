@@ -78,9 +78,21 @@ impl Hotplug {
                 allowed: "at least one of link_down, inbound, outbound".into(),
             }));
         }
-        let first = self.resolve(vm).await?;
-        let _guard = self.locks.lock(&first).await?;
-        let dom = self.lookup(&first.uuid).await?;
+        self.under_lock(vm, |uuid| async move {
+            self.update_locked(&uuid, mac, alias, change).await
+        })
+        .await
+    }
+
+    /// The body of [`Hotplug::update`]; the caller holds the VM's lock.
+    async fn update_locked(
+        &self,
+        uuid: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        change: &NicUpdate,
+    ) -> Result<NicReport, HotplugError> {
+        let dom = self.lookup(uuid).await?;
         let targets = self.change_targets(&dom, "updating a stopped VM's persistent definition")?;
         let mac_s = mac.to_string();
 

@@ -18,6 +18,8 @@ persistent and started with plain `virsh start`, as after a host reboot.
 3. An IDS NIC attached CONFIG-only to a stopped guest gets IDS state when the
    guest is started through the hook.
 4. A guest with no agent-made NICs starts normally; the hook leaves nothing.
+5. A guest undefined and defined again under its name (new UUID) is found by
+   name: the agent's name cache does not answer NOT_FOUND for it.
 
 Run as root: python3 tests/lab/test_e2e_lifecycle.py [path/to/nic-agent]
 The hook must be loaded by the running libvirtd; otherwise the suite FAILS.
@@ -52,6 +54,7 @@ HOOK_BIN = os.path.join(lk.ROOT, "target", "debug", "nic-agent")
 
 PREFIX = "lab-l"
 GA, GB, GC, GD = "lab-l-ga", "lab-l-gb", "lab-l-gc", "lab-l-gd"
+GE = "lab-l-ge"
 VX_LABEL, VX_SUBNET, VNI = "lab-lbr1", 31, 5301
 VX_BR, VX_DEV = f"brvx-{VNI}", f"vxlan{VNI}"
 PEER_NS, PEER_VETH, PEER_VETH_NS, PEER_BR, PEER_SUBNET = "lab-lns1", "lab-lv1", "lab-lv1p", "lab-lpbr", 32
@@ -505,6 +508,52 @@ class LifecycleE2E(unittest.TestCase):
                       what="release hook")
         self.assertEqual(sorted(p for p, _ in intent_files()), sorted(p for p, _ in before))
 
+    # -- 5. A name defined again with a new UUID
+
+    @dump_on_failure
+    def test_5_a_name_defined_again_with_a_new_uuid_is_the_new_domain(self):
+        """The agent remembers name -> UUID. After `virsh undefine` and a new
+        `define` under the same name (libvirt gives it a new UUID), a request
+        by name must reach the new domain, not answer NOT_FOUND. The agent
+        here runs without host networking: the suite's agent reconciles host
+        objects on every lifecycle event, and that reconcile lists every
+        domain and so learns the new UUID before the request comes, which
+        hid the stale entry. Three rounds, each define straight from saved
+        XML with the attach right after it."""
+        lk.script("net.sh", "up", IDS_BR3, "--subnet", str(IDS_SUBNET3))
+        agent = lk.Agent(os.path.join(self.workdir, "agent5.stderr"), "--host-network", "off",
+                         "--state-dir", os.path.join(self.workdir, "state5"))
+        self.addCleanup(agent.stop)
+        stub = agent.stub
+        g = lk.Guest(GE, "pc", GUEST_DIR)
+        self.guests[GE] = g
+        g.define("--no-start")
+        xml = re.sub(r"\s*<uuid>[^<]*</uuid>", "",
+                     lk.virsh("dumpxml", "--inactive", GE).stdout)
+        xml = re.sub(r"\s*<interface .*?</interface>", "", xml, flags=re.S)
+        path = os.path.join(self.workdir, f"{GE}.xml")
+        with open(path, "w") as f:
+            f.write(xml)
+        uuids = [lk.virsh("domuuid", GE).stdout.strip()]
+        def attach(mac):
+            return stub.AttachNic(pb.AttachNicRequest(vm=GE, nic=pb.NicSpec(
+                mac=mac, bridge=IDS_BR3)), timeout=60)
+
+        attach("02:c0:00:05:00:00")
+        for i in range(1, 4):
+            lk.virsh("undefine", GE)
+            lk.virsh("define", path)
+            uuids.append(lk.virsh("domuuid", GE).stdout.strip())
+            mac = f"02:c0:00:05:00:{i:02x}"
+            r = attach(mac)
+            self.assertTrue(r.nic.in_config, r.nic)
+            nics = stub.ListNics(pb.ListNicsRequest(vm=GE), timeout=30).nics
+            self.assertEqual([n.mac for n in nics], [mac],
+                             "the new domain has only the NIC attached after it was defined")
+        self.assertEqual(len(set(uuids)), 4, f"each define must give a new UUID: {uuids}")
+        stub.DetachNic(pb.DetachNicRequest(vm=GE, mac="02:c0:00:05:00:03"), timeout=60)
+        self.assertNotIn("02:c0:00:05:00:03", g.iflist(inactive=True))
+        g.remove()
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
