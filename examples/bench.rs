@@ -217,6 +217,60 @@ fn run_raw(common: &Common, uri: &str, template: &str) -> anyhow::Result<serde_j
     Ok(report("raw", common, jobs.len(), wall, t))
 }
 
+/// Connects to `server` and makes `total` calls from `common.concurrency`
+/// clients that pull call numbers from one counter; `call` makes call
+/// number `i` on a clone of its client (tonic clients share one channel).
+/// Times each call and reports them as `mode`.
+async fn drive<C, F, Fut>(
+    common: &Common,
+    server: &str,
+    mode: &str,
+    total: usize,
+    client: impl Fn(tonic::transport::Channel) -> C,
+    call: F,
+) -> anyhow::Result<serde_json::Value>
+where
+    C: Clone + Send + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..common.concurrency.max(1) {
+        let (next, tally, call) = (next.clone(), tally.clone(), call.clone());
+        let c = client(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t0 = Instant::now();
+                let r = call(c.clone(), i)
+                    .await
+                    .map(|_| t0.elapsed())
+                    .map_err(|s| (format!("{:?}", s.code()), s.message().to_string()));
+                if let Ok(mut t) = tally.lock() {
+                    t.record(r);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = start.elapsed();
+    let t = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(report(mode, common, total, wall, t))
+}
+
 async fn run_grpc(
     common: &Common,
     server: &str,
@@ -224,90 +278,36 @@ async fn run_grpc(
     queues: u32,
 ) -> anyhow::Result<serde_json::Value> {
     let jobs = Arc::new(read_jobs(&common.jobs)?);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..common.concurrency.max(1) {
-        let (jobs, next, tally) = (jobs.clone(), next.clone(), tally.clone());
-        let mut client = pb::nic_agent_client::NicAgentClient::new(channel.clone());
-        let bridge = bridge.to_string();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else { break };
-                let req = pb::AttachNicRequest {
-                    vm: job.vm.clone(),
-                    nic: Some(pb::NicSpec {
-                        mac: job.mac.clone(),
-                        bridge: bridge.clone(),
-                        queues: (queues > 0).then_some(queues),
-                        ..Default::default()
-                    }),
-                    request_id: String::new(),
-                };
-                let t0 = Instant::now();
-                let r = client
-                    .attach_nic(req)
-                    .await
-                    .map(|_| t0.elapsed())
-                    .map_err(|s| (format!("{:?}", s.code()), s.message().to_string()));
-                if let Ok(mut t) = tally.lock() {
-                    t.record(r);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let wall = start.elapsed();
-    let t = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-    Ok(report("agent-grpc", common, jobs.len(), wall, t))
+    let bridge = bridge.to_string();
+    let total = jobs.len();
+    let call = move |mut c: pb::nic_agent_client::NicAgentClient<_>, i: usize| {
+        let job = &jobs[i];
+        let req = pb::AttachNicRequest {
+            vm: job.vm.clone(),
+            nic: Some(pb::NicSpec {
+                mac: job.mac.clone(),
+                bridge: bridge.clone(),
+                queues: (queues > 0).then_some(queues),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        };
+        async move { c.attach_nic(req).await.map(|_| ()) }
+    };
+    let client = pb::nic_agent_client::NicAgentClient::new;
+    drive(common, server, "agent-grpc", total, client, call).await
 }
 
 async fn run_ping(common: &Common, server: &str) -> anyhow::Result<serde_json::Value> {
     let total = read_jobs(&common.jobs)?.len();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..common.concurrency.max(1) {
-        let (next, tally) = (next.clone(), tally.clone());
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-        tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                let req = tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                };
-                let t0 = Instant::now();
-                let r = client
-                    .check(req)
-                    .await
-                    .map(|_| t0.elapsed())
-                    .map_err(|s| (format!("{:?}", s.code()), s.message().to_string()));
-                if let Ok(mut t) = tally.lock() {
-                    t.record(r);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let wall = start.elapsed();
-    let t = std::mem::take(&mut *tally.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-    Ok(report("grpc-floor", common, total, wall, t))
+    let call = |mut c: tonic_health::pb::health_client::HealthClient<_>, _: usize| async move {
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        c.check(req).await.map(|_| ())
+    };
+    let client = tonic_health::pb::health_client::HealthClient::new;
+    drive(common, server, "grpc-floor", total, client, call).await
 }
 
 fn main() -> anyhow::Result<()> {
