@@ -24,6 +24,23 @@ struct After {
     config: Option<DomainView>,
 }
 
+impl After {
+    /// The live domain as read after the live attach, or read now when
+    /// that read failed; kept for the next user.
+    async fn live_view(
+        &mut self,
+        hp: &Hotplug,
+        dom: &DomainRef,
+    ) -> Result<&DomainView, HotplugError> {
+        if self.live.is_none() {
+            self.live = Some(hp.view(dom, Target::Live).await?);
+        }
+        self.live
+            .as_ref()
+            .ok_or_else(|| HotplugError::Internal("live view missing after a read".into()))
+    }
+}
+
 /// Everything the apply phase of an attach needs, decided beforehand.
 #[derive(Clone, Copy)]
 struct Step<'a> {
@@ -342,15 +359,12 @@ impl Hotplug {
                 // across a reboot. If that slot is taken in the config, let
                 // libvirt pick. The live read made right after the live
                 // attach serves here.
-                let live = match after.live.take() {
-                    Some(v) => v,
-                    None => self.view(dom, Target::Live).await?,
-                };
-                let got = live
+                let got = after
+                    .live_view(self, dom)
+                    .await?
                     .interface_by_mac(&def.mac.to_string())
                     .first()
                     .and_then(|i| i.pci);
-                after.live = Some(live);
                 def.pci = got.filter(|a| {
                     config.is_none_or(|c| !c.pci_in_use.iter().any(|u| u.address == *a))
                 });
@@ -370,13 +384,9 @@ impl Hotplug {
                 // the device, whose undo is already pushed. A failure here
                 // rolls the whole attach back, so no NIC is left running
                 // with a txqueuelen the caller did not ask for.
-                let live = match after.live.take() {
-                    Some(v) => v,
-                    None => self.view(dom, Target::Live).await?,
-                };
-                self.apply_tx_queue_len(dom, &live, &def.mac.to_string(), len)
+                let live = after.live_view(self, dom).await?;
+                self.apply_tx_queue_len(dom, live, &def.mac.to_string(), len)
                     .await?;
-                after.live = Some(live);
             }
         }
         if let (Some(_), Some(plan), true) = (&self.host, plan, promiscuous) {

@@ -286,26 +286,24 @@ impl Hotplug {
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, HotplugError>>,
     {
-        let from_cache = self.hv.resolve_cached(vm).is_some();
         let first = self.resolve(vm).await?;
         let r = {
             let _guard = self.locks.lock(&first).await?;
             op(first.uuid.clone()).await
         };
-        match r {
-            Err(HotplugError::VmNotFound(_))
-                if from_cache && !first.uuid.eq_ignore_ascii_case(vm.trim()) =>
-            {
-                let again = self.resolve(vm).await?;
-                if again.uuid == first.uuid {
-                    return Err(HotplugError::VmNotFound(first.name.clone()));
-                }
-                tracing::info!(vm, old_uuid = %first.uuid, uuid = %again.uuid, "vm was defined again under its name; using the new domain");
-                let _guard = self.locks.lock(&again).await?;
-                op(again.uuid.clone()).await.map_err(|e| named(e, &again))
-            }
-            other => other.map_err(|e| named(e, &first)),
+        if !matches!(r, Err(HotplugError::VmNotFound(_))) {
+            return r.map_err(|e| named(e, &first));
         }
+        // Only a name that now resolves to another domain is tried again; a
+        // UUID, or a name whose domain is really gone, resolves to the same
+        // UUID or to nothing.
+        let again = self.resolve(vm).await?;
+        if again.uuid == first.uuid {
+            return r.map_err(|e| named(e, &first));
+        }
+        tracing::info!(vm, old_uuid = %first.uuid, uuid = %again.uuid, "vm was defined again under its name; using the new domain");
+        let _guard = self.locks.lock(&again).await?;
+        op(again.uuid.clone()).await.map_err(|e| named(e, &again))
     }
 
     /// Name and UUID of a VM, for its lock (see [`Hypervisor::resolve`]):
