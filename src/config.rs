@@ -43,6 +43,11 @@ impl std::str::FromStr for Listen {
 /// client must not be able to hold a VM's lock for days.
 pub const MAX_TIMEOUT_MS: u64 = 300_000;
 
+/// The default `unplug_retry_ms`: longer than the 5 s a Linux guest's
+/// PCIe hot-plug driver waits before it releases a slot, so a normal q35
+/// unplug ends before it.
+pub const DEFAULT_UNPLUG_RETRY_MS: u64 = 10_000;
+
 /// Where `serve` looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/nic-agent/config.toml";
 
@@ -442,6 +447,9 @@ pub struct FileConfig {
     pub nic_limit: Option<u32>,
     /// Default detach wait in milliseconds.
     pub detach_timeout_ms: u64,
+    /// A running guest that still holds a NIC this long (ms) after an
+    /// unplug request is asked again; 0 never asks again.
+    pub unplug_retry_ms: u64,
     /// Subscribe to libvirt's domain events (detach waits on
     /// DEVICE_REMOVED); false polls the live XML instead.
     pub events: bool,
@@ -492,6 +500,7 @@ impl Default for FileConfig {
             queue_cap: 8,
             nic_limit: None,
             detach_timeout_ms: 30_000,
+            unplug_retry_ms: DEFAULT_UNPLUG_RETRY_MS,
             events: true,
             host_network: HostNetwork::Auto,
             anti_spoofing: AntiSpoofing::Auto,
@@ -546,6 +555,11 @@ pub struct Overrides {
     /// Default detach wait in milliseconds, 1-300000 [default: 30000].
     #[arg(long)]
     pub detach_timeout_ms: Option<u64>,
+    /// Ask a running guest again to release a NIC it still holds this
+    /// long after the unplug request, in milliseconds: 0 (never) or
+    /// 1000-300000 [default: 10000].
+    #[arg(long)]
+    pub unplug_retry_ms: Option<u64>,
     /// Wait for libvirt's device-removed event on detach (true), or poll
     /// the live XML (false) [default: true].
     #[arg(long, value_name = "BOOL")]
@@ -768,6 +782,7 @@ impl FileConfig {
             self.nic_limit = o.nic_limit;
         }
         set(&mut self.detach_timeout_ms, &o.detach_timeout_ms);
+        set(&mut self.unplug_retry_ms, &o.unplug_retry_ms);
         set(&mut self.events, &o.events);
         set(&mut self.host_network, &o.host_network);
         set(&mut self.anti_spoofing, &o.anti_spoofing);
@@ -858,6 +873,8 @@ pub struct Settings {
     pub nic_limit: Option<u32>,
     /// Default detach wait.
     pub detach_timeout: Duration,
+    /// When a running guest that holds a NIC is asked again; zero never.
+    pub unplug_retry: Duration,
     /// Whether detach waits on libvirt events.
     pub events: bool,
     /// Host networking management.
@@ -1127,6 +1144,15 @@ impl TryFrom<FileConfig> for Settings {
                 format!("{} is out of range 1-{MAX_TIMEOUT_MS}", f.detach_timeout_ms),
             ));
         }
+        if f.unplug_retry_ms != 0 && !(1000..=MAX_TIMEOUT_MS).contains(&f.unplug_retry_ms) {
+            return Err(invalid(
+                "unplug_retry_ms",
+                format!(
+                    "{} is out of range: give 0 (never ask again) or 1000-{MAX_TIMEOUT_MS}",
+                    f.unplug_retry_ms
+                ),
+            ));
+        }
         for (key, dir) in [
             ("state_dir", &f.state_dir),
             ("persist_dir", &f.persist_dir),
@@ -1185,6 +1211,7 @@ impl TryFrom<FileConfig> for Settings {
             queue_cap: f.queue_cap,
             nic_limit: f.nic_limit,
             detach_timeout: Duration::from_millis(f.detach_timeout_ms),
+            unplug_retry: Duration::from_millis(f.unplug_retry_ms),
             events: f.events,
             host_network: f.host_network,
             anti_spoofing: f.anti_spoofing,
@@ -1431,6 +1458,8 @@ mod tests {
             ("queue_cap = 0", "queue_cap"),
             ("detach_timeout_ms = 0", "detach_timeout_ms"),
             ("detach_timeout_ms = 300001", "detach_timeout_ms"),
+            ("unplug_retry_ms = 999", "unplug_retry_ms"),
+            ("unplug_retry_ms = 300001", "unplug_retry_ms"),
             ("metrics_listen = \"nowhere\"", "metrics_listen"),
             ("keep_bridges = [\"a b@\"]", "keep_bridges"),
             ("state_dir = \"rel\"", "state_dir"),

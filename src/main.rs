@@ -142,6 +142,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         queue_cap: s.queue_cap,
         nic_limit: s.nic_limit,
         detach_timeout: s.detach_timeout,
+        unplug_retry: s.unplug_retry,
         raise_bridge_mtu: s.raise_bridge_mtu,
         keep_bridges: s.keep_bridges.clone(),
         forbid_promisc: s.forbid_promisc.clone(),

@@ -140,7 +140,7 @@ impl Hotplug {
                     .keeping_bridge(keep_bridge),
             );
         } else {
-            tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting without a second device_del");
+            tracing::info!(vm = %dom.name, mac = %mac_s, "unplug already pending; waiting on it (asked again only on its schedule)");
         }
 
         let deadline = tokio::time::Instant::from_std(start + timeout);

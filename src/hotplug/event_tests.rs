@@ -37,6 +37,14 @@ fn cfg() -> HotplugConfig {
 /// agent-made VXLAN bridge, put there directly (as an earlier attach
 /// would have), and an engine over it.
 fn setup(fake: FakeHypervisor) -> (Arc<FakeHypervisor>, Arc<RecordingHost>, Arc<Hotplug>) {
+    setup_with(fake, cfg())
+}
+
+/// [`setup`] with this engine configuration.
+fn setup_with(
+    fake: FakeHypervisor,
+    cfg: HotplugConfig,
+) -> (Arc<FakeHypervisor>, Arc<RecordingHost>, Arc<Hotplug>) {
     let fake = Arc::new(fake);
     fake.add("vm1", RunState::Running, false, 2);
     fake.add("vm2", RunState::Running, false, 2);
@@ -51,7 +59,7 @@ fn setup(fake: FakeHypervisor) -> (Arc<FakeHypervisor>, Arc<RecordingHost>, Arc<
     let hp = Arc::new(Hotplug::new(
         fake.clone(),
         Some(host.clone() as Arc<dyn HostNet>),
-        cfg(),
+        cfg,
     ));
     (fake, host, hp)
 }
@@ -402,4 +410,140 @@ async fn keep_bridge_holds_for_an_unplug_that_lands_later() {
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(host.cleaned().is_empty(), "{:?}", host.cleaned());
+}
+
+// ---- asking a guest again (pending.rs, "A guest can lose the request")
+
+/// [`cfg`] asking again after 50 ms.
+fn asking_again() -> HotplugConfig {
+    HotplugConfig {
+        unplug_retry: Duration::from_millis(50),
+        ..cfg()
+    }
+}
+
+/// A wait long enough to ask again inside it: libvirt's own 5 s wait must
+/// fit before the deadline.
+const LONG_WAIT: Duration = Duration::from_secs(7);
+
+#[tokio::test]
+async fn a_request_the_running_guest_lost_is_sent_again_and_the_detach_ends() {
+    for fake in [FakeHypervisor::with_events(), FakeHypervisor::default()] {
+        let events = fake.events().is_some();
+        let (fake, host, hp) = setup_with(fake, asking_again());
+        *fake.unplug.lock().expect("lock") = Unplug::LoseRequests(1);
+        let t0 = Instant::now();
+        let st = hp
+            .detach("vm1", &mac(), None, Some(LONG_WAIT))
+            .await
+            .expect("detach");
+        assert_eq!(st, DetachState::Removed, "events {events}");
+        assert_eq!(live_detaches(&fake), 2, "events {events}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+    }
+}
+
+#[tokio::test]
+async fn without_asking_again_a_lost_request_stays_pending() {
+    let cfg = HotplugConfig {
+        unplug_retry: Duration::ZERO,
+        ..cfg()
+    };
+    let (fake, host, hp) = setup_with(FakeHypervisor::with_events(), cfg);
+    *fake.unplug.lock().expect("lock") = Unplug::LoseRequests(1);
+    let err = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(300)))
+        .await
+        .expect_err("pending");
+    assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(live_detaches(&fake), 1);
+    assert!(host.cleaned().is_empty());
+    assert!(fake.live_alias("vm1", MAC).is_some(), "the NIC left");
+}
+
+#[tokio::test]
+async fn a_request_is_not_repeated_inside_a_wait_too_short_for_libvirts_own() {
+    let (fake, _host, hp) = setup_with(FakeHypervisor::with_events(), asking_again());
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let t0 = Instant::now();
+    let err = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(400)))
+        .await
+        .expect_err("pending");
+    assert!(matches!(err, HotplugError::DetachPending { .. }), "{err:?}");
+    // A repeat inside this wait could have held it up to 5 s past the
+    // deadline; the background watch asks instead.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    eventually("the background watch asks again", || {
+        live_detaches(&fake) >= 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_paused_guest_is_not_asked_again_until_it_runs() {
+    let (fake, host, hp) = setup_with(FakeHypervisor::with_events(), asking_again());
+    fake.set_state("vm1", RunState::Paused);
+    *fake.unplug.lock().expect("lock") = Unplug::LoseRequests(1);
+    let _ = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(100)))
+        .await
+        .expect_err("pending");
+    // Six retry intervals paused: the background watch looks, and waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(live_detaches(&fake), 1, "a paused guest was asked again");
+    assert!(host.cleaned().is_empty());
+    fake.set_state("vm1", RunState::Running);
+    eventually("asked again once running", || live_detaches(&fake) == 2).await;
+    eventually("clean-up after the repeat landed", || {
+        !host.cleaned().is_empty()
+    })
+    .await;
+    assert_eq!(host.cleaned(), vec![BRIDGE.to_string()]);
+    assert!(fake.live_alias("vm1", MAC).is_none());
+}
+
+#[tokio::test]
+async fn a_guest_that_never_acts_is_asked_at_most_max_asks_times() {
+    let cfg = HotplugConfig {
+        unplug_retry: Duration::from_millis(20),
+        ..cfg()
+    };
+    let (fake, host, hp) = setup_with(FakeHypervisor::with_events(), cfg);
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    let _ = hp
+        .detach("vm1", &mac(), None, Some(Duration::from_millis(50)))
+        .await
+        .expect_err("pending");
+    let max = pending::MAX_ASKS as usize;
+    eventually("every request sent", || live_detaches(&fake) == max).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(live_detaches(&fake), max, "asked past the limit");
+    // Still followed: a late release is cleaned up.
+    fake.guest_release("vm1", MAC);
+    eventually("clean-up after the late release", || {
+        !host.cleaned().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_retried_detach_shares_the_unplugs_schedule() {
+    // The retry does not send its own request at once: the unplug was
+    // asked for less than `unplug_retry` ago.
+    let cfg = HotplugConfig {
+        unplug_retry: Duration::from_secs(60),
+        ..cfg()
+    };
+    let (fake, _host, hp) = setup_with(FakeHypervisor::with_events(), cfg);
+    *fake.unplug.lock().expect("lock") = Unplug::Never;
+    for _ in 0..2 {
+        let _ = hp
+            .detach("vm1", &mac(), None, Some(Duration::from_millis(100)))
+            .await
+            .expect_err("pending");
+    }
+    assert_eq!(live_detaches(&fake), 1);
 }

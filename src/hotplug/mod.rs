@@ -84,6 +84,9 @@ pub struct HotplugConfig {
     /// How often a timed-out unplug is checked in the background when the
     /// driver has no events (with events, DEVICE_REMOVED ends it).
     pub pending_recheck: Duration,
+    /// How long a running guest may hold a NIC after an unplug request
+    /// before it is asked again (see `pending`); zero never asks again.
+    pub unplug_retry: Duration,
     /// Bridges NICs may use: both the bridge a request names and the
     /// bridge the NIC finally lands on must match one of these.
     pub allow_bridges: Vec<BridgePattern>,
@@ -126,6 +129,7 @@ impl Default for HotplugConfig {
             bridge_grace: Duration::from_secs(60),
             call_timeout: Duration::from_secs(10),
             pending_recheck: Duration::from_secs(2),
+            unplug_retry: pending::DEFAULT_UNPLUG_RETRY,
             allow_bridges: vec![any_bridge()],
             allow_promisc_bridges: vec![any_bridge()],
             vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
@@ -181,8 +185,9 @@ pub struct Hotplug {
     // unplug's clean-up) can run on an engine that shares it; see `share`.
     locks: Arc<locks::VmLocks>,
     /// Unplugs sent to a guest and not yet completed, by (domain UUID,
-    /// device alias). A retried detach waits on these instead of sending a
-    /// second device_del, which QEMU would reject or queue twice.
+    /// device alias). A retried detach waits on these instead of sending
+    /// its own device_del; the request is repeated only on the schedule in
+    /// `pending`, whoever is waiting.
     pending: Arc<Mutex<HashMap<pending::Key, pending::Pending>>>,
     /// VMs (by UUID) whose live attach lost libvirtd mid-call: QEMU may
     /// hold a NIC libvirt never recorded. See `ghosts`.

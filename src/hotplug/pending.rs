@@ -8,7 +8,23 @@
 //! one's unplug is still pending.
 //!
 //! A retried detach waits on the pending unplug instead of sending a second
-//! device_del. And the unplug's host clean-up (the agent-made bridge, the
+//! device_del at once. A guest can lose the request, though: Linux clears
+//! the ACPI hot-plug status while it boots, so a request sent before that
+//! is never seen (the lab shows it), and an event raised while the guest
+//! still handles the one before can be missed. QEMU lets a request be
+//! repeated once the first is no longer fresh (the lab: a request lost at
+//! boot, repeated after it, removed the NIC at once), and refuses a repeat
+//! while it still counts one as under way ("already in the process of
+//! unplug"; on native PCIe a second press of the attention button within
+//! 5 s would cancel the unplug). So an unplug that a *running* guest has sat
+//! on for `unplug_retry` (10 s, more than a Linux guest's 5 s PCIe blink)
+//! is asked for again, up to [`MAX_ASKS`] requests in all, like nova's
+//! `device_detach_attempts`. Time paused does not count: such a guest could
+//! not have acted. Every waiter (the detach's own wait, a retried detach,
+//! the background watch) holds the VM's lock when it asks, so the schedule
+//! is the unplug's, not each waiter's.
+//!
+//! And the unplug's host clean-up (the agent-made bridge, the
 //! IDS state) must run when the removal really lands, not only when a
 //! caller retries: so every PENDING starts a background watch that ends on
 //! DEVICE_REMOVED for the alias, or, without events, on a re-check that
@@ -20,15 +36,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
 
-use super::{Hotplug, HotplugError};
-use crate::hypervisor::{DomainRef, HvEvent, Lifecycle, Target};
-use crate::xml::domain::InterfaceView;
+use super::{report, Hotplug, HotplugError};
+use crate::hypervisor::{DomainRef, HvEvent, Lifecycle, RunState, Target};
+use crate::xml::domain::{DomainView, InterfaceView};
 
 /// With events, the watch still reads the domain this often: an event can
 /// be lost without a reconnect being noticed (a libvirtd restart between
 /// two health probes).
 const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+
+/// The default `unplug_retry`.
+pub const DEFAULT_UNPLUG_RETRY: Duration =
+    Duration::from_millis(crate::config::DEFAULT_UNPLUG_RETRY_MS);
+
+/// Unplug requests sent for one device at most, the first included.
+pub const MAX_ASKS: u32 = 8;
+
+/// How long libvirt's detach call itself may block, waiting for QEMU's
+/// DEVICE_DELETED before it returns with the unplug still in progress.
+/// A detach's own wait asks again only with this much time left, so that
+/// the request does not stretch the caller's deadline.
+const LIBVIRT_UNPLUG_WAIT: Duration = Duration::from_secs(5);
 
 /// (domain UUID, device alias; `mac:<MAC>` for a device without one).
 pub(super) type Key = (String, String);
@@ -48,6 +78,11 @@ pub(super) struct Pending {
     pub keep_bridge: bool,
     /// Whether a background watch already follows it.
     watched: bool,
+    /// When the guest was last asked, or last seen unable to act (paused):
+    /// the start of the time it has had to act on the request.
+    asked: Instant,
+    /// Unplug requests sent so far.
+    asks: u32,
 }
 
 impl Pending {
@@ -64,6 +99,8 @@ impl Pending {
             host_cleanup,
             keep_bridge: false,
             watched: false,
+            asked: Instant::now(),
+            asks: 1,
         }
     }
 }
@@ -152,17 +189,114 @@ impl Hotplug {
         if !now.state.is_live() {
             return Ok(true);
         }
-        let v = match self.view(&now, Target::Live).await {
+        self.gone_from(&now, key, mac).await
+    }
+
+    /// Whether the live XML of this (live) domain no longer has the device.
+    async fn gone_from(&self, now: &DomainRef, key: &Key, mac: &str) -> Result<bool, HotplugError> {
+        let v = match self.view(now, Target::Live).await {
             Err(HotplugError::VmNotFound(_)) => return Ok(true),
             other => other?,
         };
-        // The alias names the device; the MAC confirms it (a fake or an
-        // old libvirt may repeat an alias across NICs).
-        let mut same_mac = v.interface_by_mac(mac).into_iter();
-        Ok(match key.1.strip_prefix("mac:") {
-            Some(_) => same_mac.next().is_none(),
-            None => !same_mac.any(|i| i.alias.as_deref() == Some(key.1.as_str())),
-        })
+        Ok(!holds(&v, key, mac))
+    }
+
+    /// When the pending unplug with this key is next due to be asked for
+    /// again; `None` when it never will be: asking again is off, the
+    /// requests are used up, or nothing is pending.
+    fn next_ask(&self, key: &Key) -> Option<Instant> {
+        if self.cfg.unplug_retry.is_zero() {
+            return None;
+        }
+        let g = self.pending_lock();
+        let p = g.get(key)?;
+        (p.asks < MAX_ASKS).then(|| p.asked + self.cfg.unplug_retry)
+    }
+
+    /// [`Hotplug::next_ask`] for a detach's own wait, which ends at
+    /// `deadline`: only a request that leaves libvirt's own wait before the
+    /// deadline. A later one is the background watch's.
+    fn ask_in_time(&self, key: &Key, deadline: Instant) -> Option<Instant> {
+        self.next_ask(key)
+            .map(|t| t.max(Instant::now()))
+            .filter(|t| *t + LIBVIRT_UNPLUG_WAIT <= deadline)
+    }
+
+    /// When the background watch, with events, wakes up next: for the
+    /// safety re-check, or sooner to ask again.
+    fn watch_wake(&self, key: &Key) -> Instant {
+        let recheck = Instant::now() + SAFETY_RECHECK;
+        self.next_ask(key)
+            .map_or(recheck, |t| t.max(Instant::now()).min(recheck))
+    }
+
+    /// Restarts the time the guest has to act on the request; `sent`
+    /// counts a request sent now. Returns the requests sent so far.
+    fn restart_clock(&self, key: &Key, sent: bool) -> u32 {
+        let mut g = self.pending_lock();
+        let Some(p) = g.get_mut(key) else { return 0 };
+        p.asked = Instant::now();
+        p.asks += u32::from(sent);
+        p.asks
+    }
+
+    /// Asks the guest again to release the device when the request is
+    /// due (see the module's comment). The caller holds the VM's lock.
+    /// True when the device was seen gone on the way; every other outcome,
+    /// a failed request included, only restarts the clock, so that a
+    /// libvirt that keeps failing is not asked in a loop.
+    pub(super) async fn ask_again_if_due(&self, dom: &DomainRef, key: &Key) -> bool {
+        match self.next_ask(key) {
+            Some(due) if Instant::now() >= due => {}
+            _ => return false,
+        }
+        let Some(p) = self.pending_lock().get(key).cloned() else {
+            return false;
+        };
+        self.restart_clock(key, false);
+        POLL_READS.fetch_add(1, Ordering::Relaxed);
+        let now = match self.lookup(&dom.uuid).await {
+            Err(HotplugError::VmNotFound(_)) => return true,
+            Err(e) => {
+                tracing::debug!(vm = %dom.name, error = %e, "cannot read the domain to ask again for an unplug");
+                return false;
+            }
+            Ok(d) => d,
+        };
+        match now.state {
+            RunState::Running => {}
+            // Paused (or suspended): the clock restarted above, so the
+            // guest gets the whole interval once it runs again.
+            s if s.is_live() => return false,
+            _ => return true,
+        }
+        match self.gone_from(&now, key, &p.mac).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(vm = %dom.name, error = %e, "cannot read the domain to ask again for an unplug");
+                return false;
+            }
+        }
+        let xml = report::detach_xml(&p.nic);
+        let d = now.clone();
+        let res = self
+            .blocking(move |hv| hv.detach(&d, &xml, Target::Live))
+            .await;
+        // Counted from the answer: libvirt may have waited for the guest.
+        let asks = self.restart_clock(key, true);
+        match res {
+            Ok(()) => {
+                tracing::info!(vm = %dom.name, mac = %p.mac, alias = %key.1, request = asks, of = MAX_ASKS, "the running guest still holds the NIC; asked it again to release it")
+            }
+            // QEMU refuses a repeat while it counts the first as under
+            // way ("already in the process of unplug", or "guest is busy"
+            // on a PCIe slot): the next due time asks once more.
+            Err(e) => {
+                tracing::info!(vm = %dom.name, mac = %p.mac, alias = %key.1, request = asks, of = MAX_ASKS, error = %e, "asking the guest again to release the NIC failed; waiting on")
+            }
+        }
+        false
     }
 
     /// Waits for the unplug by events, until `deadline`. `reread` reads
@@ -189,7 +323,13 @@ impl Hotplug {
                     return Ok(Wait::Removed);
                 }
             }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            let ask = self.ask_in_time(key, deadline);
+            match tokio::time::timeout_at(ask.unwrap_or(deadline), rx.recv()).await {
+                Err(_) if ask.is_some() => {
+                    if self.ask_again_if_due(dom, key).await {
+                        return Ok(Wait::Removed);
+                    }
+                }
                 Err(_) => return Ok(Wait::TimedOut(Some(rx))),
                 Ok(Ok(ev)) => match about(&ev, key) {
                     Seen::Removed => return Ok(Wait::Removed),
@@ -224,6 +364,13 @@ impl Hotplug {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Wait::TimedOut(None));
             }
+            if self
+                .ask_in_time(key, deadline)
+                .is_some_and(|t| Instant::now() >= t)
+                && self.ask_again_if_due(dom, key).await
+            {
+                return Ok(Wait::Removed);
+            }
             tokio::time::sleep(self.cfg.poll_interval).await;
         }
     }
@@ -257,7 +404,7 @@ impl Hotplug {
         loop {
             let mut removed = false;
             match rx.as_mut() {
-                Some(r) => match tokio::time::timeout(SAFETY_RECHECK, r.recv()).await {
+                Some(r) => match tokio::time::timeout_at(self.watch_wake(&key), r.recv()).await {
                     Ok(Ok(ev)) => match about(&ev, &key) {
                         Seen::Removed => removed = true,
                         Seen::Refused => {
@@ -295,6 +442,7 @@ impl Hotplug {
             if !removed {
                 match self.device_gone(&dom, &key, &p.mac).await {
                     Ok(true) => {}
+                    Ok(false) if self.ask_again_if_due(&dom, &key).await => {}
                     Ok(false) => continue,
                     Err(e) => {
                         tracing::debug!(vm = %dom.name, error = %e, "re-check of a pending unplug failed; trying again later");
@@ -311,6 +459,17 @@ impl Hotplug {
             }
             return;
         }
+    }
+}
+
+/// Whether a live view still has the device with this key. The alias
+/// names the device; the MAC confirms it (a fake or an old libvirt may
+/// repeat an alias across NICs).
+fn holds(v: &DomainView, key: &Key, mac: &str) -> bool {
+    let mut same_mac = v.interface_by_mac(mac).into_iter();
+    match key.1.strip_prefix("mac:") {
+        Some(_) => same_mac.next().is_some(),
+        None => same_mac.any(|i| i.alias.as_deref() == Some(key.1.as_str())),
     }
 }
 

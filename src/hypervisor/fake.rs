@@ -23,6 +23,9 @@
 //!   from the first, crossing moves (`hotplug::moves`); the lab proves a
 //!   move and a refused move by capacity;
 //! - the per-VM queue limit answering RESOURCE_EXHAUSTED (`hotplug::locks`);
+//! - asking a guest again: at most `MAX_ASKS` requests, none while paused,
+//!   none inside a wait too short for libvirt's own (`hotplug::event_tests`);
+//!   the lab proves a request lost while the guest boots and asked again;
 //! - live bandwidth going through on a kernel that has `sch_sfq` and
 //!   `act_police` (`hotplug::update`): the lab's kernel has neither.
 
@@ -43,6 +46,10 @@ pub enum Unplug {
     AfterReads(u32),
     /// The guest never acks (paused or hung); the device stays.
     Never,
+    /// The guest misses this many requests (one that came while it
+    /// booted, say): each leaves the device and announces nothing. The
+    /// requests after them are answered at once.
+    LoseRequests(u32),
 }
 
 /// One recorded call.
@@ -256,6 +263,14 @@ impl FakeHypervisor {
                 ghosts: Vec::new(),
             });
         }
+    }
+
+    /// The domain is now in this state (paused, resumed, ...).
+    pub fn set_state(&self, vm: &str, state: RunState) {
+        let _ = self.with(vm, |d| {
+            d.dom.state = state;
+            Ok(())
+        });
     }
 
     /// The fake guest finally releases a device whose unplug was pending
@@ -496,7 +511,19 @@ impl Hypervisor for FakeHypervisor {
         self.record("detach", target, mac.clone());
         self.maybe_hang("detach", target);
         self.scripted_failure("detach", target)?;
-        let unplug = self.unplug.lock().map(|u| *u).unwrap_or(Unplug::Immediate);
+        let unplug = match self.unplug.lock() {
+            Ok(mut u) => {
+                let now = *u;
+                if let (Target::Live, Unplug::LoseRequests(n)) = (target, now) {
+                    *u = match n {
+                        0 | 1 => Unplug::Immediate,
+                        n => Unplug::LoseRequests(n - 1),
+                    };
+                }
+                now
+            }
+            Err(_) => Unplug::Immediate,
+        };
         self.with(&dom.uuid, |d| {
             let list = match target {
                 Target::Live => &mut d.live,
@@ -518,6 +545,8 @@ impl Hypervisor for FakeHypervisor {
                     d.unplug_countdown.insert(mac, n.max(1));
                 }
                 (Target::Live, Unplug::Never) => {}
+                (Target::Live, Unplug::LoseRequests(0)) => self.remove_live(d, &mac, true),
+                (Target::Live, Unplug::LoseRequests(_)) => {}
             }
             Ok(())
         })

@@ -19,6 +19,14 @@ on qemu:///system with real QEMU guests.
    (start-libvirtd.sh's marker names it) is stopped; otherwise the test is
    skipped, and the skip fails the suite (labkit.finish) unless
    tests/lab/allowed-skips.txt lists it. SIGCONT is always sent in a finally.
+5. An unplug request that reaches a guest before its kernel's ACPI is up is
+   lost: Linux clears the hot-plug status while it boots. The NIC is put in
+   a stopped guest's definition through the agent, the guest is started,
+   and DetachNic is sent at once. With `--unplug-retry-ms 0` (never ask
+   again) the NIC stays in the booted guest and the detach ends PENDING:
+   that proves this lab really loses the request. With asking again on,
+   the agent repeats the request once the guest has had its time, and the
+   detach ends REMOVED, seen from inside the guest.
 
 Everything made here is named lab-e* (VNIs 5301/5302) and removed at the end.
 Run (root, under `flock /tmp/nic-agent-lab.lock`): python3 tests/lab/test_e2e_events.py
@@ -49,6 +57,7 @@ SUBNET, UNDERLAY_SUBNET = 64, 65
 OUT = os.path.join(lk.WORK, "guest")
 G1 = f"{PREFIX}-g1"        # pc, persistent: detaches
 G_STORM = f"{PREFIX}-storm"  # pc, persistent: SIGSTOP burst
+G_BOOT = f"{PREFIX}-boot"    # pc, persistent, defined stopped: a request lost at boot
 WORKDIR = tempfile.mkdtemp(prefix="lab-e-")
 STATE_DIR = os.path.join(WORKDIR, "state")
 AGENTS = []
@@ -355,6 +364,57 @@ class EventsE2E(unittest.TestCase):
             if c == "OK":
                 self.assertIn(m, live, f"{m} answered OK but is not live")
         agent.stop()
+
+    # ------------------------------------------------------------ 5
+
+    def detach_at_boot(self, tag, retry_ms, m, timeout_ms):
+        """Puts NIC m in G_BOOT's definition, starts it and sends DetachNic at
+        once. Returns (code, details, seconds, agent, guest, console mark)."""
+        g = lk.Guest(G_BOOT, "pc", OUT)
+        g.define("--no-start")
+        agent = start_agent(tag, "--unplug-retry-ms", str(retry_ms))
+        r = agent.stub.AttachNic(pb.AttachNicRequest(vm=G_BOOT, nic=pb.NicSpec(
+            mac=m, bridge=BRIDGE)), timeout=RPC_TIMEOUT)
+        self.assertEqual(r.applied, "config", r)
+        mark = g.console.mark()
+        lk.virsh("start", G_BOOT)
+        t0 = time.monotonic()
+        c, d = outcome(agent.stub.DetachNic,
+                       pb.DetachNicRequest(vm=G_BOOT, mac=m, timeout_ms=timeout_ms),
+                       timeout=RPC_TIMEOUT)
+        return c, d, time.monotonic() - t0, agent, g, mark
+
+    def test_5_a_request_lost_while_the_guest_boots_is_asked_for_again(self):
+        # Control: never asking again, the request sent at boot is lost.
+        m = mac(5, 1)
+        c, d, took, agent, g, mark = self.detach_at_boot("boot-no-retry", 0, m, 15000)
+        try:
+            self.assertEqual(c, "DEADLINE_EXCEEDED", d)
+            g.console.wait(r"LAB: boot ok", timeout=60, after=mark)
+            g.console.wait(rf"LAB: nic-add name=\S+ mac={m} ", timeout=30, after=mark)
+            self.assertIn(m, macs_in(G_BOOT), "the lab guest acted on a request sent at boot")
+            self.assertEqual(g.console.find(rf"LAB: nic-remove name=\S+ mac={m}", after=mark), [])
+            self.assertNotIn("asked it again", agent.stderr())
+        finally:
+            agent.stop()
+            g.remove()
+        control = f"never asking again: {c} after {took:.1f}s, the NIC stayed in the booted guest"
+
+        m = mac(5, 2)
+        c, d, took, agent, g, mark = self.detach_at_boot("boot-retry", 3000, m, 40000)
+        try:
+            self.assertEqual(c, "OK", d)
+            self.assertEqual(d.state, pb.DETACH_STATE_REMOVED)
+            g.console.wait(rf"LAB: nic-remove name=\S+ mac={m}", timeout=30, after=mark)
+            self.assertNotIn(m, macs_in(G_BOOT) or set())
+            asked = [l for l in agent.stderr().splitlines() if "asked it again" in l]
+            self.assertTrue(asked, "REMOVED without the agent asking again")
+            self.assertIn(m, asked[0])
+        finally:
+            agent.stop()
+            g.remove()
+        REPORT.append(f"unplug request sent while the guest boots: {control}; asking again "
+                      f"after 3 s: REMOVED in {took:.1f}s after {len(asked)} repeat(s)")
 
 
 if __name__ == "__main__":
