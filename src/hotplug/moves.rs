@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::report::NicReport;
 use super::update::interface_elements;
 use super::{pick, Hotplug, HotplugError, IDS_ALIAS_PREFIX};
-use crate::hypervisor::Target;
+use crate::hypervisor::{DomainRef, Target};
 use crate::nic::{Alias, MacAddr, NicError, NicSpec, RawBandwidth, RawNic};
 use crate::xml::domain::{BandwidthView, InterfaceView};
 
@@ -40,6 +40,38 @@ impl Hotplug {
     ) -> Result<MoveOutcome, HotplugError> {
         let a = self.resolve(from_vm).await?;
         let b = self.resolve(to_vm).await?;
+        let r = self
+            .move_between(a.clone(), b.clone(), to_vm, mac, alias, timeout)
+            .await;
+        if !matches!(r, Err(HotplugError::VmNotFound(_))) {
+            return r;
+        }
+        // As in `under_lock`: a name whose domain was defined again under
+        // it (a new UUID) was answered from the name cache; the failed
+        // lookup dropped that entry. The lookups come before any change,
+        // so the move runs again, once, on the domains the names name now.
+        let (a2, b2) = (self.resolve(from_vm).await?, self.resolve(to_vm).await?);
+        if a2.uuid == a.uuid && b2.uuid == b.uuid {
+            return r;
+        }
+        tracing::info!(
+            from_vm,
+            to_vm,
+            "a vm was defined again under its name; moving between the new domains"
+        );
+        self.move_between(a2, b2, to_vm, mac, alias, timeout).await
+    }
+
+    /// [`Hotplug::move_nic`] between these two resolved domains.
+    async fn move_between(
+        &self,
+        a: DomainRef,
+        b: DomainRef,
+        to_vm: &str,
+        mac: &MacAddr,
+        alias: Option<&Alias>,
+        timeout: Option<Duration>,
+    ) -> Result<MoveOutcome, HotplugError> {
         if a.uuid == b.uuid {
             return Err(HotplugError::Invalid(NicError::Invalid {
                 field: "to_vm",
@@ -56,8 +88,14 @@ impl Hotplug {
         let (lo, hi) = if a.uuid < b.uuid { (&a, &b) } else { (&b, &a) };
         let _g1 = self.locks.lock(lo).await?;
         let _g2 = self.locks.lock(hi).await?;
-        let a = self.lookup(&a.uuid).await?;
-        let b = self.lookup(&b.uuid).await?;
+        let a = self
+            .lookup(&a.uuid)
+            .await
+            .map_err(|e| super::named(e, &a))?;
+        let b = self
+            .lookup(&b.uuid)
+            .await
+            .map_err(|e| super::named(e, &b))?;
         let mac_s = mac.to_string();
 
         let (a_live, a_config) = self.views(&a).await?;

@@ -551,8 +551,26 @@ class LifecycleE2E(unittest.TestCase):
             self.assertEqual([n.mac for n in nics], [mac],
                              "the new domain has only the NIC attached after it was defined")
         self.assertEqual(len(set(uuids)), 4, f"each define must give a new UUID: {uuids}")
-        stub.DetachNic(pb.DetachNicRequest(vm=GE, mac="02:c0:00:05:00:03"), timeout=60)
-        self.assertNotIn("02:c0:00:05:00:03", g.iflist(inactive=True))
+
+        # MoveNic locks two VMs; its target's name goes stale the same way.
+        ge2 = f"{GE}2"
+        path2 = os.path.join(self.workdir, f"{ge2}.xml")
+        with open(path2, "w") as f:
+            f.write(xml.replace(f"<name>{GE}</name>", f"<name>{ge2}</name>", 1))
+        self.addCleanup(lambda: lk.virsh("undefine", ge2, check=False))
+        lk.virsh("define", path2)
+        stub.AttachNic(pb.AttachNicRequest(vm=ge2, nic=pb.NicSpec(
+            mac="02:c0:00:05:01:00", bridge=IDS_BR3)), timeout=60)
+        lk.virsh("undefine", ge2)
+        lk.virsh("define", path2)
+        moved = "02:c0:00:05:00:03"
+        r = stub.MoveNic(pb.MoveNicRequest(from_vm=GE, to_vm=ge2, mac=moved), timeout=60)
+        self.assertTrue(r.moved, r)
+        self.assertEqual([n.mac for n in stub.ListNics(pb.ListNicsRequest(vm=ge2),
+                                                        timeout=30).nics], [moved])
+        self.assertEqual(list(stub.ListNics(pb.ListNicsRequest(vm=GE), timeout=30).nics), [])
+        stub.DetachNic(pb.DetachNicRequest(vm=ge2, mac=moved), timeout=60)
+        self.assertNotIn(moved, lk.virsh("domiflist", "--inactive", ge2).stdout.lower())
         g.remove()
 
 if __name__ == "__main__":
