@@ -10,6 +10,7 @@ different per suite is how labs hang or leak processes.
 Nothing here sleeps to "let things settle": every wait polls a condition and
 gives up after a deadline.
 """
+import glob
 import os
 import re
 import signal
@@ -388,4 +389,28 @@ def finish(suite, result, label=None, failed=None):
           + (f" ({len(refused)} not allowed)" if refused else ""))
     if passed <= 0:
         print(f"{label}: no test passed: the suite proved nothing")
-    return 1 if failed or refused or passed <= 0 else 0
+    status = 1 if failed or refused or passed <= 0 else 0
+    if failed:
+        print_consoles(label)
+    return status
+
+
+# When this suite's process began: the consoles it wrote are newer.
+_STARTED = time.time()
+
+
+def print_consoles(label, lines=25):
+    """The tail of every guest console this suite wrote, for a failure seen
+    only in CI's output: what the guest said is often the cause (a NIC it
+    never released, a kernel warning)."""
+    for path in sorted(glob.glob(os.path.join(WORK, "guest*", "*.console.log"))):
+        try:
+            if os.path.getmtime(path) < _STARTED:
+                continue
+            with open(path, "rb") as f:
+                tail = f.read().decode("utf-8", "replace").replace("\r", "").splitlines()[-lines:]
+        except OSError:
+            continue
+        print(f"{label}: console {os.path.basename(path)}, last {len(tail)} lines:")
+        for line in tail:
+            print(f"{label}:   {line}")
