@@ -213,6 +213,11 @@ impl Hotplug {
         (p.asks < MAX_ASKS).then(|| p.asked + self.cfg.unplug_retry)
     }
 
+    /// Whether the pending unplug with this key is due to be asked again.
+    fn ask_due(&self, key: &Key) -> bool {
+        self.next_ask(key).is_some_and(|t| Instant::now() >= t)
+    }
+
     /// [`Hotplug::next_ask`] for a detach's own wait, which ends at
     /// `deadline`: only a request that leaves libvirt's own wait before the
     /// deadline. A later one is the background watch's.
@@ -246,9 +251,8 @@ impl Hotplug {
     /// a failed request included, only restarts the clock, so that a
     /// libvirt that keeps failing is not asked in a loop.
     pub(super) async fn ask_again_if_due(&self, dom: &DomainRef, key: &Key) -> bool {
-        match self.next_ask(key) {
-            Some(due) if Instant::now() >= due => {}
-            _ => return false,
+        if !self.ask_due(key) {
+            return false;
         }
         let Some(p) = self.pending_lock().get(key).cloned() else {
             return false;
@@ -358,18 +362,20 @@ impl Hotplug {
         deadline: tokio::time::Instant,
     ) -> Result<Wait, HotplugError> {
         loop {
-            if self.device_gone(dom, key, mac).await.unwrap_or(false) {
+            // A due request reads the domain itself: no second read.
+            let ask = self
+                .ask_in_time(key, deadline)
+                .is_some_and(|t| Instant::now() >= t);
+            let gone = if ask {
+                self.ask_again_if_due(dom, key).await
+            } else {
+                self.device_gone(dom, key, mac).await.unwrap_or(false)
+            };
+            if gone {
                 return Ok(Wait::Removed);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Wait::TimedOut(None));
-            }
-            if self
-                .ask_in_time(key, deadline)
-                .is_some_and(|t| Instant::now() >= t)
-                && self.ask_again_if_due(dom, key).await
-            {
-                return Ok(Wait::Removed);
             }
             tokio::time::sleep(self.cfg.poll_interval).await;
         }
@@ -440,9 +446,14 @@ impl Hotplug {
                 return;
             };
             if !removed {
-                match self.device_gone(&dom, &key, &p.mac).await {
+                // A due request reads the domain itself: no second read.
+                let gone = if self.ask_due(&key) {
+                    Ok(self.ask_again_if_due(&dom, &key).await)
+                } else {
+                    self.device_gone(&dom, &key, &p.mac).await
+                };
+                match gone {
                     Ok(true) => {}
-                    Ok(false) if self.ask_again_if_due(&dom, &key).await => {}
                     Ok(false) => continue,
                     Err(e) => {
                         tracing::debug!(vm = %dom.name, error = %e, "re-check of a pending unplug failed; trying again later");
