@@ -302,13 +302,27 @@ impl Hotplug {
         // Only a name that now resolves to another domain is tried again; a
         // UUID, or a name whose domain is really gone, resolves to the same
         // UUID or to nothing.
-        let again = self.resolve(vm).await?;
-        if again.uuid == first.uuid {
+        let Some(again) = self.defined_again(vm, &first).await? else {
             return r.map_err(|e| named(e, &first));
-        }
-        tracing::info!(vm, old_uuid = %first.uuid, uuid = %again.uuid, "vm was defined again under its name; using the new domain");
+        };
         let _guard = self.locks.lock(&again).await?;
         op(again.uuid.clone()).await.map_err(|e| named(e, &again))
+    }
+
+    /// The domain `vm` names now, when that is no longer `old` (its name
+    /// was defined again with a new UUID); `None` when it still is, or
+    /// when `vm` is a UUID. See [`Hotplug::under_lock`].
+    pub(crate) async fn defined_again(
+        &self,
+        vm: &str,
+        old: &DomainRef,
+    ) -> Result<Option<DomainRef>, HotplugError> {
+        let again = self.resolve(vm).await?;
+        if again.uuid == old.uuid {
+            return Ok(None);
+        }
+        tracing::info!(vm, old_uuid = %old.uuid, uuid = %again.uuid, "vm was defined again under its name; using the new domain");
+        Ok(Some(again))
     }
 
     /// Name and UUID of a VM, for its lock (see [`Hypervisor::resolve`]):

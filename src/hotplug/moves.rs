@@ -50,15 +50,12 @@ impl Hotplug {
         // it (a new UUID) was answered from the name cache; the failed
         // lookup dropped that entry. The lookups come before any change,
         // so the move runs again, once, on the domains the names name now.
-        let (a2, b2) = (self.resolve(from_vm).await?, self.resolve(to_vm).await?);
-        if a2.uuid == a.uuid && b2.uuid == b.uuid {
+        let a2 = self.defined_again(from_vm, &a).await?;
+        let b2 = self.defined_again(to_vm, &b).await?;
+        if a2.is_none() && b2.is_none() {
             return r;
         }
-        tracing::info!(
-            from_vm,
-            to_vm,
-            "a vm was defined again under its name; moving between the new domains"
-        );
+        let (a2, b2) = (a2.unwrap_or(a), b2.unwrap_or(b));
         self.move_between(a2, b2, to_vm, mac, alias, timeout).await
     }
 
