@@ -30,6 +30,9 @@ struct State {
 /// its current probe.
 pub struct Prober {
     state: Arc<Mutex<State>>,
+    /// Woken when a probe finishes, so the first answer is reported at
+    /// once rather than at the watcher's next look.
+    answered: Arc<tokio::sync::Notify>,
     stop: Arc<AtomicBool>,
     deadline: Duration,
 }
@@ -39,7 +42,8 @@ impl Prober {
     pub fn start(hv: Arc<dyn Hypervisor>, every: Duration, deadline: Duration) -> Prober {
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let (st, sp, an) = (state.clone(), stop.clone(), answered.clone());
         let spawned = std::thread::Builder::new()
             .name("libvirt-probe".into())
             .spawn(move || {
@@ -58,6 +62,7 @@ impl Prober {
                         s.started = None;
                         s.last = Some(ok);
                     }
+                    an.notify_one();
                     std::thread::sleep(every);
                 }
             });
@@ -69,9 +74,17 @@ impl Prober {
         }
         Prober {
             state,
+            answered,
             stop,
             deadline,
         }
+    }
+
+    /// Waits until a probe finishes (at once if one finished since the
+    /// last wait) or `at_most` passes, whichever is first; the bound covers
+    /// a probe that overruns its deadline and so never finishes in time.
+    pub async fn wait_answer(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.answered.notified()).await;
     }
 
     /// Whether libvirt answers: `None` until the first probe has finished
@@ -104,6 +117,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         t0.elapsed()
+    }
+
+    /// The first answer wakes a waiter at once (start-up is timed to it),
+    /// also one that starts waiting after it came; a probe that hangs ends
+    /// the wait at its bound.
+    #[tokio::test]
+    async fn the_first_answer_ends_the_wait_and_a_hung_probe_its_bound() {
+        let fake = Arc::new(FakeHypervisor::default());
+        let p = Prober::start(fake.clone(), Duration::from_secs(60), PROBE_DEADLINE);
+        let t0 = Instant::now();
+        while p.serving().is_none() {
+            p.wait_answer(Duration::from_secs(5)).await;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(p.serving(), Some(true));
+
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.hang("probe", Target::Live);
+        let p = Prober::start(fake.clone(), Duration::from_secs(60), PROBE_DEADLINE);
+        let t0 = Instant::now();
+        p.wait_answer(Duration::from_millis(200)).await;
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(190), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(p.serving(), None);
+        fake.release_hangs();
     }
 
     #[test]

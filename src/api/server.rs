@@ -54,6 +54,10 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-connection and metrics limits.
     pub limits: Limits,
+    /// Notified once, when health first has an answer (SERVING or not):
+    /// start-up work that need not come before it waits for this, so it
+    /// does not compete with the first answer for the host's cores.
+    pub first_answer: Arc<tokio::sync::Notify>,
 }
 
 /// A server builder with the limits every listener shares: requests per
@@ -230,12 +234,14 @@ pub async fn serve(
         super::health::PROBE_EVERY,
         super::health::PROBE_DEADLINE,
     );
+    let first_answer = opts.first_answer.clone();
     let watcher = tokio::spawn(async move {
         let mut last: Option<bool> = None;
         loop {
             let Some(alive) = prober.serving() else {
-                // No answer yet from the first probe.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // No answer yet from the first probe: SERVING follows it
+                // at once (start-up is timed to it).
+                prober.wait_answer(Duration::from_millis(100)).await;
                 continue;
             };
             super::metrics::global().set_libvirt_connected(alive);
@@ -251,6 +257,9 @@ pub async fn serve(
                     tracing::info!("libvirt answers: SERVING");
                 } else {
                     tracing::warn!("libvirt does not answer: NOT_SERVING");
+                }
+                if last.is_none() {
+                    first_answer.notify_one();
                 }
                 last = Some(alive);
             }

@@ -204,11 +204,13 @@ impl Hotplug {
             tracing::info!(vm = %dom.name, mac = %mac, "{n}");
         }
 
-        if live.is_some() {
+        if live.is_some() && (spec.inbound.is_some() || spec.outbound.is_some()) {
             // libvirt shapes the new tap with tc as it plugs it; see update.rs.
             let missing = self
                 .cfg
                 .tc
+                .get()
+                .await
                 .missing_for(spec.inbound.is_some(), spec.outbound.is_some());
             if !missing.is_empty() {
                 return Err(HotplugError::Precondition(format!(

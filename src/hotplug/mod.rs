@@ -101,8 +101,8 @@ pub struct HotplugConfig {
     /// leaves anti-spoofing to cloudstack-agent.
     pub cloudstack_sg_script: std::path::PathBuf,
     /// What the kernel lets libvirt do to a running guest's `<bandwidth>`,
-    /// probed once at start-up; the default (not probed) refuses nothing.
-    pub tc: crate::host::tc::TcAbilities,
+    /// probed once beside start-up; the default (not probed) refuses nothing.
+    pub tc: crate::host::tc::TcProbe,
     /// libvirt makes real host taps for bridge NICs (every driver but the
     /// test driver, also with host networking off): `tx_queue_len` needs
     /// one. Off by default, so an engine nobody configured refuses it.
@@ -135,7 +135,7 @@ impl Default for HotplugConfig {
             vm_queue_limit: locks::DEFAULT_QUEUE_LIMIT,
             anti_spoofing: AntiSpoofing::Auto,
             cloudstack_sg_script: crate::config::CLOUDSTACK_SG_SCRIPT.into(),
-            tc: crate::host::tc::TcAbilities::default(),
+            tc: crate::host::tc::TcProbe::default(),
             real_taps: false,
         }
     }

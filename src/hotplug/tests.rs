@@ -501,17 +501,17 @@ async fn a_live_attach_lost_with_nothing_recorded_answers_unavailable_and_leaves
 
 #[tokio::test]
 async fn shaped_attach_to_a_running_vm_without_kernel_support_is_refused_before_libvirt() {
-    use crate::host::tc::{Ability, TcAbilities};
+    use crate::host::tc::{Ability, TcAbilities, TcProbe};
     let fake = Arc::new(FakeHypervisor::default());
     fake.add("vm1", RunState::Running, true, 2);
     let hp = Hotplug::new(
         fake.clone(),
         None,
         HotplugConfig {
-            tc: TcAbilities {
+            tc: TcProbe::known(TcAbilities {
                 sfq: Ability::Missing,
                 police: Ability::Missing,
-            },
+            }),
             ..HotplugConfig::default()
         },
     );

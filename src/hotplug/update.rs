@@ -116,7 +116,7 @@ impl Hotplug {
                 HotplugError::Internal(format!("rewriting interface XML of {mac_s}: {e}"))
             })?;
             if target == Target::Live && change.touches_bandwidth() && old != new {
-                self.check_live_shaping(&dom.name, &mac_s, &new)?;
+                self.check_live_shaping(&dom.name, &mac_s, &new).await?;
             }
             plan.push((target, old, new));
         }
@@ -152,7 +152,7 @@ impl Hotplug {
     /// on its tap. Where the start-up probe found the kernel without what
     /// that needs, refuse before anything changes: libvirt's failure would
     /// come back only as message text and read as INTERNAL.
-    fn check_live_shaping(&self, vm: &str, mac: &str, new: &str) -> Result<(), HotplugError> {
+    async fn check_live_shaping(&self, vm: &str, mac: &str, new: &str) -> Result<(), HotplugError> {
         let view = crate::xml::domain::DomainView::parse(&format!(
             "<domain><devices>{new}</devices></domain>"
         ))
@@ -163,6 +163,8 @@ impl Hotplug {
         let missing = self
             .cfg
             .tc
+            .get()
+            .await
             .missing_for(nic.inbound.is_some(), nic.outbound.is_some());
         if missing.is_empty() {
             return Ok(());
@@ -739,14 +741,14 @@ mod engine_tests {
     /// change still works, and so does a stopped VM's definition.
     #[tokio::test]
     async fn live_bandwidth_without_kernel_support_is_failed_precondition_naming_it() {
-        use crate::host::tc::{Ability, TcAbilities};
+        use crate::host::tc::{Ability, TcAbilities, TcProbe};
         let fake = Arc::new(FakeHypervisor::default());
         fake.add("vm1", RunState::Running, true, 2);
         let cfg = HotplugConfig {
-            tc: TcAbilities {
+            tc: TcProbe::known(TcAbilities {
                 sfq: Ability::Missing,
                 police: Ability::Present,
-            },
+            }),
             ..HotplugConfig::default()
         };
         let hp = Hotplug::new(fake.clone(), None, cfg);
@@ -805,10 +807,10 @@ mod engine_tests {
             fake.clone(),
             None,
             HotplugConfig {
-                tc: TcAbilities {
+                tc: TcProbe::known(TcAbilities {
                     sfq: Ability::Missing,
                     police: Ability::Missing,
-                },
+                }),
                 ..HotplugConfig::default()
             },
         );
