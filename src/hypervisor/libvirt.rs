@@ -77,6 +77,13 @@ pub fn pool_size(driver: &str, asked: usize) -> usize {
     }
 }
 
+/// How busy [`pick`] counts a slot with `calls` in flight: one more when
+/// it has no connection yet, since opening one is a round trip and an
+/// authentication with libvirtd.
+pub fn load(calls: usize, open: bool) -> usize {
+    calls + usize::from(!open)
+}
+
 /// Which connection the next call takes: the one with the fewest calls in
 /// flight; among equals the call's `home` (see [`home_slot`]) if it is one,
 /// else the first at or after `cursor` (which the caller advances on every
@@ -397,10 +404,18 @@ impl Libvirt {
     }
 
     fn conn_near(&self, home: Option<usize>) -> Result<Lease<'_>, HvError> {
+        // A slot without a connection counts one call busier: opening it
+        // is a round trip and an authentication with libvirtd, so a call
+        // takes an idle open connection first. At start-up the health
+        // probe and the first requests then do not wait for the pool's
+        // other connections to open (warm_up opens them meanwhile).
         let busy: Vec<usize> = self
             .slots
             .iter()
-            .map(|s| s.busy.load(Ordering::SeqCst))
+            .map(|s| {
+                let open = s.conn.read().map(|g| g.is_some()).unwrap_or(false);
+                load(s.busy.load(Ordering::SeqCst), open)
+            })
             .collect();
         let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
         self.conn_at(pick(&busy, cursor, home))
@@ -973,6 +988,29 @@ mod tests {
         assert_eq!(pool_size("QEMU", 99), MAX_CONNECTIONS);
         assert_eq!(pool_size("Test", 4), 1);
         assert_eq!(pool_size("test", 16), 1);
+    }
+
+    /// At start-up only the event connection is open: the health probe and
+    /// the first calls take it rather than wait for an open, whatever the
+    /// turn or the domain's home; once it is busy, an unopened slot ties
+    /// with it and the turn decides.
+    #[test]
+    fn an_idle_open_connection_wins_over_opening_one() {
+        let start = [
+            load(0, true),
+            load(0, false),
+            load(0, false),
+            load(0, false),
+        ];
+        for c in 0..8 {
+            assert_eq!(pick(&start, c, None), 0);
+            assert_eq!(pick(&start, c, Some(2)), 0);
+        }
+        let busy = [load(1, true), load(0, false), load(0, true), load(0, false)];
+        assert_eq!(pick(&busy, 0, None), 2);
+        let tie = [load(1, true), load(0, false)];
+        assert_eq!(pick(&tie, 1, None), 1);
+        assert_eq!(pick(&tie, 0, None), 0);
     }
 
     #[test]
