@@ -405,8 +405,8 @@ def phase_qemu(workdir, n_guests, per_vm, results, extra, persistent):
     detach1 = f"QEMU detach, {n_guests * seq_per_vm} NICs one at a time, {kind} guests"
     detach8 = f"QEMU detach storm, {n} NICs, {kind} guests"
     try:
-        # Start-up, median of 5: one start beside 20 just-booted guests
-        # measured 60-212 ms in runs of the same code (37-52 ms with
+        # Start-up, median of 5: single starts beside the 20 guests range
+        # from 26 to 238 ms in one run of the same code (about 20 ms with
         # libvirtd idle), so one sample says more about the moment than
         # about the agent.
         starts = [agent.startup_ms]
