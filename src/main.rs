@@ -190,8 +190,10 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
     // once health has its first answer, so that on a host whose cores are
     // busy with guests it does not compete with that answer (2 cores kept
     // busy by 6 other processes, median of 15 starts: 91 ms to SERVING when
-    // it ran at once, 71-81 ms when it waits).
-    // A request that comes sooner and needs a piece does it itself: an
+    // it ran at once, 71-81 ms when it waits). The probe thread opens the
+    // rest of the libvirt connection pool one probe interval later
+    // (api::health). A
+    // request that comes sooner and needs a piece does it itself: an
     // attach opens its connection, defines the filter (under its lock, so
     // once) or runs the kernel probe (once, see TcProbe).
     let first_answer = Arc::new(tokio::sync::Notify::new());
@@ -200,9 +202,6 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
         let reconcile = s.reconcile_interval;
         tokio::spawn(async move {
             first.notified().await;
-            // The rest of the libvirt connection pool.
-            let hv = hp.hypervisor().clone();
-            tokio::task::spawn_blocking(move || hv.warm_up());
             // The reconcile's passes over every domain.
             if manage_host {
                 tokio::spawn(nic_agent::lifecycle::reconcile::reconcile_loop(

@@ -64,6 +64,23 @@ impl Prober {
                     }
                     an.notify_one();
                     std::thread::sleep(every);
+                    if ok && !sp.load(Ordering::Relaxed) {
+                        // Keep the pool at its size: open the connections
+                        // not opened yet (start-up) or dropped since (a
+                        // libvirtd restart; calls prefer an open connection,
+                        // so an idle agent would not reopen them). One
+                        // interval after the answer, so start-up's first
+                        // callers do not compete with it; timed like a
+                        // probe, so a libvirtd that hangs in an open is
+                        // NOT_SERVING past the deadline.
+                        if let Ok(mut s) = st.lock() {
+                            s.started = Some(Instant::now());
+                        }
+                        hv.warm_up();
+                        if let Ok(mut s) = st.lock() {
+                            s.started = None;
+                        }
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -143,6 +160,28 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
         assert_eq!(p.serving(), None);
         fake.release_hangs();
+    }
+
+    /// After an answer the probe thread opens what the pool lacks (at
+    /// start-up, and after libvirtd dropped connections); an open that
+    /// hangs makes health NOT_SERVING past the deadline like a probe.
+    #[test]
+    fn the_pool_is_refilled_after_an_answer_and_a_hung_open_is_not_serving() {
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.hang("warm_up", Target::Live);
+        let p = Prober::start(
+            fake.clone(),
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        );
+        wait_for(&p, false, Duration::from_secs(2));
+        fake.release_hangs();
+        wait_for(&p, true, Duration::from_secs(2));
+        let t0 = Instant::now();
+        while !fake.calls().iter().any(|c| c.op == "warm_up") {
+            assert!(t0.elapsed() < Duration::from_secs(2), "no warm_up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -428,6 +428,10 @@ impl Hypervisor for FakeHypervisor {
         self.maybe_hang("probe", Target::Live);
         Ok(())
     }
+    fn warm_up(&self) {
+        self.maybe_hang("warm_up", Target::Live);
+        self.record("warm_up", Target::Live, String::new());
+    }
     fn events(&self) -> Option<EventHub> {
         self.events.clone()
     }

@@ -408,12 +408,14 @@ impl Libvirt {
         // is a round trip and an authentication with libvirtd, so a call
         // takes an idle open connection first. At start-up the health
         // probe and the first requests then do not wait for the pool's
-        // other connections to open (warm_up opens them meanwhile).
+        // other connections to open (warm_up opens them meanwhile). A slot
+        // being opened holds its lock for writing through the open: it
+        // counts as not open, and is not waited for here.
         let busy: Vec<usize> = self
             .slots
             .iter()
             .map(|s| {
-                let open = s.conn.read().map(|g| g.is_some()).unwrap_or(false);
+                let open = s.conn.try_read().map(|g| g.is_some()).unwrap_or(false);
                 load(s.busy.load(Ordering::SeqCst), open)
             })
             .collect();

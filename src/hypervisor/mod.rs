@@ -200,8 +200,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn resolve(&self, vm: &str) -> Result<DomainRef, HvError> {
         self.lookup(vm)
     }
-    /// Opens what the driver opens lazily (the rest of a connection pool),
-    /// off the start-up path. Blocks.
+    /// Opens what the driver opens lazily (the rest of a connection pool)
+    /// or has dropped since (a libvirtd restart). The health probe thread
+    /// calls it after every answer, off the start-up path. Blocks.
     fn warm_up(&self) {}
     /// [`Hypervisor::resolve`] from memory alone, without blocking: `None`
     /// when the driver would have to ask libvirt.
