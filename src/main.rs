@@ -131,7 +131,7 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
     tracing::info!(uri = %s.connect, host_network = manage_host, events = hv.events().is_some(), connections = hv.connections(), "connected to libvirt");
     // Wherever taps are real (also with --host-network off): libvirt
     // shapes them with tc. The test driver has no taps and shapes nothing.
-    // Probed after start-up (see `background`), or by the first request
+    // Probed once health has answered (below), or by the first request
     // that needs it.
     let tc = if !s.connect.starts_with("test:") {
         nic_agent::host::tc::TcProbe::lazy()
@@ -192,10 +192,9 @@ async fn serve(s: Settings, config: Option<PathBuf>, overrides: Overrides) -> an
     // busy by 6 other processes, median of 15 starts: 91 ms to SERVING when
     // it ran at once, 71-81 ms when it waits). The probe thread opens the
     // rest of the libvirt connection pool one probe interval later
-    // (api::health). A
-    // request that comes sooner and needs a piece does it itself: an
-    // attach opens its connection, defines the filter (under its lock, so
-    // once) or runs the kernel probe (once, see TcProbe).
+    // (api::health). A request that comes sooner and needs a piece does it
+    // itself: an attach opens its connection, defines the filter (under
+    // its lock, so once) or runs the kernel probe (once, see TcProbe).
     let first_answer = Arc::new(tokio::sync::Notify::new());
     {
         let (hp, first) = (hotplug.clone(), first_answer.clone());

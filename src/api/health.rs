@@ -26,6 +26,20 @@ struct State {
     last: Option<bool>,
 }
 
+/// Runs `f` (a call to libvirt) with its start recorded in `state`, so
+/// [`Prober::serving`] counts a call that overruns the deadline as a
+/// failure while it is still blocked.
+fn timed<T>(state: &Mutex<State>, f: impl FnOnce() -> T) -> T {
+    if let Ok(mut s) = state.lock() {
+        s.started = Some(Instant::now());
+    }
+    let out = f();
+    if let Ok(mut s) = state.lock() {
+        s.started = None;
+    }
+    out
+}
+
 /// A probe thread and its latest answer. Dropping it ends the thread after
 /// its current probe.
 pub struct Prober {
@@ -48,18 +62,14 @@ impl Prober {
             .name("libvirt-probe".into())
             .spawn(move || {
                 while !sp.load(Ordering::Relaxed) {
-                    if let Ok(mut s) = st.lock() {
-                        s.started = Some(Instant::now());
-                    }
-                    let ok = match hv.probe() {
+                    let ok = timed(&st, || match hv.probe() {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::debug!(error = %e, "libvirt probe failed");
                             false
                         }
-                    };
+                    });
                     if let Ok(mut s) = st.lock() {
-                        s.started = None;
                         s.last = Some(ok);
                     }
                     an.notify_one();
@@ -73,13 +83,7 @@ impl Prober {
                         // callers do not compete with it; timed like a
                         // probe, so a libvirtd that hangs in an open is
                         // NOT_SERVING past the deadline.
-                        if let Ok(mut s) = st.lock() {
-                            s.started = Some(Instant::now());
-                        }
-                        hv.warm_up();
-                        if let Ok(mut s) = st.lock() {
-                            s.started = None;
-                        }
+                        timed(&st, || hv.warm_up());
                     }
                 }
             });

@@ -48,11 +48,11 @@ impl Default for TcAbilities {
 
 /// The probe's answer, shared by every clone: either known up front (tests,
 /// the test driver) or learnt by a probe that runs in the background after
-/// start-up (`serve` asks for it once health has answered). The probe forks `unshare`, `sh`, `ip` and `tc` seven times
-/// (15 ms on an idle lab host, 65 ms beside 20 busy guests), and only an
-/// attach or update that shapes a running guest needs its answer: such a
-/// request waits for it (or runs it, if it comes first), nothing else does,
-/// and health SERVING does not.
+/// start-up (`serve` asks for it once health has answered). The probe
+/// forks `unshare`, `sh`, `ip` and `tc` seven times (15 ms on an idle lab
+/// host, ~65 ms on 2 busy cores), and only an attach or update that shapes
+/// a running guest needs its answer: such a request waits for it (or runs
+/// it, if it comes first), nothing else does, and health SERVING does not.
 #[derive(Debug, Clone)]
 pub struct TcProbe {
     answer: Arc<OnceCell<TcAbilities>>,
