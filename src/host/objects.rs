@@ -20,10 +20,13 @@
 //!   host side, and drops it once the NIC is in the domain XML (or after its
 //!   rollback). Every intent bumps the object's generation, so a deleter
 //!   that looked at libvirt without the lock can tell that somebody came
-//!   along meanwhile.
+//!   along meanwhile. The deleter notes the generation and the live
+//!   intents before it reads libvirt ([`HostObjects::watch`]): an intent
+//!   that was live then may belong to an attach whose NIC the read missed,
+//!   and it may be dropped by the time the deleter holds the lock.
 //! - **In use** ([`decide_removal`]): a port other than the segment device,
-//!   a reference in any domain's live or persistent XML, a live intent, or a
-//!   generation that moved while the deleter was not holding the lock. A
+//!   a reference in any domain's live or persistent XML, a live intent, or an
+//!   attach that came along while the deleter was not holding the lock. A
 //!   bridge that changed (was made, or lost its last port) less than a grace
 //!   period ago is kept too: cloudstack-agent runs `modifyvxlan.sh` a moment
 //!   before `createXML` and may reuse our bridge in that gap. The background
@@ -52,6 +55,14 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// An intent whose owner cannot be checked (the hook's, which outlives the
 /// hook process until the domain has started) is stale after this long.
 const INTENT_TTL: Duration = Duration::from_secs(600);
+
+/// An object's generation and live intents, noted by a deleter before it
+/// reads libvirt without the lock ([`HostObjects::watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    generation: u64,
+    intents: usize,
+}
 
 /// Who holds an intent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +278,30 @@ impl HostObjects {
             .unwrap_or(0)
     }
 
+    /// What a deleter notes before it reads libvirt without `name`'s lock;
+    /// [`HostObjects::came_along`] compares it under the lock.
+    pub async fn watch(&self, name: &str) -> Watch {
+        // The generation first, then the intents. An intent added after
+        // this read moves the generation. One added before is seen here,
+        // unless its attach already dropped it; an attach drops its intent
+        // only once the NIC is in the domain XML, which the deleter reads
+        // after this.
+        let generation = self.generation(name).await;
+        let intents = self.live_intents(name).await.len();
+        Watch {
+            generation,
+            intents,
+        }
+    }
+
+    /// Whether an attach may have come along since `w` was taken: an
+    /// intent was live then (its NIC may have reached the domain XML only
+    /// after the deleter's read, and the intent be gone now), or one was
+    /// added since. Called under the object's lock.
+    pub async fn came_along(&self, name: &str, w: &Watch) -> bool {
+        w.intents > 0 || self.generation(name).await != w.generation
+    }
+
     /// Records an intent on a locked object and bumps its generation.
     pub async fn add_intent(
         &self,
@@ -412,8 +447,9 @@ pub struct Usage {
     pub xml_refs: usize,
     /// Live intents on it.
     pub intents: usize,
-    /// The generation moved between the libvirt read and the lock.
-    pub generation_moved: bool,
+    /// An attach was in flight when libvirt was read, or came along
+    /// between that read and the lock ([`HostObjects::came_along`]).
+    pub came_along: bool,
     /// Time since it last changed; `None` when nothing is recorded.
     pub since_change: Option<Duration>,
 }
@@ -442,7 +478,7 @@ pub fn decide_removal(u: &Usage, grace: Duration) -> Removal {
     if u.intents > 0 {
         return Removal::Keep(format!("{} attach(es) in flight", u.intents));
     }
-    if u.generation_moved {
+    if u.came_along {
         return Removal::Keep("an attach came along meanwhile".into());
     }
     match u.since_change {
@@ -488,7 +524,7 @@ mod tests {
                 ..base.clone()
             },
             Usage {
-                generation_moved: true,
+                came_along: true,
                 ..base.clone()
             },
         ] {

@@ -569,7 +569,8 @@ impl Hotplug {
     /// Removes an agent-made bridge (and its segment device) when nothing
     /// uses it, by the one rule in [`crate::host::objects::decide_removal`].
     /// libvirt is read before the bridge's lock is taken, never under it;
-    /// the generation tells whether an attach came along in between.
+    /// the object's [`crate::host::objects::Watch`] tells whether an attach
+    /// was in flight or came along in between.
     pub(crate) async fn collect_bridge(
         &self,
         bridge: &BridgeName,
@@ -591,7 +592,7 @@ impl Hotplug {
             }
             Some(_) => {}
         }
-        let g0 = objects.generation(name).await;
+        let watch = objects.watch(name).await;
         let xml_refs = self.xml_refs(name).await?;
         let _guard = objects.lock(&[name]).await?;
         let ports = match host.bridge_ports(bridge).await? {
@@ -602,7 +603,7 @@ impl Hotplug {
             ports,
             xml_refs,
             intents: objects.live_intents(name).await.len(),
-            generation_moved: objects.generation(name).await != g0,
+            came_along: objects.came_along(name, &watch).await,
             since_change: objects.since_change(name).await,
         };
         let verdict = decide_removal(&usage, self.cfg.bridge_grace);
@@ -642,14 +643,14 @@ impl Hotplug {
         if host.saved_promisc_state(bridge).await?.is_none() {
             return Ok(false);
         }
-        let g0 = objects.generation(name).await;
+        let watch = objects.watch(name).await;
         let sensors = self.ids_count(name).await?;
         if sensors > 0 {
             tracing::info!(%bridge, ids_nics = sensors, "bridge stays in IDS state");
             return Ok(false);
         }
         let _guard = objects.lock(&[name]).await?;
-        if objects.generation(name).await != g0 || !objects.live_intents(name).await.is_empty() {
+        if objects.came_along(name, &watch).await || !objects.live_intents(name).await.is_empty() {
             tracing::info!(%bridge, "an attach came along; IDS state left for the reconcile to judge");
             return Ok(false);
         }

@@ -199,7 +199,7 @@ async fn release_bridge(
         ports: ports.others,
         xml_refs: 0,
         intents: objects.live_intents(bridge).await.len(),
-        generation_moved: false,
+        came_along: false,
         since_change: objects.since_change(bridge).await,
     };
     match decide_removal(&usage, grace) {

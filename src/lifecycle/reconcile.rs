@@ -513,4 +513,101 @@ mod tests {
         assert!(r.lines.is_empty());
         assert!(fake.calls().is_empty(), "{:?}", fake.calls().len());
     }
+
+    /// The race the diagnose suite hit beside the start-up reconcile: an
+    /// attach's intent is live while a deleter reads libvirt (the NIC is
+    /// not in the XML yet), and the attach has dropped it by the time the
+    /// deleter holds the lock. The deleter must not take the bridge, nor
+    /// the sensor's IDS state. The test holds the object lock to stop the
+    /// deleter between its libvirt read and its verdict.
+    async fn deleter_racing_an_attach(
+        host: RecordingHost,
+        bridge: &'static str,
+        nic_xml: String,
+        deleter: impl FnOnce(Arc<Hotplug>) -> tokio::task::JoinHandle<()>,
+    ) -> Arc<RecordingHost> {
+        let fake = Arc::new(FakeHypervisor::default());
+        fake.add("vm", RunState::Running, false, 2);
+        let dom = fake.lookup("vm").expect("vm");
+        let host = Arc::new(host);
+        let cfg = HotplugConfig {
+            vhost_net_present: false,
+            bridge_grace: Duration::ZERO,
+            ..HotplugConfig::default()
+        };
+        let hp = Arc::new(Hotplug::new(
+            fake.clone(),
+            Some(host.clone() as Arc<dyn HostNet>),
+            cfg,
+        ));
+        let o = host.objects();
+        // The attach's intent, taken under the lock as prepare_host does.
+        let intent = {
+            let g = o.lock(&[bridge]).await.expect("lock");
+            o.add_intent(
+                &g,
+                bridge,
+                &crate::host::objects::IntentRecord {
+                    vm: fake.uuid_of("vm"),
+                    what: "attach".into(),
+                    pid: std::process::id(),
+                    created_ms: super::super::now_ms(),
+                },
+            )
+            .await
+            .expect("intent")
+        };
+        let held = o.lock(&[bridge]).await.expect("lock");
+        let task = deleter(hp.clone());
+        let start = std::time::Instant::now();
+        while fake.live_reads() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "no libvirt read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The attach goes on: its NIC reaches the live XML, it drops the
+        // intent. Then the deleter gets the lock.
+        fake.attach(&dom, &nic_xml, Target::Live).expect("nic");
+        o.drop_intent(&intent).await;
+        drop(held);
+        task.await.expect("deleter");
+        host
+    }
+
+    #[tokio::test]
+    async fn an_attach_in_flight_during_the_clean_ups_read_keeps_its_bridge() {
+        let host = deleter_racing_an_attach(
+            RecordingHost::default().with_agent_bridge("brvx-5007", &[]),
+            "brvx-5007",
+            nic("52:54:00:00:07:01", "brvx-5007", "vnet71", "ua-0701"),
+            |hp| {
+                tokio::spawn(async move {
+                    let b = BridgeName::try_from("brvx-5007").expect("name");
+                    let v = hp.collect_bridge(&b).await.expect("collect");
+                    assert!(matches!(v, Removal::Keep(_)), "{v:?}");
+                })
+            },
+        )
+        .await;
+        assert!(host.cleaned().is_empty(), "{:?}", host.cleaned());
+    }
+
+    #[tokio::test]
+    async fn a_sensor_attach_in_flight_during_the_read_keeps_the_ids_state() {
+        let host = deleter_racing_an_attach(
+            RecordingHost::default()
+                .with_foreign_bridge("brids")
+                .with_ids_state("brids", ORIGINAL, false),
+            "brids",
+            nic("52:54:00:00:07:02", "brids", "vnet72", "ua-ids-0702"),
+            |hp| {
+                tokio::spawn(async move {
+                    let b = BridgeName::try_from("brids").expect("name");
+                    let restored = hp.restore_ids_if_unused(&b).await.expect("restore");
+                    assert!(!restored, "the new sensor's bridge was restored");
+                })
+            },
+        )
+        .await;
+        assert!(host.is_promisc("brids"));
+    }
 }
