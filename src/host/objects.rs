@@ -104,6 +104,10 @@ pub struct HostObjects {
     run_dir: PathBuf,
     persist_dir: PathBuf,
     mem: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Read tickets: see [`HostObjects::read_ticket`].
+    reads: std::sync::atomic::AtomicU64,
+    /// Per object, the ticket of the last state applied from a libvirt read.
+    applied: Mutex<HashMap<String, u64>>,
 }
 
 /// Held locks of one or more objects, released on drop.
@@ -152,7 +156,35 @@ impl HostObjects {
             run_dir: run_dir.into(),
             persist_dir: persist_dir.into(),
             mem: Mutex::new(HashMap::new()),
+            reads: std::sync::atomic::AtomicU64::new(0),
+            applied: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A ticket taken just before reading libvirt for state that is then
+    /// applied to an object under its lock (an IDS bridge's sensor taps).
+    /// Two such syncs can take the lock in the other order than they read:
+    /// one that began reading before a sensor NIC reached the XML would
+    /// then overwrite the fresh state of one that began after. Every
+    /// change is followed by a sync that begins after it, so the state of
+    /// the latest-begun read is the one to keep; see
+    /// [`HostObjects::stale_read`].
+    pub fn read_ticket(&self) -> u64 {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// Under `name`'s lock: whether state read with `ticket` is older than
+    /// what was last applied to it, and must not be applied.
+    pub fn stale_read(&self, name: &str, ticket: u64) -> bool {
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.get(name).is_some_and(|&t| t > ticket)
+    }
+
+    /// Under `name`'s lock, after the state read with `ticket` was applied.
+    pub fn applied_read(&self, name: &str, ticket: u64) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let t = applied.entry(name.to_string()).or_insert(0);
+        *t = (*t).max(ticket);
     }
 
     /// The directory everything lives under.

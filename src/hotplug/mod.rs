@@ -755,9 +755,34 @@ impl Hotplug {
         let Some(host) = &self.host else {
             return Ok(0);
         };
+        let ticket = host.objects().read_ticket();
         let (_, taps) = self.ids_nics(bridge.as_str()).await?;
-        let _guard = host.objects().lock(&[bridge.as_str()]).await?;
-        Ok(host.ids_mirror_sync(bridge, Some(&taps)).await?)
+        self.ids_apply(bridge, ticket, &taps).await
+    }
+
+    /// Applies sensor taps read from libvirt with `ticket` to a bridge's
+    /// mirror filters, under its lock, unless a sync that began reading
+    /// later has applied already (see [`HostObjects::read_ticket`]).
+    ///
+    /// [`HostObjects::read_ticket`]: crate::host::objects::HostObjects::read_ticket
+    pub(crate) async fn ids_apply(
+        &self,
+        bridge: &BridgeName,
+        ticket: u64,
+        taps: &[String],
+    ) -> Result<usize, HotplugError> {
+        let Some(host) = &self.host else {
+            return Ok(0);
+        };
+        let objects = host.objects();
+        let _guard = objects.lock(&[bridge.as_str()]).await?;
+        if objects.stale_read(bridge.as_str(), ticket) {
+            tracing::debug!(%bridge, "IDS sensors read before a later sync's; left as it applied them");
+            return Ok(0);
+        }
+        let n = host.ids_mirror_sync(bridge, Some(taps)).await?;
+        objects.applied_read(bridge.as_str(), ticket);
+        Ok(n)
     }
 
     /// [`Hotplug::ids_sync`] for a bridge whose ports changed, when it has

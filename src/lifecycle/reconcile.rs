@@ -35,6 +35,8 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
         return Ok(out);
     };
     let mut sensors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // The sensor taps below come from this read of every domain.
+    let ticket = host.objects().read_ticket();
     for d in hp.domains().await? {
         if !d.state.is_live() {
             continue;
@@ -82,11 +84,7 @@ pub async fn reconcile(hp: &Hotplug, mirrors: bool) -> Result<Repairs, HotplugEr
             continue;
         };
         let taps = sensors.get(&b).cloned().unwrap_or_default();
-        let r = match host.objects().lock(&[b.as_str()]).await {
-            Ok(_g) => host.ids_mirror_sync(&bn, Some(&taps)).await,
-            Err(e) => Err(e),
-        };
-        match r {
+        match hp.ids_apply(&bn, ticket, &taps).await {
             Ok(0) => {}
             Ok(n) => out.lines.push(format!(
                 "brought {n} IDS mirror filter(s) on {b} in step ({} sensor(s))",
@@ -609,5 +607,39 @@ mod tests {
         )
         .await;
         assert!(host.is_promisc("brids"));
+    }
+
+    /// Two mirror syncs of one bridge that take its lock in the other order
+    /// than they read libvirt: the one that read before a sensor NIC
+    /// reached the XML must not undo the filters of the one that read
+    /// after (the sensor's own).
+    #[tokio::test]
+    async fn a_sync_that_read_before_a_sensor_arrived_leaves_the_later_ones_filters() {
+        let (host, hp) = engine(
+            &[("vm", RunState::Running, false, vec![])],
+            RecordingHost::default().with_foreign_bridge("brids"),
+        );
+        let b = BridgeName::try_from("brids").expect("name");
+        let early = host.objects().read_ticket();
+        let (_, stale) = hp.ids_nics("brids").await.expect("read");
+        assert!(stale.is_empty());
+        let dom = hp.hypervisor().lookup("vm").expect("vm");
+        hp.hypervisor()
+            .attach(
+                &dom,
+                &nic("52:54:00:00:07:03", "brids", "vnet73", "ua-ids-0703"),
+                Target::Live,
+            )
+            .expect("nic");
+        assert_eq!(hp.ids_sync(&b).await.expect("sync"), 1);
+        assert_eq!(hp.ids_apply(&b, early, &stale).await.expect("apply"), 0);
+        assert_eq!(
+            host.ids_sensors(&b).await.expect("sensors"),
+            vec!["vnet73".to_string()]
+        );
+        // A sync that reads now still applies.
+        let now = host.objects().read_ticket();
+        assert_eq!(hp.ids_apply(&b, now, &[]).await.expect("apply"), 1);
+        assert!(host.ids_sensors(&b).await.expect("sensors").is_empty());
     }
 }
