@@ -228,6 +228,15 @@ mod tests {
 
     /// The fake with `vms`, and an engine over it and `host`.
     fn engine(vms: &[Vm<'_>], host: RecordingHost) -> (Arc<RecordingHost>, Hotplug) {
+        let (_, host, hp) = engine_and_fake(vms, host);
+        (host, hp)
+    }
+
+    /// [`engine`], and the fake for tests that drive it directly.
+    fn engine_and_fake(
+        vms: &[Vm<'_>],
+        host: RecordingHost,
+    ) -> (Arc<FakeHypervisor>, Arc<RecordingHost>, Hotplug) {
         let fake = Arc::new(FakeHypervisor::default());
         for (name, state, persistent, nics) in vms {
             fake.add(name, *state, *persistent, 2);
@@ -244,8 +253,8 @@ mod tests {
             bridge_grace: Duration::ZERO,
             ..HotplugConfig::default()
         };
-        let hp = Hotplug::new(fake, Some(host.clone() as Arc<dyn HostNet>), cfg);
-        (host, hp)
+        let hp = Hotplug::new(fake.clone(), Some(host.clone() as Arc<dyn HostNet>), cfg);
+        (fake, host, hp)
     }
 
     #[tokio::test]
@@ -518,26 +527,18 @@ mod tests {
     /// deleter holds the lock. The deleter must not take the bridge, nor
     /// the sensor's IDS state. The test holds the object lock to stop the
     /// deleter between its libvirt read and its verdict.
-    async fn deleter_racing_an_attach(
+    async fn deleter_racing_an_attach<F>(
         host: RecordingHost,
         bridge: &'static str,
         nic_xml: String,
-        deleter: impl FnOnce(Arc<Hotplug>) -> tokio::task::JoinHandle<()>,
-    ) -> Arc<RecordingHost> {
-        let fake = Arc::new(FakeHypervisor::default());
-        fake.add("vm", RunState::Running, false, 2);
+        deleter: impl FnOnce(Arc<Hotplug>, BridgeName) -> F,
+    ) -> Arc<RecordingHost>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (fake, host, hp) = engine_and_fake(&[("vm", RunState::Running, false, vec![])], host);
+        let hp = Arc::new(hp);
         let dom = fake.lookup("vm").expect("vm");
-        let host = Arc::new(host);
-        let cfg = HotplugConfig {
-            vhost_net_present: false,
-            bridge_grace: Duration::ZERO,
-            ..HotplugConfig::default()
-        };
-        let hp = Arc::new(Hotplug::new(
-            fake.clone(),
-            Some(host.clone() as Arc<dyn HostNet>),
-            cfg,
-        ));
         let o = host.objects();
         // The attach's intent, taken under the lock as prepare_host does.
         let intent = {
@@ -556,7 +557,8 @@ mod tests {
             .expect("intent")
         };
         let held = o.lock(&[bridge]).await.expect("lock");
-        let task = deleter(hp.clone());
+        let name = BridgeName::try_from(bridge).expect("bridge name");
+        let task = tokio::spawn(deleter(hp.clone(), name));
         let start = std::time::Instant::now();
         while fake.live_reads() == 0 {
             assert!(start.elapsed() < Duration::from_secs(5), "no libvirt read");
@@ -577,12 +579,9 @@ mod tests {
             RecordingHost::default().with_agent_bridge("brvx-5007", &[]),
             "brvx-5007",
             nic("52:54:00:00:07:01", "brvx-5007", "vnet71", "ua-0701"),
-            |hp| {
-                tokio::spawn(async move {
-                    let b = BridgeName::try_from("brvx-5007").expect("name");
-                    let v = hp.collect_bridge(&b).await.expect("collect");
-                    assert!(matches!(v, Removal::Keep(_)), "{v:?}");
-                })
+            |hp, b| async move {
+                let v = hp.collect_bridge(&b).await.expect("collect");
+                assert!(matches!(v, Removal::Keep(_)), "{v:?}");
             },
         )
         .await;
@@ -597,12 +596,9 @@ mod tests {
                 .with_ids_state("brids", ORIGINAL, false),
             "brids",
             nic("52:54:00:00:07:02", "brids", "vnet72", "ua-ids-0702"),
-            |hp| {
-                tokio::spawn(async move {
-                    let b = BridgeName::try_from("brids").expect("name");
-                    let restored = hp.restore_ids_if_unused(&b).await.expect("restore");
-                    assert!(!restored, "the new sensor's bridge was restored");
-                })
+            |hp, b| async move {
+                let restored = hp.restore_ids_if_unused(&b).await.expect("restore");
+                assert!(!restored, "the new sensor's bridge was restored");
             },
         )
         .await;
